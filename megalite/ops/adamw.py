@@ -1,0 +1,84 @@
+"""Functional fused AdamW over lists of tensors (the distributed optimizer steps its shards with it).
+
+One call reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq (and the
+low-precision model copy when given), unscaling the grad by 1/grad_scale on the way. Before any
+write every grad is checked for inf/nan: if one is found the call returns True and NOTHING was
+updated, so a dynamic loss scaler can simply skip the step.
+
+The compiled kernels take fp32 params and moments, contiguous tensors, grads in fp32/bf16/fp16
+and model copies in bf16/fp16/fp32; anything else (for example bf16 params without fp32 master
+weights) runs the reference, which handles any floating dtype.
+"""
+
+import torch
+
+from megalite.ops import reference
+from megalite.ops.dispatch import choose
+
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compiled_ok(params, grads, exp_avgs, exp_avg_sqs, model_copies):
+    device = params[0].device
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        ts = (p, g, m, v) if model_copies is None else (p, g, m, v, model_copies[i])
+        if any(t.device != device or not t.is_contiguous() for t in ts):
+            return False
+        if p.dtype != torch.float32 or m.dtype != torch.float32 or v.dtype != torch.float32:
+            return False
+        if g.dtype not in _GRAD_DTYPES:
+            return False
+        if model_copies is not None and model_copies[i].dtype not in _GRAD_DTYPES:
+            return False
+    return True
+
+
+def _validate(params, grads, exp_avgs, exp_avg_sqs, model_copies, hyper):
+    n = len(params)
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if model_copies is not None:
+        lists["model_copies"] = model_copies
+    for name, lst in lists.items():
+        if len(lst) != n:
+            raise ValueError(f"fused_adamw_: {n} params but {len(lst)} {name}")
+    for name, lst in hyper.items():
+        if len(lst) != n:
+            raise ValueError(f"fused_adamw_: {n} params but {len(lst)} values of {name}")
+    for i in range(n):
+        for name, lst in lists.items():
+            if lst[i].numel() != params[i].numel():
+                raise ValueError(f"fused_adamw_: param {i} has {params[i].numel()} elements "
+                                 f"but its {name[:-1]} has {lst[i].numel()}")
+
+
+def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay,
+                        step, grad_scale=1.0, model_copies=None):
+    """AdamW with one hyperparameter value per tensor (lists); see fused_adamw_."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    _validate(params, grads, exp_avgs, exp_avg_sqs, model_copies, hyper)
+    if not params:
+        return False
+    if not (grad_scale > 0 and grad_scale != float("inf")):
+        raise ValueError(f"fused_adamw_: grad_scale must be positive and finite, got {grad_scale}")
+    kind, module, _ = choose("fused_adamw", params[0].device)
+    if module is not None and _compiled_ok(params, grads, exp_avgs, exp_avg_sqs, model_copies):
+        hyper = {k: [float(x) for x in v] for k, v in hyper.items()}
+        return bool(module.fused_adamw(params, grads, exp_avgs, exp_avg_sqs,
+                                       [] if model_copies is None else list(model_copies),
+                                       hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
+                                       hyper["weight_decay"], hyper["step"], 1.0 / float(grad_scale)))
+    return reference.multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, grad_scale=grad_scale,
+                                         model_copies=model_copies, **hyper)
+
+
+def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step,
+                 grad_scale=1.0, model_copies=None):
+    """One AdamW step (decoupled weight decay, bias correction; torch.optim.AdamW's arithmetic)
+    over lists of tensors, in place. grads are multiplied by 1/grad_scale. model_copies, if
+    given, receive the updated params in their own dtype (bf16/fp16 model weights).
+
+    Returns True if any grad holds an inf or nan; then nothing at all was updated."""
+    n = len(params)
+    return multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, lr=[lr] * n, beta1=[beta1] * n,
+                               beta2=[beta2] * n, eps=[eps] * n, weight_decay=[weight_decay] * n,
+                               step=[step] * n, grad_scale=grad_scale, model_copies=model_copies)

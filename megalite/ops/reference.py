@@ -1,0 +1,177 @@
+"""Pure-PyTorch references of every megalite kernel.
+
+Each function here is both the test oracle of the compiled kernels (csrc/, csrc/cuda/) and the
+fallback when they are not built. They favour being obviously right over being fast: statistics
+in fp32 whatever the input dtype, the textbook formulas, no in-place tricks beyond what the
+functional API promises.
+"""
+
+import math
+
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm / RMSNorm over the last dimension. Forward returns the output plus the per-row
+# statistics (fp32) the backward needs; backward returns (dx, dweight, dbias).
+
+
+def layer_norm_fwd(x, weight, bias, eps):
+    n = x.shape[-1]
+    xf = x.reshape(-1, n).float()
+    mean = xf.mean(dim=1)
+    var = (xf - mean[:, None]).square().mean(dim=1)  # biased, like torch's layer_norm
+    rstd = torch.rsqrt(var + eps)
+    y = (xf - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(x.shape), mean, rstd
+
+
+def layer_norm_bwd(dy, x, mean, rstd, weight, need_bias_grad=True):
+    n = x.shape[-1]
+    xf = x.reshape(-1, n).float()
+    dyf = dy.reshape(-1, n).float()
+    xhat = (xf - mean[:, None]) * rstd[:, None]
+    g = dyf * weight.float() if weight is not None else dyf
+    # d/dx of (x - mean) * rstd, contracted with g: the two mean terms come from mean and var.
+    dx = rstd[:, None] * (g - g.mean(dim=1, keepdim=True) - xhat * (g * xhat).mean(dim=1, keepdim=True))
+    dw = (dyf * xhat).sum(dim=0).to(weight.dtype) if weight is not None else None
+    db = dyf.sum(dim=0).to(weight.dtype if weight is not None else x.dtype) if need_bias_grad else None
+    return dx.to(x.dtype).reshape(x.shape), dw, db
+
+
+def rms_norm_fwd(x, weight, eps):
+    n = x.shape[-1]
+    xf = x.reshape(-1, n).float()
+    rstd = torch.rsqrt(xf.square().mean(dim=1) + eps)
+    y = xf * rstd[:, None]
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype).reshape(x.shape), rstd
+
+
+def rms_norm_bwd(dy, x, rstd, weight):
+    n = x.shape[-1]
+    xf = x.reshape(-1, n).float()
+    dyf = dy.reshape(-1, n).float()
+    xhat = xf * rstd[:, None]
+    g = dyf * weight.float() if weight is not None else dyf
+    dx = rstd[:, None] * (g - xhat * (g * xhat).mean(dim=1, keepdim=True))
+    dw = (dyf * xhat).sum(dim=0).to(weight.dtype) if weight is not None else None
+    return dx.to(x.dtype).reshape(x.shape), dw
+
+
+# ----------------------------------------------------------------------------------------------
+# AdamW (decoupled weight decay, bias correction), torch.optim.AdamW's arithmetic.
+
+
+def any_non_finite(tensors):
+    """True if any tensor holds an inf or a nan."""
+    for t in tensors:
+        if t.numel() and not torch.isfinite(t).all():
+            return True
+    return False
+
+
+@torch.no_grad()
+def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay,
+                 step, grad_scale=1.0, model_copies=None):
+    """One AdamW step over lists of tensors, in place. Returns True (and touches nothing) if any
+    grad holds an inf or nan. params/exp_avgs/exp_avg_sqs are fp32; grads fp32, bf16 or fp16 and
+    multiplied by 1/grad_scale; model_copies (optional) receive the updated params in their own
+    (low-precision) dtype."""
+    n = len(params)
+    return multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, lr=[lr] * n, beta1=[beta1] * n,
+                               beta2=[beta2] * n, eps=[eps] * n, weight_decay=[weight_decay] * n,
+                               step=[step] * n, grad_scale=grad_scale, model_copies=model_copies)
+
+
+@torch.no_grad()
+def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay,
+                        step, grad_scale=1.0, model_copies=None):
+    """fused_adamw_ with per-tensor hyperparameters (lists, one entry per tensor), so that several
+    param groups step in one call and one inf check covers all of them."""
+    if any_non_finite(grads):
+        return True
+    inv_scale = 1.0 / grad_scale
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        bc1 = 1.0 - beta1[i] ** step[i]
+        bc2_sqrt = math.sqrt(1.0 - beta2[i] ** step[i])
+        g = g.to(m.dtype)
+        if inv_scale != 1.0:
+            g = g * inv_scale
+        p.mul_(1.0 - lr[i] * weight_decay[i])
+        m.lerp_(g, 1.0 - beta1[i])
+        v.mul_(beta2[i]).addcmul_(g, g, value=1.0 - beta2[i])
+        denom = (v.sqrt() / bc2_sqrt).add_(eps[i])
+        p.addcdiv_(m, denom, value=-lr[i] / bc1)
+        if model_copies is not None:
+            model_copies[i].copy_(p)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient bucketing.
+
+
+def assign_buckets(numels, dtypes, bucket_size_numel):
+    """Cut params (given in reverse order of use) into buckets of about bucket_size_numel
+    elements. A bucket is closed once it holds at least bucket_size_numel elements, so a big
+    param gets a bucket of its own and the all-reduce of the first bucket starts as early as
+    possible. Buckets never mix dtypes: a param of a new dtype starts a new bucket of that dtype
+    while the open bucket of the other dtype stays open (each dtype has its own flat buffer).
+    Returns lists of param indices; buckets are ordered by the index of their first param."""
+    if len(numels) != len(dtypes):
+        raise ValueError(f"assign_buckets: {len(numels)} numels but {len(dtypes)} dtypes")
+    if bucket_size_numel <= 0:
+        raise ValueError(f"assign_buckets: bucket_size_numel must be positive, got {bucket_size_numel}")
+    buckets, open_bucket, open_size = [], {}, {}
+    for i, (n, dt) in enumerate(zip(numels, dtypes)):
+        if n < 0:
+            raise ValueError(f"assign_buckets: param {i} has negative numel {n}")
+        if dt not in open_bucket:
+            open_bucket[dt] = len(buckets)
+            open_size[dt] = 0
+            buckets.append([])
+        buckets[open_bucket[dt]].append(i)
+        open_size[dt] += n
+        if open_size[dt] >= bucket_size_numel:
+            del open_bucket[dt], open_size[dt]
+    return buckets
+
+
+def _check_flat(tensors, buffer, what):
+    total = sum(t.numel() for t in tensors)
+    if buffer.dim() != 1 or not buffer.is_contiguous():
+        raise ValueError(f"{what}: buffer must be a contiguous 1-D tensor")
+    if total > buffer.numel():
+        raise ValueError(f"{what}: tensors hold {total} elements but the buffer only {buffer.numel()}")
+    for t in tensors:
+        if t.dtype != buffer.dtype:
+            raise ValueError(f"{what}: tensor dtype {t.dtype} differs from buffer dtype {buffer.dtype}")
+        if t.device != buffer.device:
+            raise ValueError(f"{what}: tensor on {t.device} but buffer on {buffer.device}")
+
+
+@torch.no_grad()
+def flatten_into(tensors, buffer):
+    """Copy tensors back to back into the flat buffer (in the order given)."""
+    _check_flat(tensors, buffer, "flatten_into")
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        buffer[offset:offset + n].view(t.shape).copy_(t)
+        offset += n
+
+
+@torch.no_grad()
+def unflatten_from(buffer, tensors):
+    """Copy the flat buffer back out into tensors (the inverse of flatten_into)."""
+    _check_flat(tensors, buffer, "unflatten_from")
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(buffer[offset:offset + n].view(t.shape))
+        offset += n
