@@ -1,0 +1,404 @@
+"""One typed config for a run: dataclasses, a YAML file, and Megatron-style flags.
+
+Every field of every section is a command-line flag: `num_layers` is `--num-layers`. A YAML
+file (`--config run.yaml`) may set any field, flat (`num_layers: 4`) or under its section
+(`model: {num_layers: 4}`); flags given on the command line override it. Field names are
+unique across sections so that a flag names exactly one field.
+
+Validation that needs only the config lives in `Config.validate`; checks that need the world
+size (a layout that does not factor, a batch that does not divide) take it as an argument so
+they run before any process group is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megalite.errors import MegaliteError
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _list(help):
+    return field(default_factory=list, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    model_style: Optional[Literal["gpt2", "llama"]] = _f(
+        None, "preset: gpt2 = learned positions, LayerNorm, GeLU, tied embeddings, biases; "
+        "llama = RoPE, RMSNorm, SwiGLU, untied, no biases. Explicit flags override the preset")
+    num_layers: int = _f(2, "number of transformer layers")
+    hidden_size: int = _f(64, "transformer hidden size")
+    ffn_hidden_size: Optional[int] = _f(
+        None, "MLP hidden size (default 4*hidden, or 8/3*hidden rounded up to 64 with SwiGLU)")
+    num_attention_heads: int = _f(4, "number of attention heads")
+    num_query_groups: Optional[int] = _f(
+        None, "key/value heads for grouped-query attention (default: one per attention head)")
+    seq_length: int = _f(128, "training sequence length")
+    max_position_embeddings: Optional[int] = _f(
+        None, "size of the learned position table (default: --seq-length)")
+    position_embedding_type: Literal["learned_absolute", "rope"] = _f(
+        "learned_absolute", "position encoding")
+    rotary_base: float = _f(10000.0, "RoPE base")
+    normalization: Literal["LayerNorm", "RMSNorm"] = _f("LayerNorm", "normalization layer")
+    norm_epsilon: float = _f(1e-5, "epsilon of the normalization layers")
+    swiglu: bool = _f(False, "SwiGLU MLP instead of GeLU")
+    untie_embeddings_and_output_weights: bool = _f(
+        False, "separate output-layer weight instead of reusing the input embedding")
+    disable_bias_linear: bool = _f(False, "no biases in the linear layers")
+    hidden_dropout: float = _f(0.0, "dropout on the residual branches and embeddings")
+    attention_dropout: float = _f(0.0, "dropout on the attention probabilities")
+    init_method_std: float = _f(0.02, "std of the normal initialisation")
+    vocab_size: Optional[int] = _f(
+        None, "vocabulary size (default: the tokenizer's); padded up for efficiency")
+    make_vocab_size_divisible_by: int = _f(
+        128, "pad the vocabulary to a multiple of this times the tensor-parallel size")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = _f(1, "tensor-parallel size (ranks splitting each layer)")
+    pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (stages of layers)")
+    distributed_backend: Optional[Literal["nccl", "gloo"]] = _f(
+        None, "torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
+    distributed_timeout_minutes: float = _f(10.0, "timeout of collective operations")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = _f(4, "sequences per micro-batch per data-parallel rank")
+    global_batch_size: Optional[int] = _f(
+        None, "sequences per optimizer step (default: micro-batch * data-parallel size)")
+    train_iters: int = _f(100, "number of optimizer steps")
+    seed: int = _f(1234, "random seed: weights, data order and dropout depend only on it")
+    bf16: bool = _f(False, "bfloat16 mixed precision")
+    fp16: bool = _f(False, "float16 mixed precision with a dynamic loss scaler")
+    initial_loss_scale: float = _f(2.0 ** 16, "fp16: starting loss scale")
+    loss_scale_window: int = _f(1000, "fp16: steps without overflow before the scale doubles")
+    hysteresis: int = _f(2, "fp16: overflows tolerated before the scale is halved")
+    eval_interval: int = _f(1000, "evaluate on the validation split every N iterations")
+    eval_iters: int = _f(10, "validation batches per evaluation")
+    early_stop_patience: Optional[int] = _f(
+        None, "stop after N evaluations without a better validation loss")
+    exit_interval: Optional[int] = _f(None, "save and exit when the iteration is a multiple of N")
+    exit_duration_in_mins: Optional[float] = _f(None, "save and exit after this many minutes")
+    device: Optional[Literal["cpu", "cuda"]] = _f(None, "device (default: cuda if available)")
+    debug: bool = _f(False, "show full tracebacks for errors")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = _f(3e-4, "peak learning rate")
+    min_lr: float = _f(0.0, "learning rate at the end of decay")
+    lr_warmup_iters: int = _f(0, "linear warmup iterations")
+    lr_decay_iters: Optional[int] = _f(None, "iterations over which to decay (default: train iters)")
+    lr_decay_style: Literal["cosine", "linear", "constant", "wsd"] = _f("cosine", "decay shape")
+    lr_wsd_decay_iters: Optional[int] = _f(
+        None, "wsd: length of the final decay phase (default: 20%% of the decay iterations)")
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential"] = _f(
+        "linear", "wsd: shape of the final decay phase")
+    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
+    clip_grad: float = _f(1.0, "clip the global gradient norm to this (0 disables)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.95, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+
+
+@dataclass
+class DataConfig:
+    data_path: list = _list(
+        "dataset prefixes, optionally weighted: PREFIX or 0.3 PREFIX_A 0.7 PREFIX_B")
+    split: str = _f("969,30,1", "train,valid,test weights over the documents")
+    tokenizer_type: Optional[Literal["sentencepiece", "huggingface"]] = _f(
+        None, "tokenizer kind (default: from the model file's suffix)")
+    tokenizer_model: Optional[str] = _f(None, "tokenizer model file (.model or tokenizer.json)")
+    data_cache_path: Optional[str] = _f(None, "where sample indices are cached")
+    mock_data: bool = _f(False, "random tokens instead of --data-path (benchmarks, smoke tests)")
+    num_workers: int = _f(0, "data loader worker processes")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = _f(None, "directory to save checkpoints in")
+    load: Optional[str] = _f(None, "directory to resume from (its latest checkpoint)")
+    save_interval: Optional[int] = _f(None, "save every N iterations")
+    keep_last: Optional[int] = _f(None, "keep only the newest N checkpoints")
+    no_load_optim: bool = _f(False, "load weights only (fresh optimizer and scheduler)")
+    no_load_rng: bool = _f(False, "do not restore RNG states")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = _f(10, "log every N iterations")
+    metrics_file: Optional[str] = _f(None, "append one JSON object per logged iteration here")
+    tensorboard_dir: Optional[str] = _f(None, "write TensorBoard scalars here")
+    peak_tflops: Optional[float] = _f(
+        None, "peak TFLOP/s of one device, for MFU (default: from a table of known GPUs)")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "training": TrainingConfig,
+    "optimizer": OptimizerConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+MODEL_STYLES = {
+    "gpt2": dict(position_embedding_type="learned_absolute", normalization="LayerNorm",
+                 swiglu=False, untie_embeddings_and_output_weights=False,
+                 disable_bias_linear=False),
+    "llama": dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+                  untie_embeddings_and_output_weights=True, disable_bias_linear=True),
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        _apply(cfg, d, source="checkpoint config")
+        return cfg
+
+    # -- derived values ---------------------------------------------------------------------
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor_model_parallel_size
+                              * self.parallel.pipeline_model_parallel_size)
+
+    def num_microbatches(self, world_size: int) -> int:
+        t = self.training
+        return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size(world_size))
+
+    def validate(self, world_size: int = 1) -> None:
+        """Raise a MegaliteError naming the first inconsistent value."""
+        m, p, t, o = self.model, self.parallel, self.training, self.optimizer
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                     "make_vocab_size_divisible_by"):
+            _positive(name, getattr(m, name))
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            _positive(name, getattr(p, name))
+        for name in ("micro_batch_size", "train_iters", "eval_interval", "log_interval"):
+            sec = self.training if hasattr(self.training, name) else self.logging
+            _positive(name, getattr(sec, name))
+        if not 0.0 <= m.hidden_dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
+            raise MegaliteError("--hidden-dropout and --attention-dropout must be in [0, 1)")
+        if m.hidden_size % m.num_attention_heads:
+            raise MegaliteError(
+                f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+                f"{m.num_attention_heads}; choose sizes where it is")
+        groups = m.num_query_groups or m.num_attention_heads
+        if m.num_attention_heads % groups:
+            raise MegaliteError(
+                f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                f"--num-query-groups {groups}")
+        if m.position_embedding_type == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
+            raise MegaliteError("RoPE needs an even head dimension (hidden / heads)")
+        if m.position_embedding_type == "learned_absolute" and \
+                (m.max_position_embeddings or m.seq_length) < m.seq_length:
+            raise MegaliteError(
+                f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
+                f"{m.max_position_embeddings}")
+        if t.bf16 and t.fp16:
+            raise MegaliteError("--bf16 and --fp16 are exclusive; pick one")
+        if o.min_lr > o.lr:
+            raise MegaliteError(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
+        if o.lr_warmup_iters < 0 or o.clip_grad < 0 or o.weight_decay < 0:
+            raise MegaliteError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
+        if not self.data.data_path and not self.data.mock_data:
+            raise MegaliteError(
+                "no training data: pass --data-path PREFIX (shards written by "
+                "tools/preprocess.py) or --mock-data")
+        if self.checkpoint.save_interval is not None and not self.checkpoint.save:
+            raise MegaliteError("--save-interval needs --save DIR")
+
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if world_size % (tp * pp):
+            raise MegaliteError(
+                f"world size {world_size} is not divisible by tensor-parallel {tp} x "
+                f"pipeline-parallel {pp}; launch a multiple of {tp * pp} processes")
+        if m.num_attention_heads % tp:
+            raise MegaliteError(
+                f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                f"--tensor-model-parallel-size {tp}")
+        if groups % tp:
+            raise MegaliteError(
+                f"--num-query-groups {groups} is not divisible by "
+                f"--tensor-model-parallel-size {tp}")
+        if m.num_layers % pp:
+            raise MegaliteError(
+                f"--num-layers {m.num_layers} is not divisible by "
+                f"--pipeline-model-parallel-size {pp}")
+        dp = world_size // (tp * pp)
+        if t.global_batch_size is None:
+            t.global_batch_size = t.micro_batch_size * dp
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise MegaliteError(
+                f"--global-batch-size {t.global_batch_size} is not divisible by "
+                f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}; "
+                f"use a multiple of {t.micro_batch_size * dp}")
+
+
+def _positive(name, value):
+    if value is None or value <= 0:
+        raise MegaliteError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+# -- flags and YAML ---------------------------------------------------------------------------
+
+def _fields():
+    """(section, dataclass field, resolved type) for every config field."""
+    out = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out.append((section, f, hints[f.name]))
+    return out
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that raises MegaliteError (one line) instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise MegaliteError(f"{message} (see --help)")
+
+
+def build_parser(prog="python -m megalite.train") -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog=prog, allow_abbrev=False,
+        description="Pretrain a GPT model. Flags follow Megatron-LM's names; a YAML file "
+                    "given with --config sets defaults that flags override.")
+    parser.add_argument("--config", help="YAML file with any of the fields below")
+    for section, f, tp in _fields():
+        flag = "--" + f.name.replace("_", "-")
+        base = _unwrap_optional(tp)
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"])
+        if base is bool:
+            parser.add_argument(flag, action="store_true", **kw)
+            continue
+        if typing.get_origin(base) is Literal:
+            kw["choices"] = list(typing.get_args(base))
+            kw["type"] = type(kw["choices"][0])
+        elif base is list:
+            kw["nargs"] = "+"
+        else:
+            kw["type"] = base
+        kw["metavar"] = f.name.upper() if "choices" not in kw else None
+        parser.add_argument(flag, **{k: v for k, v in kw.items() if v is not None})
+    return parser
+
+
+def _apply(cfg: Config, values: dict, source: str) -> None:
+    """Set fields from a flat or sectioned dict, rejecting unknown keys with a suggestion."""
+    by_name = {f.name: (section, f, tp) for section, f, tp in _fields()}
+    flat = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        key_ = key.replace("-", "_")
+        if key_ not in by_name:
+            close = difflib.get_close_matches(key_, list(by_name), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise MegaliteError(f"unknown setting '{key}' in {source}{hint}")
+        section, f, tp = by_name[key_]
+        setattr(getattr(cfg, section), key_, _coerce(key_, value, tp, source))
+
+
+def _coerce(name, value, tp, source):
+    base = _unwrap_optional(tp)
+    if value is None:
+        if base is not tp:
+            return None
+        raise MegaliteError(f"setting '{name}' in {source} may not be empty")
+    try:
+        if typing.get_origin(base) is Literal:
+            if value not in typing.get_args(base):
+                raise ValueError
+            return value
+        if base is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if base is list:
+            return [str(v) for v in (value if isinstance(value, list) else str(value).split())]
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
+        want = f"one of {list(choices)}" if choices else getattr(base, "__name__", str(base))
+        raise MegaliteError(f"setting '{name}' in {source} must be {want}, got {value!r}")
+
+
+def parse_config(argv=None) -> Config:
+    """Config from (optional) YAML + command-line flags. Unknown flags are errors."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = vars(args)
+    cfg = Config()
+    config_file = values.pop("config", None)
+    if config_file:
+        import yaml
+        try:
+            with open(config_file) as fh:
+                data = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise MegaliteError(f"config file {config_file} not found")
+        except yaml.YAMLError as e:
+            raise MegaliteError(f"config file {config_file} is not valid YAML: "
+                                f"{str(e).splitlines()[0]}")
+        if not isinstance(data, dict):
+            raise MegaliteError(f"config file {config_file} must hold a mapping of settings")
+        _apply(cfg, data, source=config_file)
+        style = data.get("model_style") or (data.get("model") or {}).get("model_style")
+    else:
+        style = None
+    style = values.get("model_style", style)
+    if style:
+        # A preset fills in the architecture; anything set explicitly (YAML or flag) wins.
+        explicit = set(values) | set(_flat_keys(data if config_file else {}))
+        for k, v in MODEL_STYLES[style].items():
+            if k not in explicit:
+                setattr(cfg.model, k, v)
+    _apply(cfg, values, source="command line")
+    return cfg
+
+
+def _flat_keys(d: dict):
+    for k, v in d.items():
+        if k in SECTIONS and isinstance(v, dict):
+            yield from v.keys()
+        else:
+            yield k

@@ -1,0 +1,288 @@
+"""GPT built from tensor-parallel layers: GPT-2 style or Llama style, one code path.
+
+The model knows nothing of schedules or optimizers. A pipeline stage is a GPTModel with
+`pre_process` (owns the embedding), `post_process` (owns final norm, output layer, loss) and
+the global numbers of its layers; the layers live in a ModuleDict keyed by their global
+number so that parameter names (`layers.7.mlp.linear_fc1.weight`) are the same in every
+layout, which is what makes initialisation and checkpoints layout-independent.
+
+Activations are [seq, batch, hidden] ([seq/tp, batch, hidden] between TP regions with
+sequence parallelism).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalite import ops
+from megalite.config import ModelConfig
+from megalite.parallel import state
+from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                      VocabParallelEmbedding, column_parallel_linear, mark)
+from megalite.parallel.random import tracker
+from megalite.parallel.tensor import gather_from_tp, scatter_to_sp
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    if cfg.ffn_hidden_size:
+        return cfg.ffn_hidden_size
+    if cfg.swiglu:  # keep the MLP's parameter count at that of a 4h GeLU MLP
+        return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
+    return 4 * cfg.hidden_size
+
+
+def make_norm(cfg: ModelConfig, sequence_parallel: bool, dtype=None) -> nn.Module:
+    if cfg.normalization == "RMSNorm":
+        norm = ops.FusedRMSNorm(cfg.hidden_size, eps=cfg.norm_epsilon, dtype=dtype)
+    else:
+        norm = ops.FusedLayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, dtype=dtype)
+    for name, p in norm.named_parameters():
+        mark(p, init=("ones",) if name == "weight" else ("zeros",),
+             sequence_parallel=sequence_parallel)
+    return norm
+
+
+def dropout(x, p, training, in_tp_region):
+    """Dropout whose mask differs per TP rank only where the activations do."""
+    if p == 0.0 or not training:
+        return x
+    if in_tp_region:
+        with tracker.fork():
+            return F.dropout(x, p, True)
+    return F.dropout(x, p, True)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE, "rotate half" convention (GPT-NeoX, Megatron, Hugging Face Llama)."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(device))              # [s, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]       # [s, 1, 1, d]
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x, cos, sin):
+    # x [s, b, n, d]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; heads (and key/value groups) split over TP ranks.
+
+    The fused QKV weight is laid out group by group: for each key/value group, its query
+    heads, then its key head, then its value head. A contiguous slice of rows is then a
+    whole number of groups, so column-parallel splitting needs no reordering.
+    """
+
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, output_std: float, dtype=None):
+        super().__init__()
+        tp = state.get().tp
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        groups = cfg.num_query_groups or cfg.num_attention_heads
+        self.q_per_group = cfg.num_attention_heads // groups
+        self.local_groups = groups // tp
+        self.attention_dropout = cfg.attention_dropout
+        bias = not cfg.disable_bias_linear
+        qkv_out = groups * (self.q_per_group + 2) * self.head_dim
+        self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, bias=bias,
+                                               sequence_parallel=sequence_parallel,
+                                               init_std=cfg.init_method_std, dtype=dtype)
+        self.linear_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim,
+                                             cfg.hidden_size, bias=bias,
+                                             sequence_parallel=sequence_parallel,
+                                             init_std=output_std, dtype=dtype)
+
+    def forward(self, x, rotary=None):
+        qkv = self.linear_qkv(x)                          # [s, b, g*(q+2)*d] (g local groups)
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.local_groups, self.q_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_group].reshape(s, b, -1, self.head_dim)  # [s, b, n, d]
+        k = qkv[:, :, :, self.q_per_group]                # [s, b, g, d]
+        v = qkv[:, :, :, self.q_per_group + 1]            # [s, b, g, d]
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        p = self.attention_dropout if self.training else 0.0
+        with tracker.fork() if p > 0 else contextlib.nullcontext():
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                               enable_gqa=self.q_per_group > 1)
+        o = o.permute(2, 0, 1, 3).reshape(s, b, -1)       # [s, b, n*d]
+        return self.linear_proj(o)                        # [s, b, h]
+
+
+class MLP(nn.Module):
+    """GeLU MLP, or SwiGLU with the gate and up projections fused into one (strided) weight."""
+
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, output_std: float, dtype=None):
+        super().__init__()
+        ffn = ffn_hidden_size(cfg)
+        self.swiglu = cfg.swiglu
+        bias = not cfg.disable_bias_linear
+        self.linear_fc1 = ColumnParallelLinear(
+            cfg.hidden_size, 2 * ffn if self.swiglu else ffn, bias=bias,
+            sequence_parallel=sequence_parallel, init_std=cfg.init_method_std,
+            stride=2 if self.swiglu else 1, dtype=dtype)
+        self.linear_fc2 = RowParallelLinear(ffn, cfg.hidden_size, bias=bias,
+                                            sequence_parallel=sequence_parallel,
+                                            init_std=output_std, dtype=dtype)
+
+    def forward(self, x):
+        h = self.linear_fc1(x)                            # [s, b, ffn/tp] (x2 for SwiGLU)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.linear_fc2(h)                         # [s, b, h]
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, dtype=None):
+        super().__init__()
+        # GPT-2 / Megatron scaled init: residual-branch outputs get std / sqrt(2 L).
+        output_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        self.input_norm = make_norm(cfg, sequence_parallel, dtype)
+        self.attention = Attention(cfg, sequence_parallel, output_std, dtype)
+        self.pre_mlp_norm = make_norm(cfg, sequence_parallel, dtype)
+        self.mlp = MLP(cfg, sequence_parallel, output_std, dtype)
+        self.hidden_dropout = cfg.hidden_dropout
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x, rotary=None):
+        # x [s, b, h]
+        drop = lambda t: dropout(t, self.hidden_dropout, self.training,  # noqa: E731
+                                 self.sequence_parallel)
+        x = x + drop(self.attention(self.input_norm(x), rotary))
+        return x + drop(self.mlp(self.pre_mlp_norm(x)))
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, sequence_parallel: bool = False,
+                 pre_process: bool = True, post_process: bool = True,
+                 layer_numbers: Optional[list[int]] = None, dtype=None):
+        """vocab_size: the padded vocabulary. layer_numbers: global numbers of this stage's
+        layers (default: all)."""
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.pre_process, self.post_process = pre_process, post_process
+        self.sequence_parallel = sequence_parallel and state.get().tp > 1
+        sp = self.sequence_parallel
+        self.tied = not cfg.untie_embeddings_and_output_weights
+        std = cfg.init_method_std
+
+        if pre_process:
+            self.embedding = nn.Module()
+            self.embedding.word_embeddings = VocabParallelEmbedding(
+                vocab_size, cfg.hidden_size, sequence_parallel=sp, init_std=std, dtype=dtype)
+            if cfg.position_embedding_type == "learned_absolute":
+                self.embedding.position_embeddings = nn.Embedding(
+                    cfg.max_position_embeddings or cfg.seq_length, cfg.hidden_size, dtype=dtype)
+                mark(self.embedding.position_embeddings.weight, init=("normal", std))
+        self.rotary = (RotaryEmbedding(cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_base)
+                       if cfg.position_embedding_type == "rope" else None)
+
+        numbers = range(cfg.num_layers) if layer_numbers is None else layer_numbers
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, sp, dtype) for i in numbers})
+
+        if post_process:
+            self.final_norm = make_norm(cfg, sp, dtype)
+            if not (self.tied and pre_process):
+                self.output_layer = ColumnParallelLinear(
+                    cfg.hidden_size, vocab_size, bias=False, sequence_parallel=sp,
+                    init_std=std, dtype=dtype)
+                if self.tied:
+                    # The last pipeline stage's copy of the tied embedding: it starts equal to
+                    # the first stage's and their grads are summed over the embedding group.
+                    w = self.output_layer.weight
+                    w.init_name = "embedding.word_embeddings.weight"
+                    w.shared_embedding = True
+
+    def output_weight(self):
+        if hasattr(self, "output_layer"):
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
+
+    def embed(self, tokens):
+        # tokens [b, s] -> [s, b, h] ([s/tp, b, h] with sequence parallelism)
+        x = self.embedding.word_embeddings(tokens)
+        if hasattr(self.embedding, "position_embeddings"):
+            pos = torch.arange(tokens.shape[1], device=tokens.device)
+            pos = self.embedding.position_embeddings(pos).unsqueeze(1)  # [s, 1, h]
+            x = x + (scatter_to_sp(pos) if self.sequence_parallel else pos)
+        return dropout(x, self.cfg.hidden_dropout, self.training, self.sequence_parallel)
+
+    def forward(self, tokens=None, labels=None, hidden_states=None):
+        """First stage: tokens [b, s]; later stages: hidden_states [s, b, h] from the stage
+        before. Last stage returns the per-token loss [b, s] (fp32) when labels are given,
+        else vocab-parallel logits [s, b, v/tp]; other stages return hidden states."""
+        x = self.embed(tokens) if self.pre_process else hidden_states
+        rotary = None
+        if self.rotary is not None:
+            seq = x.shape[0] * (state.get().tp if self.sequence_parallel else 1)
+            rotary = self.rotary(seq, x.device)
+        for layer in self.layers.values():
+            x = layer(x, rotary)
+        if not self.post_process:
+            return x
+        x = self.final_norm(x)
+        # [s, b, v/tp]; a tied head on the embedding's stage reuses the embedding weight
+        output = column_parallel_linear(x, self.output_weight(), None, self.sequence_parallel)
+        if labels is None:
+                return output
+        return vocab_parallel_cross_entropy(output, labels.t()).t()  # [b, s]
+
+    @torch.no_grad()
+    def full_logits(self, tokens):
+        """Logits over the whole padded vocabulary, gathered over TP: [b, s, v]."""
+        return gather_from_tp(self(tokens)).transpose(0, 1)
+
+
+def num_parameters(cfg: ModelConfig, vocab_size: int) -> dict:
+    """Parameter counts of the full (unsharded) model, for FLOPs and logs."""
+    h, L = cfg.hidden_size, cfg.num_layers
+    heads = cfg.num_attention_heads
+    groups = cfg.num_query_groups or heads
+    d = h // heads
+    bias = 0 if cfg.disable_bias_linear else 1
+    ffn = ffn_hidden_size(cfg)
+    fc1_out = 2 * ffn if cfg.swiglu else ffn
+    norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
+    qkv_out = groups * (heads // groups + 2) * d
+    layer = (h * qkv_out + bias * qkv_out + heads * d * h + bias * h
+             + h * fc1_out + bias * fc1_out + ffn * h + bias * h + 2 * norm)
+    embedding = vocab_size * h
+    position = h * (cfg.max_position_embeddings or cfg.seq_length) \
+        if cfg.position_embedding_type == "learned_absolute" else 0
+    output = 0 if not cfg.untie_embeddings_and_output_weights else vocab_size * h
+    total = L * layer + embedding + position + output + norm
+    return {"total": total, "non_embedding": L * layer + norm}
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """Training FLOPs (forward + backward) per token: 6 per weight-matrix parameter plus
+    attention's score and value products (causal masking not subtracted, as Megatron does)."""
+    n = num_parameters(cfg, vocab_size)["non_embedding"]
+    attention = 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_length
+    return 6 * n + attention + 6 * vocab_size * cfg.hidden_size
