@@ -68,6 +68,12 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, "tensor-parallel size (ranks splitting each layer)")
     pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (stages of layers)")
+    sequence_parallel: bool = _f(
+        False, "split norms, dropout and residuals along the sequence over TP ranks")
+    recompute_granularity: Optional[Literal["full", "selective"]] = _f(
+        None, "recompute activations in backward: full layers, or only attention's core")
+    recompute_num_layers: Optional[int] = _f(
+        None, "full recompute: how many layers of each stage recompute (default: all)")
     distributed_backend: Optional[Literal["nccl", "gloo"]] = _f(
         None, "torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
     distributed_timeout_minutes: float = _f(10.0, "timeout of collective operations")

@@ -1,0 +1,280 @@
+"""The training loop, top to bottom.
+
+    pretrain(cfg)
+      1. join the process groups, seed every RNG stream
+      2. build the model (this rank's stage and TP slice), optimizer, LR schedule
+      3. resume from --load (weights, optimizer, schedule, RNG, consumed samples)
+      4. loop: one global batch per iteration = forward/backward over the micro-batches,
+         finalize grads (TP/PP/DP), clip, step; log, evaluate, save, maybe exit
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from megalite.errors import MegaliteError
+from megalite.model.gpt import GPTModel, flops_per_token, num_parameters, padded_vocab_size
+from megalite.optim import build_lr_schedule, build_optimizer, clip_coefficient, global_grad_norm
+from megalite.optim.loss_scaler import DynamicLossScaler
+from megalite.parallel import random as prandom
+from megalite.parallel import state
+from megalite.parallel.data import finalize_model_grads
+from megalite.parallel.layers import init_parameters
+from megalite.parallel.pipeline import forward_backward_no_pipelining
+from megalite.training import checkpoint as ckpt
+from megalite.training.data import batch_iterator, build_datasets, resolve_vocab_size
+from megalite.training.metrics import MetricsWriter, memory_stats, peak_tflops
+
+
+class _Preemption:
+    """SIGTERM (a cluster's preemption notice) sets a flag; the loop saves and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is True on any rank (so all ranks stop together)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def build_model(cfg, vocab_size, device):
+    """This rank's part of the model, initialised from the seed alone."""
+    st = state.get()
+    per_stage = cfg.model.num_layers // st.pp
+    layers = list(range(st.pp_rank * per_stage, (st.pp_rank + 1) * per_stage))
+    model = GPTModel(cfg.model, vocab_size, pre_process=st.is_first_stage,
+                     post_process=st.is_last_stage, layer_numbers=layers,
+                     sequence_parallel=cfg.parallel.sequence_parallel)
+    init_parameters(model, cfg.training.seed)
+    return model.to(device)
+
+
+def _autocast(cfg, device):
+    t = cfg.training
+    if not (t.bf16 or t.fp16):
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if t.bf16 else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model, cfg, valid_ds, vocab_size, device, autocast):
+    """Mean loss over the first eval_iters global batches of the validation split (the same
+    batches every time, so successive evaluations compare like with like)."""
+    st = state.get()
+    model.eval()
+    it = batch_iterator(valid_ds, cfg.training.micro_batch_size, 0, 0, vocab_size, device)
+    n_micro = cfg.num_microbatches(st.world_size)
+    losses = []
+    for _ in range(cfg.training.eval_iters):
+        losses += forward_backward_no_pipelining(model, it, n_micro, forward_only=True,
+                                                 autocast=autocast)
+    model.train()
+    loss = torch.stack(losses).mean()
+    if st.dp > 1:
+        dist.all_reduce(loss, group=st.dp_group)
+        loss /= st.dp
+    return loss.item()
+
+
+def pretrain(cfg):
+    t, o = cfg.training, cfg.optimizer
+
+    # 1. Process groups (layout checked before anything waits), RNG streams.
+    device = torch.device(t.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cfg.validate(world)
+    st = state.initialize(cfg.parallel.tensor_model_parallel_size,
+                          cfg.parallel.pipeline_model_parallel_size,
+                          backend=cfg.parallel.distributed_backend, device=device,
+                          timeout_minutes=cfg.parallel.distributed_timeout_minutes)
+    device = st.device
+    if st.pp > 1:
+        raise MegaliteError("pipeline parallelism is not available yet; use "
+                            "--pipeline-model-parallel-size 1")
+    prandom.seed_everything(t.seed, device)
+    log = MetricsWriter(st.rank == st.world_size - 1, cfg.logging.metrics_file,
+                        cfg.logging.tensorboard_dir)
+
+    # 2. Model, optimizer, schedule.
+    tokenizer, vocab = resolve_vocab_size(cfg)
+    vocab_padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, st.tp)
+    model = build_model(cfg, vocab_padded, device)
+    optimizer = build_optimizer(model, cfg)
+    schedule = build_lr_schedule(cfg)
+    scaler = DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window, t.hysteresis) \
+        if t.fp16 else None
+    autocast = _autocast(cfg, device)
+    counts = num_parameters(cfg.model, vocab_padded)
+    log.print(f"megalite: {counts['total'] / 1e6:.2f}M parameters "
+              f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {vocab} "
+              f"(padded {vocab_padded}), layout TP={st.tp} PP={st.pp} DP={st.dp}, "
+              f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'} on {device}")
+
+    # 3. Resume.
+    iteration, consumed = 0, 0
+    if cfg.checkpoint.load:
+        loaded = ckpt.load_checkpoint(cfg.checkpoint.load)
+        if loaded is None:
+            if cfg.checkpoint.load != cfg.checkpoint.save:
+                raise MegaliteError(
+                    f"--load {cfg.checkpoint.load} holds no checkpoint (no "
+                    f"{ckpt.LATEST}); check the path, or drop --load to start from scratch")
+            log.print(f"no checkpoint in {cfg.checkpoint.load} yet: starting from scratch")
+        else:
+            meta, shard = loaded
+            model.load_state_dict(shard["model"])
+            if not cfg.checkpoint.no_load_optim:
+                iteration, consumed = meta["iteration"], meta["consumed_samples"]
+                optimizer.load_state_dict(shard["optimizer"])
+                if scaler is not None and shard["loss_scaler"]:
+                    scaler.load_state_dict(shard["loss_scaler"])
+            if not cfg.checkpoint.no_load_rng:
+                prandom.set_rng_state(shard["rng"])
+            log.print(f"resumed from {ckpt.iter_dir(cfg.checkpoint.load, meta['iteration'])} "
+                      f"(iteration {iteration}, {consumed} samples consumed)")
+
+    # 4. Data: the loader's position is the number of consumed samples, nothing else.
+    train_ds, valid_ds, _ = build_datasets(cfg, vocab)
+    train_iter = batch_iterator(train_ds, t.micro_batch_size, consumed, cfg.data.num_workers,
+                                vocab, device)
+    n_micro = cfg.num_microbatches(st.world_size)
+    tokens_per_iter = t.global_batch_size * cfg.model.seq_length
+    peak, peak_why = peak_tflops(device, t.bf16 or t.fp16, cfg.logging.peak_tflops)
+    if peak is None:
+        log.print(f"MFU not reported: {peak_why}")
+    flops_per_iter = flops_per_token(cfg.model, vocab_padded) * tokens_per_iter
+
+    last_saved = iteration if cfg.checkpoint.load == cfg.checkpoint.save else None
+
+    def save():
+        nonlocal last_saved
+        if cfg.checkpoint.save and last_saved != iteration:
+            last_saved = iteration
+            ckpt.save_checkpoint(cfg.checkpoint.save, iteration, model, optimizer, schedule,
+                                 scaler, consumed, cfg, prandom.get_rng_state(),
+                                 cfg.checkpoint.keep_last)
+            log.print(f"saved checkpoint {ckpt.iter_dir(cfg.checkpoint.save, iteration)}")
+
+    preemption = _Preemption()
+    start_time = time.time()
+    best_valid, evals_without_gain = math.inf, 0
+    window_loss, window_iters, window_time, skipped = 0.0, 0, 0.0, 0
+    exit_reason = None
+    try:
+        while iteration < t.train_iters:
+            # -- one optimizer step over the global batch --
+            tic = time.perf_counter()
+            lr = schedule(iteration)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_scale = scaler.scale if scaler else 1.0
+            losses = forward_backward_no_pipelining(model, train_iter, n_micro,
+                                                    loss_scale=loss_scale, autocast=autocast)
+            finalize_model_grads(model)
+            grad_norm = global_grad_norm(list(model.parameters())).item() / loss_scale
+            found_inf = not math.isfinite(grad_norm)
+            if found_inf and scaler is None:
+                raise MegaliteError(
+                    f"the gradient norm is {grad_norm} at iteration {iteration + 1} (loss "
+                    f"{torch.stack(losses).mean().item():.4g}): training diverged; lower --lr, "
+                    f"raise --lr-warmup-iters or use --clip-grad, then resume from the last "
+                    f"checkpoint")
+            if not found_inf:
+                # Unscaling and clipping ride along in the optimizer's one pass over the grads.
+                optimizer.step(grad_scale=loss_scale / clip_coefficient(grad_norm, o.clip_grad))
+                found_inf = optimizer.found_inf
+            if scaler is not None:
+                scaler.update(found_inf)
+                skipped += int(found_inf)
+            optimizer.zero_grad(set_to_none=True)
+            iteration += 1
+            consumed += t.global_batch_size
+            loss = torch.stack(losses).mean()
+            if st.dp > 1:
+                dist.all_reduce(loss, group=st.dp_group)
+                loss /= st.dp
+            loss = loss.item()
+            if not math.isfinite(loss) and scaler is None:
+                raise MegaliteError(f"the loss is {loss} at iteration {iteration}: training "
+                                    f"diverged; lower --lr or raise --lr-warmup-iters, then "
+                                    f"resume from the last checkpoint")
+            elapsed = time.perf_counter() - tic
+            window_loss += loss
+            window_iters += 1
+            window_time += elapsed
+
+            # -- report --
+            if iteration % cfg.logging.log_interval == 0 or iteration == t.train_iters:
+                dt = window_time / window_iters
+                tps = tokens_per_iter / dt
+                tflops = flops_per_iter / dt / st.world_size / 1e12
+                rec = {"iteration": iteration, "loss": window_loss / window_iters,
+                       "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
+                       "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+                       "iter_time_s": dt, "consumed_samples": consumed,
+                       **memory_stats(device)}
+                if scaler is not None:
+                    rec.update(loss_scale=scaler.scale, skipped_iters=skipped)
+                line = (f"iter {iteration:6d}/{t.train_iters} | loss {rec['loss']:.4f} | "
+                        f"lr {lr:.3e} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | "
+                        f"{tflops:.2f} TFLOP/s" + (f" | MFU {rec['mfu']:.1%}" if peak else "")
+                        + f" | {dt * 1000:.0f} ms/it | mem {rec['mem_peak_gb']:.2f} GB")
+                if scaler is not None:
+                    line += f" | scale {scaler.scale:g} | skipped {skipped}"
+                log.log(rec, line)
+                window_loss, window_iters, window_time, skipped = 0.0, 0, 0.0, 0
+
+            # -- evaluate, early stop --
+            if valid_ds is not None and iteration % t.eval_interval == 0:
+                valid_loss = evaluate(model, cfg, valid_ds, vocab, device, autocast)
+                log.log({"iteration": iteration, "valid_loss": valid_loss,
+                         "valid_ppl": math.exp(min(valid_loss, 50))},
+                        f"validation at iter {iteration}: loss {valid_loss:.4f} | "
+                        f"ppl {math.exp(min(valid_loss, 50)):.2f}")
+                if valid_loss < best_valid:
+                    best_valid, evals_without_gain = valid_loss, 0
+                else:
+                    evals_without_gain += 1
+                if t.early_stop_patience and evals_without_gain >= t.early_stop_patience:
+                    exit_reason = (f"early stop: no better validation loss in "
+                                   f"{evals_without_gain} evaluations")
+
+            # -- save, exit --
+            if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
+                save()
+            if t.exit_interval and iteration % t.exit_interval == 0:
+                exit_reason = exit_reason or f"--exit-interval {t.exit_interval}"
+            minutes = (time.time() - start_time) / 60
+            if t.exit_duration_in_mins and minutes >= t.exit_duration_in_mins:
+                exit_reason = exit_reason or f"--exit-duration-in-mins {t.exit_duration_in_mins}"
+            if any_rank(preemption.requested, device):
+                exit_reason = "SIGTERM"
+            if any_rank(exit_reason is not None, device):
+                save()
+                log.print(f"exiting at iteration {iteration}: {exit_reason or 'another rank'}")
+                return iteration
+        save()
+        return iteration
+    finally:
+        preemption.restore()
+        log.close()
