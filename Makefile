@@ -1,0 +1,33 @@
+# megalite: the README's commands. `make demo` and `make test` install first when needed.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+STAMP := build/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+# Installs torch only when none is importable (an existing CUDA build is never replaced),
+# then the dependencies and megalite itself, building the kernels against that torch.
+$(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
+	$(PYTHON) -m pip install numpy pyyaml sentencepiece tqdm psutil pytest tensorboard pybind11 ninja setuptools wheel
+	$(PYTHON) -m pip install --no-build-isolation -e .
+	$(PYTHON) -m megalite.env
+	@mkdir -p build && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	bash launch/pretrain.sh
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PYTHON) tools/bench/kernels.py
+	$(PYTHON) tools/bench/train_step.py
+	$(PYTHON) tools/bench/preprocess.py
+	$(PYTHON) tools/bench/tensor_parallel.py
+
+clean:
+	rm -rf build megalite/*.so *.egg-info runs

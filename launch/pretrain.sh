@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Pretrain with torchrun on one node or many. Every argument goes to `python -m megalite.train`.
+#
+#   launch/pretrain.sh                         # no arguments: the demo (tools/demo.py)
+#   launch/pretrain.sh --config run.yaml       # one node: one process per GPU (one on a CPU)
+#   NPROC=4 launch/pretrain.sh --tensor-model-parallel-size 2 ...   # 4 processes (also on CPU)
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 launch/pretrain.sh ...  # on node0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 MASTER_PORT=29500 launch/pretrain.sh ...  # on node1
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+
+if [ "$#" -eq 0 ]; then
+  exec "$PYTHON" "$here/tools/demo.py"
+fi
+
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+fi
+NNODES="${NNODES:-1}"
+
+if [ "$NNODES" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+  # One node: torchrun picks a free port itself, so two runs on one machine do not collide.
+  rdzv=(--standalone)
+else
+  : "${MASTER_ADDR:?set MASTER_ADDR (the address of node 0) for a multi-node run}"
+  rdzv=(--nnodes "$NNODES" --node-rank "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}"
+        --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}")
+fi
+
+# On a CPU each process gets its share of the cores rather than torchrun's default of 1.
+if [ -z "${OMP_NUM_THREADS:-}" ] && ! "$PYTHON" -c 'import torch,sys; sys.exit(not torch.cuda.is_available())'; then
+  export OMP_NUM_THREADS=$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))
+fi
+
+cd "$here"
+exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" -m megalite.train "$@"
