@@ -1,0 +1,132 @@
+"""build_train_valid_test_datasets: --data-path + --split -> (train, valid, test) datasets.
+
+In a distributed run rank 0 of `group` builds every index (and writes the cache) while the other
+ranks wait in a broadcast; then they memory-map what rank 0 wrote. A failure on rank 0 is
+broadcast, so every rank raises it and none hangs; a failure while loading on any rank is
+all-gathered likewise. A rank that finds no cache after rank 0 succeeded (cache directory not
+shared between nodes) builds its own copy, which is identical because the build is deterministic.
+"""
+
+import math
+import sys
+
+from megalite.data.blended import BlendedDataset
+from megalite.data.gpt_dataset import (
+    SPLIT_NAMES,
+    GPTDataset,
+    default_cache_dir,
+    parse_data_path,
+    parse_split,
+    split_document_ranges,
+)
+from megalite.data.indexed import IndexedDataset
+from megalite.errors import MegaliteError
+
+# Megatron's margin: each blended dataset is built with 0.5% more samples than its share.
+BLEND_MARGIN = 1.005
+
+
+def _check_args(split, seq_length, num_samples, seed):
+    if not isinstance(seq_length, int) or seq_length < 1:
+        raise MegaliteError(f"seq_length must be a positive integer, got {seq_length!r}")
+    num_samples = tuple(num_samples)
+    if len(num_samples) != 3 or any(not isinstance(n, int) or n < 0 for n in num_samples):
+        raise MegaliteError(f"num_samples must be three non-negative integers (train, valid, test), got {num_samples!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise MegaliteError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return parse_split(split), num_samples
+
+
+def _materialize(prefixes, weights, split_weights, seq_length, num_samples, seed, cache_dir):
+    """Open the shards and build or load every index; the same on every rank."""
+    indexed = {p: IndexedDataset(p) for p in prefixes}
+    result = []
+    for s, name in enumerate(SPLIT_NAMES):
+        if num_samples[s] == 0 or split_weights[s] == 0:
+            result.append(None)
+            continue
+        parts = []
+        for prefix, w in zip(prefixes, weights):
+            if w == 0:
+                continue
+            ds = indexed[prefix]
+            begin, end = split_document_ranges(ds.num_documents, split_weights)[s]
+            if end <= begin:
+                raise MegaliteError(
+                    f"the {name} split of {prefix} is empty ({ds.num_documents} documents, split "
+                    f"weights {[round(x, 4) for x in split_weights]}); raise its --split weight or "
+                    f"request no {name} samples"
+                )
+            n = num_samples[s] if len(prefixes) == 1 else int(math.ceil(num_samples[s] * w * BLEND_MARGIN))
+            parts.append((GPTDataset(ds, name, (begin, end), seq_length, max(n, 1), seed, cache_dir), w))
+        if len(parts) == 1:
+            result.append(parts[0][0])
+        else:
+            blend_dir = cache_dir or default_cache_dir(prefixes[0])
+            result.append(BlendedDataset([p[0] for p in parts], [p[1] for p in parts], num_samples[s],
+                                         blend_dir, name))
+    return tuple(result)
+
+
+def _describe(err):
+    msg = str(err) if isinstance(err, MegaliteError) else f"{type(err).__name__}: {err}"
+    return " ".join(msg.split()) or type(err).__name__
+
+
+def _distributed():
+    """torch.distributed when a process group is up (torch is never imported just to ask)."""
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def build_train_valid_test_datasets(data_path, split, seq_length, num_samples, seed,
+                                    cache_dir=None, group=None):
+    """(train, valid, test): GPTDataset, BlendedDataset or None (weight 0 or 0 samples).
+
+    data_path: Megatron style ['0.3', 'A', '0.7', 'B'], ['A'] or ['A', 'B']; split: '969,30,1';
+    num_samples: (train, valid, test); group: the torch.distributed group whose rank 0 builds
+    the indices (None: the world, when initialised).
+    """
+    prefixes, weights = parse_data_path(data_path)
+    split_weights, num_samples = _check_args(split, seq_length, num_samples, seed)
+    args = (prefixes, weights, split_weights, seq_length, num_samples, seed, cache_dir)
+
+    dist = _distributed()
+    if dist is None:
+        return _materialize(*args)
+
+    group = group if group is not None else dist.group.WORLD
+    rank = dist.get_rank(group)
+    src = dist.get_global_rank(group, 0)
+    result, error = None, None
+    status = [None]
+    if rank == 0:
+        try:
+            result = _materialize(*args)
+        except Exception as e:  # noqa: BLE001 -- every failure must reach the other ranks
+            error = e
+            status = [_describe(e)]
+    dist.broadcast_object_list(status, src=src, group=group)
+    if status[0] is not None:
+        if error is not None:
+            raise error
+        raise MegaliteError(f"rank {src} failed to build the data indices: {status[0]}")
+
+    if rank != 0:
+        try:
+            result = _materialize(*args)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    statuses = [None] * dist.get_world_size(group)
+    mine = None if error is None else (dist.get_rank(), _describe(error))
+    dist.all_gather_object(statuses, mine, group=group)
+    failed = [s for s in statuses if s is not None]
+    if failed:
+        if error is not None:
+            raise error
+        r, msg = failed[0]
+        raise MegaliteError(f"rank {r} failed to load the data indices: {msg}")
+    return result
