@@ -52,6 +52,10 @@ def get_parser():
                    choices=["nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"],
                    help="sentencepiece normalisation rule (default nmt_nfkc, which also folds "
                         "whitespace runs and line breaks into single spaces)")
+    p.add_argument("--remove-extra-whitespaces", action=argparse.BooleanOptionalAction, default=True,
+                   help="collapse runs of spaces and strip them at the ends of each text (default on); "
+                        "for code, where whitespace matters, use --normalization identity "
+                        "--no-remove-extra-whitespaces (line breaks then encode as byte pieces)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="training threads (default: all cores)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -109,6 +113,7 @@ def main(argv):
             character_coverage=args.character_coverage,
             byte_fallback=args.byte_fallback,
             normalization_rule_name=args.normalization,
+            remove_extra_whitespaces=args.remove_extra_whitespaces,
             input_sentence_size=args.max_sentences,
             shuffle_input_sentence=True,
             num_threads=args.threads,

@@ -8,6 +8,7 @@ shared between nodes) builds its own copy, which is identical because the build 
 """
 
 import math
+import operator
 import sys
 
 from megalite.data.blended import BlendedDataset
@@ -26,15 +27,22 @@ from megalite.errors import MegaliteError
 BLEND_MARGIN = 1.005
 
 
+def _as_int(x):
+    try:
+        return operator.index(x)  # int, numpy integers; not floats or bools-as-strings
+    except TypeError:
+        return None
+
+
 def _check_args(split, seq_length, num_samples, seed):
-    if not isinstance(seq_length, int) or seq_length < 1:
+    if _as_int(seq_length) is None or seq_length < 1:
         raise MegaliteError(f"seq_length must be a positive integer, got {seq_length!r}")
     num_samples = tuple(num_samples)
-    if len(num_samples) != 3 or any(not isinstance(n, int) or n < 0 for n in num_samples):
+    if len(num_samples) != 3 or any(_as_int(n) is None or n < 0 for n in num_samples):
         raise MegaliteError(f"num_samples must be three non-negative integers (train, valid, test), got {num_samples!r}")
-    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+    if _as_int(seed) is None or not 0 <= seed < 2**32:
         raise MegaliteError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    return parse_split(split), num_samples
+    return parse_split(split), tuple(int(n) for n in num_samples)
 
 
 def _materialize(prefixes, weights, split_weights, seq_length, num_samples, seed, cache_dir):
@@ -92,6 +100,7 @@ def build_train_valid_test_datasets(data_path, split, seq_length, num_samples, s
     """
     prefixes, weights = parse_data_path(data_path)
     split_weights, num_samples = _check_args(split, seq_length, num_samples, seed)
+    seq_length, seed = int(seq_length), int(seed)
     args = (prefixes, weights, split_weights, seq_length, num_samples, seed, cache_dir)
 
     dist = _distributed()
