@@ -142,10 +142,14 @@ def test_generate_from_checkpoint(tmp_path, small_spm):
     g = run_cli(["tools/generate.py", "--load", ck, "--prompt", "ROMEO:", "--max-new-tokens",
                  "20", "--temperature", "0"])
     assert g.returncode == 0, g.stderr
-    assert g.stdout.startswith("ROMEO:") and len(g.stdout.strip()) > len("ROMEO:")
+    assert g.stdout.startswith("ROMEO:") and len(g.stdout.rstrip("\n")) > len("ROMEO:")
     again = run_cli(["tools/generate.py", "--load", ck, "--prompt", "ROMEO:",
                      "--max-new-tokens", "20", "--temperature", "0"])
     assert again.stdout == g.stdout                        # greedy is deterministic
+    sampled = [run_cli(["tools/generate.py", "--load", ck, "--prompt", "ROMEO:",
+                        "--max-new-tokens", "30", "--temperature", "1.0", "--top-k", "0",
+                        "--seed", str(seed)]).stdout for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]          # seeded sampling
 
 
 # -- bad input: one line naming the problem and the fix, non-zero exit, no traceback --------
