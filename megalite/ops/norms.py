@@ -18,14 +18,17 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _impl(op, x):
-    kind, module, _ = choose(op, x.device)
-    if x.dtype not in _DTYPES:
+    """The compiled module for x's device, or the reference (also for dtypes such as fp64 that
+    no kernel is compiled for)."""
+    _, module, _ = choose(op, x.device)
+    if x.dtype not in _DTYPES or module is None:
         return reference
-    return reference if module is None else module
+    return module
 
 
-def _as_f32(t):
-    return None if t is None else t.detach().float().contiguous()
+def _param(t, x):
+    """Weight/bias as the kernels take them: fp32 (fp64 for an fp64 input), contiguous, detached."""
+    return None if t is None else t.detach().to(reference._acc(x)).contiguous()
 
 
 def _check(name, x, weight, bias=None):
@@ -40,7 +43,7 @@ class _LayerNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         impl = _impl("layer_norm", x)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        w32, b32 = _as_f32(weight), _as_f32(bias)
+        w32, b32 = _param(weight, x), _param(bias, x)
         y, mean, rstd = impl.layer_norm_fwd(x2, w32, b32, float(eps))
         ctx.save_for_backward(x2, w32, mean, rstd)
         ctx.has_bias = bias is not None
@@ -65,7 +68,7 @@ class _RMSNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         impl = _impl("rms_norm", x)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        w32 = _as_f32(weight)
+        w32 = _param(weight, x)
         y, rstd = impl.rms_norm_fwd(x2, w32, float(eps))
         ctx.save_for_backward(x2, w32, rstd)
         ctx.shape = x.shape

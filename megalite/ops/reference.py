@@ -12,29 +12,35 @@ import torch
 
 # ----------------------------------------------------------------------------------------------
 # LayerNorm / RMSNorm over the last dimension. Forward returns the output plus the per-row
-# statistics (fp32) the backward needs; backward returns (dx, dweight, dbias).
+# statistics (fp32, or fp64 for fp64 input) the backward needs; backward returns
+# (dx, dweight, dbias).
+
+
+def _acc(t):
+    """Accumulation dtype: fp32 for fp32/bf16/fp16, fp64 for fp64."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def layer_norm_fwd(x, weight, bias, eps):
     n = x.shape[-1]
-    xf = x.reshape(-1, n).float()
+    xf = x.reshape(-1, n).to(_acc(x))
     mean = xf.mean(dim=1)
     var = (xf - mean[:, None]).square().mean(dim=1)  # biased, like torch's layer_norm
     rstd = torch.rsqrt(var + eps)
     y = (xf - mean[:, None]) * rstd[:, None]
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(xf.dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(xf.dtype)
     return y.to(x.dtype).reshape(x.shape), mean, rstd
 
 
 def layer_norm_bwd(dy, x, mean, rstd, weight, need_bias_grad=True):
     n = x.shape[-1]
-    xf = x.reshape(-1, n).float()
-    dyf = dy.reshape(-1, n).float()
+    xf = x.reshape(-1, n).to(_acc(x))
+    dyf = dy.reshape(-1, n).to(xf.dtype)
     xhat = (xf - mean[:, None]) * rstd[:, None]
-    g = dyf * weight.float() if weight is not None else dyf
+    g = dyf * weight.to(xf.dtype) if weight is not None else dyf
     # d/dx of (x - mean) * rstd, contracted with g: the two mean terms come from mean and var.
     dx = rstd[:, None] * (g - g.mean(dim=1, keepdim=True) - xhat * (g * xhat).mean(dim=1, keepdim=True))
     dw = (dyf * xhat).sum(dim=0).to(weight.dtype) if weight is not None else None
@@ -44,20 +50,20 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, need_bias_grad=True):
 
 def rms_norm_fwd(x, weight, eps):
     n = x.shape[-1]
-    xf = x.reshape(-1, n).float()
+    xf = x.reshape(-1, n).to(_acc(x))
     rstd = torch.rsqrt(xf.square().mean(dim=1) + eps)
     y = xf * rstd[:, None]
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(xf.dtype)
     return y.to(x.dtype).reshape(x.shape), rstd
 
 
 def rms_norm_bwd(dy, x, rstd, weight):
     n = x.shape[-1]
-    xf = x.reshape(-1, n).float()
-    dyf = dy.reshape(-1, n).float()
+    xf = x.reshape(-1, n).to(_acc(x))
+    dyf = dy.reshape(-1, n).to(xf.dtype)
     xhat = xf * rstd[:, None]
-    g = dyf * weight.float() if weight is not None else dyf
+    g = dyf * weight.to(xf.dtype) if weight is not None else dyf
     dx = rstd[:, None] * (g - xhat * (g * xhat).mean(dim=1, keepdim=True))
     dw = (dyf * xhat).sum(dim=0).to(weight.dtype) if weight is not None else None
     return dx.to(x.dtype).reshape(x.shape), dw

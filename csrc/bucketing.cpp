@@ -1,0 +1,111 @@
+// Gradient bucketing on the CPU: bucket assignment, and multi-tensor flatten/unflatten.
+//
+// flatten_into copies a list of tensors back to back into one flat buffer (unflatten_from the
+// other way). It is a memcpy of the concatenation, split evenly by *bytes* between the threads,
+// so a list of 100 small tensors and a list of 2 big ones both keep every thread busy, and there
+// is one parallel region instead of one torch copy (with its dispatch and thread wake-up) per
+// tensor.
+#include <ATen/Parallel.h>
+
+#include <map>
+
+#include "megalite.h"
+
+namespace megalite {
+namespace {
+
+// Params arrive in reverse order of use. A bucket closes as soon as it holds bucket_size
+// elements, so the first bucket (the last layers' grads) fills, and its all-reduce starts, as
+// early as possible. Each dtype has its own open bucket (its own flat buffer): buckets never
+// mix dtypes. Buckets are returned in the order of their first param.
+std::vector<std::vector<int64_t>> assign_buckets(const std::vector<int64_t>& numels,
+                                                 const std::vector<int64_t>& dtype_ids,
+                                                 int64_t bucket_size) {
+  TORCH_CHECK(numels.size() == dtype_ids.size(), "assign_buckets: ", numels.size(), " numels but ",
+              dtype_ids.size(), " dtypes");
+  TORCH_CHECK(bucket_size > 0, "assign_buckets: bucket_size_numel must be positive, got ", bucket_size);
+  std::vector<std::vector<int64_t>> buckets;
+  std::map<int64_t, std::pair<size_t, int64_t>> open;  // dtype id -> (bucket index, elements)
+  for (size_t i = 0; i < numels.size(); ++i) {
+    TORCH_CHECK(numels[i] >= 0, "assign_buckets: param ", i, " has negative numel ", numels[i]);
+    auto it = open.find(dtype_ids[i]);
+    if (it == open.end()) {
+      it = open.emplace(dtype_ids[i], std::make_pair(buckets.size(), int64_t(0))).first;
+      buckets.emplace_back();
+    }
+    buckets[it->second.first].push_back(int64_t(i));
+    it->second.second += numels[i];
+    if (it->second.second >= bucket_size) open.erase(it);
+  }
+  return buckets;
+}
+
+enum class Direction { kIntoBuffer, kOutOfBuffer };
+
+void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer, Direction dir) {
+  const char* what = dir == Direction::kIntoBuffer ? "flatten_into" : "unflatten_from";
+  TORCH_CHECK(buffer.device().is_cpu(), what, ": buffer must be on the CPU");
+  TORCH_CHECK(buffer.dim() == 1 && buffer.is_contiguous(), what, ": buffer must be a contiguous 1-D tensor");
+  const int64_t item = buffer.element_size();
+  auto* base = static_cast<char*>(buffer.data_ptr());
+
+  std::vector<int64_t> bytes;       // contiguous tensors: one memcpy range each
+  std::vector<char*> tensor_ptrs;
+  std::vector<int64_t> buffer_offsets;
+  int64_t offset = 0;  // in elements
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.scalar_type() == buffer.scalar_type(), what, ": tensor ", i, " has dtype ", t.scalar_type(),
+                ", the buffer ", buffer.scalar_type());
+    TORCH_CHECK(t.device().is_cpu(), what, ": tensor ", i, " is not on the CPU");
+    const int64_t n = t.numel();
+    TORCH_CHECK(offset + n <= buffer.numel(), what, ": tensors need more than the buffer's ", buffer.numel(),
+                " elements");
+    if (t.is_contiguous()) {
+      bytes.push_back(n * item);
+      tensor_ptrs.push_back(static_cast<char*>(t.data_ptr()));
+      buffer_offsets.push_back(offset * item);
+    } else {  // rare (grads are contiguous): let torch's strided copy handle it
+      at::Tensor slot = buffer.narrow(0, offset, n).view(t.sizes());
+      if (dir == Direction::kIntoBuffer)
+        slot.copy_(t);
+      else
+        const_cast<at::Tensor&>(t).copy_(slot);
+    }
+    offset += n;
+  }
+  const auto offsets = prefix_offsets(bytes);
+  constexpr int64_t kGrainBytes = 1 << 18;  // 256 KB: below that one thread is faster
+  at::parallel_for(0, offsets.back(), kGrainBytes, [&](int64_t begin, int64_t end) {
+    for_each_segment(offsets, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
+      char* flat = base + buffer_offsets[i] + lo;
+      char* tensor = tensor_ptrs[i] + lo;
+      if (dir == Direction::kIntoBuffer)
+        std::memcpy(flat, tensor, hi - lo);
+      else
+        std::memcpy(tensor, flat, hi - lo);
+    });
+  });
+}
+
+void register_bucketing(pybind11::module_& m) {
+  m.def("assign_buckets", &assign_buckets,
+        "Bucket params (reverse order of use) by size; buckets never mix dtypes (dtype given as ids)",
+        py::arg("numels"), py::arg("dtype_ids"), py::arg("bucket_size_numel"));
+  m.def("flatten_into",
+        [](const std::vector<at::Tensor>& tensors, const at::Tensor& buffer) {
+          flat_copy(tensors, buffer, Direction::kIntoBuffer);
+        },
+        "Copy tensors back to back into a flat buffer", py::arg("tensors"), py::arg("buffer"));
+  m.def("unflatten_from",
+        [](const at::Tensor& buffer, const std::vector<at::Tensor>& tensors) {
+          flat_copy(tensors, buffer, Direction::kOutOfBuffer);
+        },
+        "Copy a flat buffer back out into tensors", py::arg("buffer"), py::arg("tensors"));
+}
+
+}  // namespace
+
+MEGALITE_REGISTER(register_bucketing)
+
+}  // namespace megalite

@@ -1,0 +1,221 @@
+"""Fused AdamW (functional ops.fused_adamw_ and the FusedAdamW optimizer) against
+torch.optim.AdamW and the pure-PyTorch reference, on awkward sizes; the inf/nan contract."""
+
+import copy
+
+import pytest
+import torch
+
+import megalite.ops as ops
+from megalite.ops import dispatch, reference
+from megalite.optim.fused_adamw import FusedAdamW
+
+# Not multiples of any vector width, a single element, empty, and one big enough to be split
+# between threads (the C++ kernel's grain is 32K elements).
+SIZES = [(1,), (7,), (0,), (33, 17), (3, 5, 7), (1000,), (100_003,)]
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def impl(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setenv("MEGALITE_KERNELS", "reference")
+    else:
+        monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
+    return request.param
+
+
+def _model(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SIZES]
+
+
+def _set_grads(params, step, scale=1.0):
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * scale
+
+
+def _groups(params):
+    # Two groups with different lr and weight decay: one kernel call must honour both.
+    return [{"params": params[::2], "weight_decay": 0.1},
+            {"params": params[1::2], "weight_decay": 0.0, "lr": 3e-3}]
+
+
+def test_matches_torch_adamw_10_steps(impl):
+    ours, theirs = _model(0), _model(0)
+    opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
+    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
+    for step in range(10):
+        _set_grads(ours, step)
+        _set_grads(theirs, step)
+        opt.step()
+        ref.step()
+        assert not opt.found_inf
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-6, atol=1e-7)
+        assert opt.state[p]["step"].item() == ref.state[q]["step"].item() == 10
+
+
+def test_state_dict_round_trip_with_torch_adamw():
+    ours, theirs = _model(1), _model(1)
+    opt = FusedAdamW(_groups(ours), lr=1e-2)
+    for step in range(3):
+        _set_grads(ours, step)
+        opt.step()
+    # FusedAdamW -> torch.optim.AdamW: torch continues exactly where we stopped.
+    with torch.no_grad():
+        for p, q in zip(ours, theirs):
+            q.copy_(p)
+    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2)
+    # deepcopy stands for torch.save/torch.load: state_dict() returns references to live state.
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for step in range(3, 6):
+        _set_grads(ours, step)
+        _set_grads(theirs, step)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # torch.optim.AdamW -> FusedAdamW.
+    again = _model(2)
+    with torch.no_grad():
+        for p, q in zip(again, theirs):
+            p.copy_(q)
+    opt2 = FusedAdamW(_groups(again), lr=1.0)  # lr comes from the loaded groups
+    opt2.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert opt2.param_groups[1]["lr"] == 3e-3
+    _set_grads(again, 6)
+    _set_grads(theirs, 6)
+    opt2.step()
+    ref.step()
+    for p, q in zip(again, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert opt2.state[p]["step"].item() == 7
+
+
+def test_grad_scale_and_skip_on_inf(impl):
+    params = _model(3)
+    opt = FusedAdamW(params, lr=1e-2)
+    twin = copy.deepcopy(params)
+    opt_twin = FusedAdamW(twin, lr=1e-2)
+    _set_grads(params, 0, scale=1024.0)
+    _set_grads(twin, 0)
+    opt.step(grad_scale=1024.0)
+    opt_twin.step()
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # An overflowed grad: the step is skipped entirely, and reported.
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(opt.state_dict())
+    _set_grads(params, 1)
+    params[-1].grad[5] = float("inf")
+    opt.step()
+    assert opt.found_inf
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    after = opt.state_dict()
+    for k, s in state_before["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(after["state"][k][key], s[key])
+    _set_grads(params, 1)
+    opt.step()
+    assert not opt.found_inf and opt.state[params[0]]["step"].item() == 2
+
+
+def _functional_inputs(grad_dtype, copy_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = [torch.randn(s, generator=g) for s in SIZES]
+    grads = [(torch.randn(s, generator=g) * 3).to(grad_dtype) for s in SIZES]
+    m = [torch.randn(s, generator=g) * 0.1 for s in SIZES]
+    v = [torch.rand(s, generator=g) * 0.01 for s in SIZES]
+    copies = None if copy_dtype is None else [torch.zeros(s, dtype=copy_dtype) for s in SIZES]
+    return p, grads, m, v, copies
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("copy_dtype", [None, torch.bfloat16, torch.float16, torch.float32])
+def test_mixed_precision_matches_fp32_reference(impl, grad_dtype, copy_dtype):
+    """fp32 main params and moments, low-precision grads (scaled by the loss scale), model copy
+    written in the same pass: against the reference run on the grads upcast to fp32."""
+    p, grads, m, v, copies = _functional_inputs(grad_dtype, copy_dtype)
+    rp, rm, rv = (copy.deepcopy(t) for t in (p, m, v))
+    rgrads = [g.float() for g in grads]
+    for step in (1, 2, 3):
+        found = ops.fused_adamw_(p, grads, m, v, step=step, grad_scale=8.0, model_copies=copies, **HYPER)
+        rfound = reference.fused_adamw_(rp, rgrads, rm, rv, step=step, grad_scale=8.0, **HYPER)
+        assert found is False and rfound is False
+    for a, b in zip(p + m + v, rp + rm + rv):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    if copies is not None:
+        for c, a in zip(copies, p):
+            # The copy is the updated param rounded to nearest (even) in the copy's dtype.
+            assert c.dtype == copy_dtype and torch.equal(c, a.to(copy_dtype))
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_inf_nan_leaves_everything_untouched(impl, grad_dtype, bad):
+    for tensor_index, element in [(0, 0), (3, 100), (len(SIZES) - 1, -1), (len(SIZES) - 1, 50_000)]:
+        p, grads, m, v, copies = _functional_inputs(grad_dtype, torch.bfloat16, seed=tensor_index)
+        grads[tensor_index].view(-1)[element] = bad
+        before = [t.clone() for t in p + m + v + copies]
+        found = ops.fused_adamw_(p, grads, m, v, step=1, model_copies=copies, **HYPER)
+        assert found is True
+        for a, b in zip(p + m + v + copies, before):
+            assert torch.equal(a, b)
+
+
+def test_threads_do_not_change_results():
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            p, grads, m, v, copies = _functional_inputs(torch.float32, torch.bfloat16)
+            ops.fused_adamw_(p, grads, m, v, step=4, model_copies=copies, **HYPER)
+            results.append(p + m + v + copies)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_fallbacks_and_errors(impl):
+    p, grads, m, v, _ = _functional_inputs(torch.float32, None)
+    # A non-contiguous grad takes the reference path; the result is the same.
+    grads_nc = [torch.stack([g, g], dim=-1)[..., 0] if g.dim() else g for g in grads]
+    assert not grads_nc[3].is_contiguous()
+    rp, rm, rv = (copy.deepcopy(t) for t in (p, m, v))
+    ops.fused_adamw_(p, grads_nc, m, v, step=1, **HYPER)
+    reference.fused_adamw_(rp, grads, rm, rv, step=1, **HYPER)
+    for a, b in zip(p, rp):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="7 params but 6 grads"):
+        ops.fused_adamw_(p, grads[:-1], m, v, step=1, **HYPER)
+    with pytest.raises(ValueError, match="elements"):
+        ops.fused_adamw_(p[:1], [torch.zeros(2)], m[:1], v[:1], step=1, **HYPER)
+    with pytest.raises(ValueError, match="grad_scale"):
+        ops.fused_adamw_(p, grads, m, v, step=1, grad_scale=0.0, **HYPER)
+    assert ops.fused_adamw_([], [], [], [], step=1, **HYPER) is False
+
+
+def test_bf16_params_without_master_weights():
+    """bf16 params (no fp32 master) are legal for FusedAdamW, like for torch.optim.AdamW."""
+    ours = [torch.nn.Parameter(torch.randn(37).bfloat16())]
+    theirs = [torch.nn.Parameter(ours[0].detach().clone())]
+    opt, ref = FusedAdamW(ours, lr=1e-2), torch.optim.AdamW(theirs, lr=1e-2)
+    for step in range(3):
+        grad = torch.randn(37, generator=torch.Generator().manual_seed(step)).bfloat16()
+        ours[0].grad, theirs[0].grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-2, atol=1e-2)
+
+
+def test_compiled_kernel_used(monkeypatch):
+    monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
+    impl, _, reason = dispatch.choose("fused_adamw", "cpu")
+    assert impl == "cpp", reason

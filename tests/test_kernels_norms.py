@@ -1,0 +1,179 @@
+"""LayerNorm / RMSNorm kernels against the pure-PyTorch reference (and the reference against
+torch's own layer_norm / rms_norm), forward and backward, on awkward sizes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import megalite.ops as ops
+from megalite.ops import dispatch, reference
+
+SHAPES = [(0, 8), (1, 1), (1, 7), (3, 17), (2, 3, 31), (5, 100), (4, 1000), (9, 768), (2, 2053)]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+       torch.float16: dict(rtol=1e-2, atol=1e-2)}
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def impl(request, monkeypatch):
+    """Run a test through the default dispatch (C++ here) and through the forced reference."""
+    if request.param == "reference":
+        monkeypatch.setenv("MEGALITE_KERNELS", "reference")
+    else:
+        monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
+    return request.param
+
+
+def _inputs(shape, dtype, seed, affine=True, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = shape[-1]
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(h, generator=g) * 0.5 + 1).to(dtype).requires_grad_() if affine else None
+    b = (torch.randn(h, generator=g) * 0.1).to(dtype).requires_grad_() if affine and bias else None
+    dy = torch.randn(shape, generator=g).to(dtype)
+    return x, w, b, dy
+
+
+def _grads(out, dy, *ts):
+    grads = torch.autograd.grad(out, [t for t in ts if t is not None], dy, allow_unused=True)
+    it = iter(grads)
+    return [next(it) if t is not None else None for t in ts]
+
+
+def _ref_layer_norm(x, w, b, eps, dy):
+    """The oracle: reference forward + backward on detached inputs."""
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    w32 = None if w is None else w.detach().float()
+    b32 = None if b is None else b.detach().float()
+    y, mean, rstd = reference.layer_norm_fwd(x2, w32, b32, eps)
+    dx, dw, db = reference.layer_norm_bwd(dy.reshape(x2.shape), x2, mean, rstd, w32, b is not None)
+    return y.reshape(x.shape), dx.reshape(x.shape), dw, db
+
+
+def _ref_rms_norm(x, w, eps, dy):
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    w32 = None if w is None else w.detach().float()
+    y, rstd = reference.rms_norm_fwd(x2, w32, eps)
+    dx, dw = reference.rms_norm_bwd(dy.reshape(x2.shape), x2, rstd, w32)
+    return y.reshape(x.shape), dx.reshape(x.shape), dw
+
+
+def _close(actual, expected, dtype):
+    if expected is None:
+        assert actual is None
+        return
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm_fwd_bwd(impl, shape, dtype):
+    for affine, bias in [(True, True), (True, False), (False, False)]:
+        x, w, b, dy = _inputs(shape, dtype, seed=shape[-1], affine=affine, bias=bias)
+        y = ops.layer_norm(x, w, b, 1e-5)
+        assert y.dtype == dtype and y.shape == x.shape
+        dx, dw, db = _grads(y, dy, x, w, b)
+        ry, rdx, rdw, rdb = _ref_layer_norm(x, w, b, 1e-5, dy)
+        _close(y, ry, dtype)
+        _close(dx, rdx, dtype)
+        # dweight/dbias sum over rows: compare relative to their scale.
+        for got, want in ((dw, rdw), (db, rdb)):
+            if want is None:
+                assert got is None
+                continue
+            assert got.dtype == dtype
+            scale = max(1.0, want.abs().max().item())
+            torch.testing.assert_close(got.float() / scale, want.float() / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_fwd_bwd(impl, shape, dtype):
+    for affine in (True, False):
+        x, w, _, dy = _inputs(shape, dtype, seed=shape[-1] + 1, affine=affine, bias=False)
+        y = ops.rms_norm(x, w, 1e-6)
+        dx, dw = _grads(y, dy, x, w)
+        ry, rdx, rdw = _ref_rms_norm(x, w, 1e-6, dy)
+        _close(y, ry, dtype)
+        _close(dx, rdx, dtype)
+        if rdw is None:
+            assert dw is None
+        else:
+            scale = max(1.0, rdw.abs().max().item())
+            torch.testing.assert_close(dw.float() / scale, rdw.float() / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 17), (4, 5, 64), (7, 1000)])  # hidden 1 is degenerate
+def test_reference_matches_torch(shape):
+    """The oracle itself against torch's layer_norm / rms_norm autograd (fp32)."""
+    x, w, b, dy = _inputs(shape, torch.float32, seed=3)
+    y = F.layer_norm(x, (shape[-1],), w, b, 1e-5)
+    want = [y] + _grads(y, dy, x, w, b)
+    got = _ref_layer_norm(x, w, b, 1e-5, dy)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
+    y = F.rms_norm(x, (shape[-1],), w, 1e-6)
+    want = [y] + _grads(y, dy, x, w)
+    got = _ref_rms_norm(x, w, 1e-6, dy)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    """float64 runs the reference (no compiled kernel for it): its backward is the exact gradient."""
+    x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: ops.rms_norm(x, w, 1e-5), (x, w))
+
+
+def test_mixed_weight_dtype(impl):
+    """bf16 activations with fp32 weights (and the other way round) keep each tensor's dtype."""
+    x, w, b, dy = _inputs((4, 33), torch.bfloat16, seed=5)
+    w32 = w.detach().float().requires_grad_()
+    y = ops.layer_norm(x, w32, b, 1e-5)
+    assert y.dtype == torch.bfloat16
+    dx, dw, db = _grads(y, dy, x, w32, b)
+    assert (dx.dtype, dw.dtype, db.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+
+
+def test_modules(impl):
+    ln = ops.FusedLayerNorm(48, eps=1e-5, dtype=torch.bfloat16)
+    assert [n for n, _ in ln.named_parameters()] == ["weight", "bias"]
+    assert ln.weight.dtype == torch.bfloat16
+    ref = torch.nn.LayerNorm(48)
+    x = torch.randn(2, 5, 48)
+    ln32 = ops.FusedLayerNorm(48)
+    ln32.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(ln32(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert ops.FusedLayerNorm(16, bias=False).bias is None
+    rms = ops.FusedRMSNorm(48, eps=1e-6)
+    assert [n for n, _ in rms.named_parameters()] == ["weight"]
+    torch.testing.assert_close(rms(x), F.rms_norm(x, (48,), rms.weight, 1e-6), rtol=1e-5, atol=1e-5)
+    rms(x).sum().backward()
+    assert rms.weight.grad is not None and rms.weight.grad.shape == (48,)
+
+
+def test_non_contiguous_input(impl):
+    x = torch.randn(33, 6).t()  # [6, 33], not contiguous
+    w = torch.randn(33)
+    torch.testing.assert_close(ops.layer_norm(x, w, None, 1e-5), F.layer_norm(x, (33,), w, None, 1e-5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bad_weight_shape():
+    with pytest.raises(ValueError, match="last dim is 8"):
+        ops.layer_norm(torch.randn(2, 8), torch.ones(7), None, 1e-5)
+
+
+def test_compiled_kernels_used(monkeypatch):
+    """The install builds megalite._C: CPU norms must not silently fall back to the reference."""
+    monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
+    for op in ("layer_norm", "rms_norm"):
+        impl, _, reason = dispatch.choose(op, "cpu")
+        assert impl == "cpp", reason
+    monkeypatch.setenv("MEGALITE_KERNELS", "reference")
+    assert dispatch.choose("layer_norm", "cpu")[0] == "reference"
+    report = {r["op"]: r for r in ops.kernel_report()}
+    assert report["layer_norm"]["impl"] == "reference"
+    assert "MEGALITE_KERNELS" in report["layer_norm"]["reason"]
