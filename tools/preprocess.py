@@ -16,6 +16,7 @@ interrupted run never leaves a valid-looking truncated shard.
 """
 
 import argparse
+import ctypes
 import glob
 import gzip
 import hashlib
@@ -224,7 +225,20 @@ def normalize_whitespace(text):
     return _MANY_BLANKS.sub("\n\n", text).strip()
 
 
+def return_freed_memory():
+    """Give the ~1 MB blocks their own mmap, so freeing one returns it to the OS. glibc's default
+    raises that threshold after the first such free, after which the blocks come from the heap,
+    fragment it, and resident memory creeps up with the input size instead of staying flat."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (setting it also stops the adjusting)
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def init_worker(tokenizer_type, tokenizer_model, options):
+    return_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C for all
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # huggingface tokenizers: one thread each
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -296,6 +310,10 @@ def process(units):
     dropped = Counter()
     if _W["normalize"]:
         docs = [tuple(normalize_whitespace(t) for t in d) for d in docs]
+    if pieces is None:  # blank in every key: "empty", whatever --min-chars says
+        n = len(docs)
+        docs = [d for d in docs if any(not t.isspace() and t for t in d)]
+        dropped["empty"] += n - len(docs)
     chars = np.fromiter((sum(map(len, d)) for d in docs), np.int64, count=len(docs))
     if pieces is None and _W["min_chars"] > 0:
         keep = chars >= _W["min_chars"]
@@ -484,6 +502,7 @@ def main(argv):
     if args.blank_line_docs and args.input_format != "text":
         raise MegaliteError("--blank-line-docs applies to --input-format text; add --input-format text")
     files = expand_inputs(args.input)
+    return_freed_memory()
     tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model)  # fail fast, before forking
     dtype = best_dtype(tok.vocab_size)
     eod = tok.eod if args.append_eod else None

@@ -128,7 +128,8 @@ class IndexedDataset:
         self.dtype = np.dtype(DTYPE_CODES[code])
         n, d = struct.unpack("<QQ", header[18:34])
         expected = HEADER_SIZE + 12 * n + 8 * d
-        if idx_size != expected:
+        # Megatron's multimodal shards append one int8 mode per sequence; text ignores them.
+        if idx_size != expected and idx_size != expected + n:
             what = "truncated" if idx_size < expected else "longer than its header says"
             raise MegaliteError(
                 f"{idx_file} is {what}: {idx_size} bytes, but its header ({n} sequences, "
