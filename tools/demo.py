@@ -63,7 +63,7 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
     p.add_argument("--corpus-mb", type=float, default=8.0)
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--train-iters", type=int, default=400)
+    p.add_argument("--train-iters", type=int, default=300)
     args, trainer_flags = p.parse_known_args()
     os.makedirs(args.out, exist_ok=True)
     py = sys.executable
