@@ -54,9 +54,11 @@ def small_spm(tmp_path_factory):
 
 def test_loss_falls_and_metrics_are_logged(byte_corpus, tmp_path):
     m = tmp_path / "m.jsonl"
+    tb = tmp_path / "tb"
     p = train(byte_corpus, "--train-iters", "60", "--metrics-file", str(m),
-              "--eval-interval", "30")
+              "--eval-interval", "30", "--tensorboard-dir", str(tb))
     assert p.returncode == 0, p.stderr
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tb))
     recs = [json.loads(l) for l in open(m)]
     train_recs = [r for r in recs if "loss" in r]
     assert [r["iteration"] for r in train_recs] == list(range(1, 61))
@@ -115,6 +117,15 @@ def test_save_interval_keep_last_and_exit_interval(byte_corpus, tmp_path):
     meta = json.load(open(ck / "iter_0000006" / "metadata.json"))
     assert meta["iteration"] == 6 and meta["consumed_samples"] == 48
     assert meta["config"]["model"]["hidden_size"] == 64
+
+
+def test_exit_duration(byte_corpus, tmp_path):
+    ck = tmp_path / "ck"
+    p = train(byte_corpus, "--train-iters", "50", "--save", str(ck),
+              "--exit-duration-in-mins", "0.0001")
+    assert p.returncode == 0, p.stderr
+    assert "exiting at iteration 1: --exit-duration-in-mins" in p.stdout, p.stdout
+    assert (ck / "iter_0000001").is_dir()
 
 
 def test_early_stopping(byte_corpus):
