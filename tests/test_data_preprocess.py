@@ -106,7 +106,7 @@ def test_jsonl_keys_gz_and_cleaning(tmp_path, spm_model):
                    "--dedup", "--min-chars", "10", "--normalize-whitespace", "--output-prefix", out)
     assert "dropped 2 duplicate, 1 shorter than 10 chars, 1 empty" in p.stdout, p.stdout
     sys.path.insert(0, os.path.join(REPO, "tools"))
-    from preprocess import normalize_whitespace
+    from megalite.data.preprocessing import normalize_whitespace
 
     keep = [r for i, r in enumerate(rows) if i not in (10, 20, 30, 31)]
     tok = build_tokenizer("sentencepiece", spm_model)

@@ -16,14 +16,8 @@ interrupted run never leaves a valid-looking truncated shard.
 """
 
 import argparse
-import ctypes
-import glob
-import gzip
 import hashlib
-import itertools
-import json
 import os
-import re
 import signal
 import sys
 import time
@@ -34,10 +28,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from megalite.data.indexed import IndexedDatasetWriter, best_dtype  # noqa: E402
+from megalite.data.preprocessing import (  # noqa: E402
+    expand_inputs,
+    init_worker,
+    make_tasks,
+    process,
+    return_freed_memory,
+)
 from megalite.data.tokenizers import build_tokenizer  # noqa: E402
 from megalite.errors import MegaliteError, run_main  # noqa: E402
-
-BOM = b"\xef\xbb\xbf"
 
 
 def get_parser():
@@ -94,258 +93,6 @@ def get_parser():
                         "every 30 s); on a terminal a progress bar is shown instead")
     g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
-
-
-# ---- reading: blocks cut at document boundaries -------------------------------------------
-def expand_inputs(patterns):
-    files = []
-    for pat in patterns:
-        if os.path.isdir(pat):
-            matched = sorted(os.path.join(pat, f) for f in os.listdir(pat)
-                             if not f.startswith(".") and os.path.isfile(os.path.join(pat, f)))
-        else:
-            matched = sorted(f for f in glob.glob(pat, recursive=True) if os.path.isfile(f))
-        if not matched:
-            raise MegaliteError(f"--input {pat!r} matches no file; check the path (quote globs)")
-        files += matched
-    return list(dict.fromkeys(files))
-
-
-def _cut_line(buf):
-    """Cut after the last line end, or -1."""
-    pos = buf.rfind(b"\n")
-    return pos + 1 if pos >= 0 else -1
-
-
-def _cut_blank_line(buf):
-    """Cut after the last whitespace-only line, or -1 (walks back line by line)."""
-    j = len(buf)
-    while True:
-        i = buf.rfind(b"\n", 0, j)
-        k = buf.rfind(b"\n", 0, i) if i > 0 else -1
-        if k < 0:
-            return -1
-        if not buf[k + 1 : i].strip():
-            return i + 1
-        j = i
-
-
-class Unit:
-    """A block of input: whole documents, or (text files) a piece of one document."""
-
-    __slots__ = ("path", "line", "offset", "data", "first", "last")
-
-    def __init__(self, path, line, offset, data, first=True, last=True):
-        self.path, self.line, self.offset, self.data, self.first, self.last = path, line, offset, data, first, last
-
-
-def read_units(path, chunk_bytes, cut):
-    """Yield (Unit, raw bytes read so far) for one file, in blocks of about chunk_bytes that end
-    where `cut` allows (a block grows until one is found). The last Unit has last=True."""
-    raw = open(path, "rb")
-    f = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-    try:
-        parts, size, line, offset, first, start = [], 0, 1, 0, True, True
-        pending = None  # one block behind, to know which block is the last
-        while True:
-            try:
-                data = f.read(chunk_bytes)
-            except (OSError, EOFError) as e:
-                raise MegaliteError(f"{path}: cannot read ({e}); is the file complete?") from e
-            if start:
-                data, start = (data[len(BOM):] if data.startswith(BOM) else data), False
-            if not data:
-                break
-            # Search the new bytes plus a margin, for a boundary that straddles two reads.
-            window = (parts[-1][-256:] if parts else b"") + data
-            pos = cut(window)
-            parts.append(data)
-            size += len(data)
-            if pos < 0:
-                continue
-            cut_at = size - len(window) + pos
-            buf = b"".join(parts) if len(parts) > 1 else data
-            block, rest = buf[:cut_at], buf[cut_at:]
-            parts, size = ([rest], len(rest)) if rest else ([], 0)
-            if pending is not None:
-                yield pending
-            pending = (Unit(path, line, offset, block, first=first, last=False), raw.tell())
-            first = False
-            line += block.count(b"\n")
-            offset += len(block)
-        rest = b"".join(parts)
-        if rest or pending is None:  # an empty file still yields one (empty) unit
-            if pending is not None:
-                yield pending
-            pending = (Unit(path, line, offset, rest, first=first, last=False), raw.tell())
-        pending[0].last = True
-        yield pending
-    finally:
-        raw.close()
-
-
-def make_tasks(files, args):
-    """Yield (list of Units, input bytes read so far) in input order."""
-    chunk = max(1 << 12, int(args.chunk_size_mb * (1 << 20)))
-    done = 0  # bytes of finished files
-    batch, batch_bytes = [], 0
-    for path in files:
-        if args.input_format == "jsonl":
-            cut, pieces = _cut_line, False
-        elif args.blank_line_docs:
-            cut, pieces = _cut_blank_line, False
-        else:
-            cut, pieces = _cut_line, True
-        for unit, pos in read_units(path, chunk, cut):
-            if not pieces:
-                unit.first = unit.last = True  # whole documents only
-            batch.append(unit)
-            batch_bytes += len(unit.data)
-            # Small files (one document each) are batched into one task; big blocks go alone.
-            if batch_bytes >= chunk:
-                yield batch, done + pos
-                batch, batch_bytes = [], 0
-        done += os.path.getsize(path)
-    if batch:
-        yield batch, done
-
-
-# ---- workers: parse, clean, tokenize ------------------------------------------------------
-_W = {}
-_HSPACE = re.compile(r"[^\S\n]+")
-_EDGE_SPACE = re.compile(r" ?\n ?")
-_MANY_BLANKS = re.compile(r"\n{3,}")
-_BLANK_SEP = re.compile(r"\n(?:[^\S\n]*\n)+")
-
-
-def normalize_whitespace(text):
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _HSPACE.sub(" ", text)
-    text = _EDGE_SPACE.sub("\n", text)
-    return _MANY_BLANKS.sub("\n\n", text).strip()
-
-
-def return_freed_memory():
-    """Give the ~1 MB blocks their own mmap, so freeing one returns it to the OS. glibc's default
-    raises that threshold after the first such free, after which the blocks come from the heap,
-    fragment it, and resident memory creeps up with the input size instead of staying flat."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (setting it also stops the adjusting)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-def init_worker(tokenizer_type, tokenizer_model, options):
-    return_freed_memory()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C for all
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")  # huggingface tokenizers: one thread each
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _W.clear()
-    _W.update(options)
-    _W["tok"] = build_tokenizer(tokenizer_type, tokenizer_model)
-
-
-def _decode(unit):
-    try:
-        return unit.data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MegaliteError(
-            f"{unit.path}: not valid UTF-8 at byte {unit.offset + e.start}; convert the file "
-            f"(e.g. iconv -t UTF-8) first"
-        ) from None
-
-
-def _parse(units):
-    """-> list of documents (tuples of texts, one per key), list of (first, last) or None."""
-    keys, mode = _W["keys"], _W["mode"]
-    docs = []
-    if mode == "jsonl":
-        for unit in units:
-            for n, line in enumerate(unit.data.split(b"\n")):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise MegaliteError(f"{unit.path}:{unit.line + n}: not valid JSON ({e}); fix or remove the line") from None
-                try:
-                    texts = tuple(obj[k] for k in keys)
-                except (KeyError, TypeError):
-                    have = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-                    raise MegaliteError(
-                        f"{unit.path}:{unit.line + n}: no field {', '.join(k for k in keys if not isinstance(obj, dict) or k not in obj)!r} "
-                        f"(it has: {have}); choose fields with --json-keys"
-                    ) from None
-                if not all(isinstance(t, str) for t in texts):
-                    raise MegaliteError(f"{unit.path}:{unit.line + n}: field {keys} is not a string; fix the line")
-                docs.append(texts)
-        return docs, None
-    if mode == "blank":
-        for unit in units:
-            for d in _BLANK_SEP.split(_decode(unit)):
-                d = d.strip("\r\n")
-                if d.strip():
-                    docs.append((d,))
-        return docs, None
-    return [(_decode(u),) for u in units], [(u.first, u.last) for u in units]
-
-
-def _flatten(ids, dtype):
-    """list of id sequences -> (tokens dtype[sum], lengths int64[len])."""
-    lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
-    if not ids:
-        return np.zeros(0, dtype), lengths
-    if isinstance(ids[0], np.ndarray):
-        return np.concatenate(ids).astype(dtype, copy=False), lengths
-    return np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths.sum())), lengths
-
-
-def process(units):
-    """One task: parse, clean, tokenize. Complete documents are filtered here; pieces of long
-    documents are returned unfiltered and decided on by the main process."""
-    tok, keys, dtype = _W["tok"], _W["keys"], _W["dtype"]
-    docs, pieces = _parse(units)
-    dropped = Counter()
-    if _W["normalize"]:
-        docs = [tuple(normalize_whitespace(t) for t in d) for d in docs]
-    if pieces is None:  # blank in every key: "empty", whatever --min-chars says
-        n = len(docs)
-        docs = [d for d in docs if any(not t.isspace() and t for t in d)]
-        dropped["empty"] += n - len(docs)
-    chars = np.fromiter((sum(map(len, d)) for d in docs), np.int64, count=len(docs))
-    if pieces is None and _W["min_chars"] > 0:
-        keep = chars >= _W["min_chars"]
-        dropped["min_chars"] += int((~keep).sum())
-        docs = [d for d, k in zip(docs, keep) if k]
-        chars = chars[keep]
-    tokens, lengths = [], []
-    for k in range(len(keys)):
-        t, n = _flatten(tok.tokenize_batch([d[k] for d in docs]), dtype)
-        tokens.append(t)
-        lengths.append(n)
-    if pieces is None and docs:  # drop documents without a single token, in every key
-        keep = np.sum(lengths, axis=0) > 0
-        if not keep.all():
-            dropped["empty"] += int((~keep).sum())
-            for k in range(len(keys)):
-                tokens[k] = tokens[k][np.repeat(keep, lengths[k])]
-                lengths[k] = lengths[k][keep]
-            docs = [d for d, kk in zip(docs, keep) if kk]
-            chars = chars[keep]
-    hashes = None
-    if _W["dedup"]:
-        hashes = [hashlib.blake2b("\x1f".join(d).encode("utf-8", "surrogatepass"), digest_size=16).digest()
-                  for d in docs]
-    if pieces is None and _W["eod"] is not None:  # pieces get their EOD from the main process
-        for k in range(len(keys)):
-            tokens[k] = np.insert(tokens[k], np.cumsum(lengths[k]), np.array(_W["eod"], dtype))
-            lengths[k] = lengths[k] + 1
-    return {
-        "tokens": tokens, "lengths": lengths, "hashes": hashes, "chars": chars,
-        "pieces": pieces, "dropped": dropped, "bytes": sum(len(u.data) for u in units),
-    }
 
 
 # ---- main process: ordered, bounded, streaming writes ---------------------------------------
@@ -526,7 +273,7 @@ def main(argv):
     progress = Progress(sum(os.path.getsize(f) for f in files), args.log_interval)
     t0 = time.perf_counter()
     total_tokens = 0
-    results = ordered_results(pool, make_tasks(files, args), 2 * args.workers + 2)
+    results = ordered_results(pool, make_tasks(files, args.input_format, args.blank_line_docs, args.chunk_size_mb * 2**20), 2 * args.workers + 2)
     try:
         for r, bytes_done in results:
             docs, tokens = collector.add(r)
@@ -534,9 +281,15 @@ def main(argv):
             progress.update(bytes_done, docs, tokens)
         for w in writers:
             w.finalize()
-    except BaseException:
+    except BaseException as e:
         for w in writers:
             w.abort()
+        if isinstance(e, KeyboardInterrupt):
+            raise MegaliteError("interrupted; the partial outputs were removed, nothing was written") from None
+        if isinstance(e, OSError) and not isinstance(e, MegaliteError):
+            raise MegaliteError(
+                f"writing {', '.join(prefixes)} failed ({e.strerror or e}); check the disk space and "
+                f"permissions of the output directory; nothing was written") from e
         raise
     finally:
         results.close()

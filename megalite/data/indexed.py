@@ -228,16 +228,20 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
             raise MegaliteError(f"cannot write tokens as {self.dtype}; use uint16 or int32")
-        parent = os.path.dirname(os.path.abspath(self.path_prefix))
-        os.makedirs(parent, exist_ok=True)
         tag = f".tmp-{os.getpid()}"
         self._bin_tmp = data_path(self.path_prefix) + tag
         self._idx_tmp = index_path(self.path_prefix) + tag
         self._len_tmp = index_path(self.path_prefix) + ".lengths" + tag
         self._doc_tmp = index_path(self.path_prefix) + ".documents" + tag
-        self._bin = open(self._bin_tmp, "wb")
-        self._lens_f = open(self._len_tmp, "wb")
-        self._docs_f = open(self._doc_tmp, "wb")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path_prefix)), exist_ok=True)
+            self._bin = open(self._bin_tmp, "wb")
+            self._lens_f = open(self._len_tmp, "wb")
+            self._docs_f = open(self._doc_tmp, "wb")
+        except OSError as e:
+            raise MegaliteError(
+                f"cannot write {e.filename or self._bin_tmp} ({e.strerror or e}); choose a writable output prefix"
+            ) from e
         self._lens, self._docs = [], []  # buffered int32 / int64 arrays
         self._buffered = 0
         self.num_sequences = 0
