@@ -245,14 +245,7 @@ class Config:
             raise MegaliteError(
                 f"world size {world_size} is not divisible by tensor-parallel {tp} x "
                 f"pipeline-parallel {pp}; launch a multiple of {tp * pp} processes")
-        if m.num_attention_heads % tp:
-            raise MegaliteError(
-                f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-                f"--tensor-model-parallel-size {tp}")
-        if groups % tp:
-            raise MegaliteError(
-                f"--num-query-groups {groups} is not divisible by "
-                f"--tensor-model-parallel-size {tp}")
+        self._validate_tensor_parallel(groups)
         if m.num_layers % pp:
             raise MegaliteError(
                 f"--num-layers {m.num_layers} is not divisible by "
@@ -265,6 +258,39 @@ class Config:
                 f"--global-batch-size {t.global_batch_size} is not divisible by "
                 f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}; "
                 f"use a multiple of {t.micro_batch_size * dp}")
+
+    def _validate_tensor_parallel(self, groups: int) -> None:
+        """What tensor parallelism (and sequence parallelism, recomputation) needs to divide."""
+        m, p = self.model, self.parallel
+        tp = p.tensor_model_parallel_size
+        if m.num_attention_heads % tp:
+            raise MegaliteError(
+                f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                f"--tensor-model-parallel-size {tp}: each TP rank computes whole heads")
+        if groups % tp and tp % groups:
+            raise MegaliteError(
+                f"--num-query-groups {groups} and --tensor-model-parallel-size {tp}: one "
+                f"must divide the other (key/value heads are split over TP ranks when the "
+                f"groups are a multiple of TP, replicated when TP is a multiple of the groups)")
+        from megalite.model.gpt import ffn_hidden_size   # gpt imports this module
+        ffn = ffn_hidden_size(m)
+        if ffn % tp:
+            raise MegaliteError(
+                f"the MLP hidden size {ffn} (--ffn-hidden-size) is not divisible by "
+                f"--tensor-model-parallel-size {tp}")
+        if p.sequence_parallel and tp > 1 and m.seq_length % tp:
+            raise MegaliteError(
+                f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size "
+                f"{tp}: --sequence-parallel splits the sequence over TP ranks")
+        if p.recompute_num_layers is not None:
+            if p.recompute_granularity != "full":
+                raise MegaliteError("--recompute-num-layers needs --recompute-granularity full "
+                                    "(selective recomputation applies to every layer)")
+            # a stage (or model chunk) with fewer layers recomputes all of them
+            if not 1 <= p.recompute_num_layers <= m.num_layers:
+                raise MegaliteError(
+                    f"--recompute-num-layers {p.recompute_num_layers} must be between 1 and "
+                    f"--num-layers {m.num_layers}")
 
 
 def _positive(name, value):

@@ -8,6 +8,12 @@ layout, which is what makes initialisation and checkpoints layout-independent.
 
 Activations are [seq, batch, hidden] ([seq/tp, batch, hidden] between TP regions with
 sequence parallelism).
+
+Activation recomputation trades compute for memory: `full` keeps only each layer's input and
+reruns the layer in backward (for the first `recompute_num_layers` layers of the stage);
+`selective` reruns only attention's core (softmax(QK^T)V, whose [b, n, s, s] activations are
+the big ones). Both replay dropout exactly (`megalite.parallel.random.checkpoint`), so results
+are bitwise those without recomputation.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from megalite.config import ModelConfig
 from megalite.parallel import state
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                      VocabParallelEmbedding, column_parallel_linear, mark)
-from megalite.parallel.random import tracker
+                                      VocabParallelEmbedding, column_parallel_linear,
+                                      group_replicas, mark)
+from megalite.parallel.random import checkpoint, tracker
 from megalite.parallel.tensor import gather_from_tp, scatter_to_sp
 
 
@@ -90,23 +97,31 @@ class Attention(nn.Module):
     """Causal self-attention; heads (and key/value groups) split over TP ranks.
 
     The fused QKV weight is laid out group by group: for each key/value group, its query
-    heads, then its key head, then its value head. A contiguous slice of rows is then a
-    whole number of groups, so column-parallel splitting needs no reordering.
+    heads, then its key head, then its value head. With TP <= groups a contiguous slice of
+    rows is a whole number of groups, so column-parallel splitting needs no reordering. With
+    TP > groups (TP a multiple of groups) the TP/groups ranks of one group each take a slice
+    of its query heads and a replica of its key and value heads (`tp_group_layout`).
     """
 
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, output_std: float, dtype=None):
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, output_std: float, dtype=None,
+                 recompute_core: bool = False):
         super().__init__()
         tp = state.get().tp
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = d = cfg.hidden_size // cfg.num_attention_heads
         groups = cfg.num_query_groups or cfg.num_attention_heads
-        self.q_per_group = cfg.num_attention_heads // groups
-        self.local_groups = groups // tp
+        q_per_group = cfg.num_attention_heads // groups
+        layout = (groups, q_per_group * d, 2 * d)        # per group: q heads | k, v (rows)
+        replicas = group_replicas(layout, tp)
+        self.local_groups = max(groups // tp, 1)
+        self.q_per_group = q_per_group // replicas       # query heads per local group
         self.attention_dropout = cfg.attention_dropout
+        self.recompute_core = recompute_core
         bias = not cfg.disable_bias_linear
-        qkv_out = groups * (self.q_per_group + 2) * self.head_dim
+        qkv_out = groups * (q_per_group + 2) * d
         self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, bias=bias,
                                                sequence_parallel=sequence_parallel,
-                                               init_std=cfg.init_method_std, dtype=dtype)
+                                               init_std=cfg.init_method_std,
+                                               group_layout=layout, dtype=dtype)
         self.linear_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim,
                                              cfg.hidden_size, bias=bias,
                                              sequence_parallel=sequence_parallel,
@@ -123,12 +138,19 @@ class Attention(nn.Module):
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-        p = self.attention_dropout if self.training else 0.0
-        with tracker.fork() if p > 0 else contextlib.nullcontext():
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                               enable_gqa=self.q_per_group > 1)
+        if self.recompute_core and torch.is_grad_enabled():
+            o = checkpoint(self.core_attention, q, k, v)
+        else:
+            o = self.core_attention(q, k, v)              # [b, n, s, d]
         o = o.permute(2, 0, 1, 3).reshape(s, b, -1)       # [s, b, n*d]
         return self.linear_proj(o)                        # [s, b, h]
+
+    def core_attention(self, q, k, v):
+        # Heads differ per TP rank, so dropout on the probabilities uses the TP-rank stream.
+        p = self.attention_dropout if self.training else 0.0
+        with tracker.fork() if p > 0 else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                  enable_gqa=self.q_per_group > 1)
 
 
 class MLP(nn.Module):
@@ -158,12 +180,13 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, dtype=None):
+    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, dtype=None,
+                 recompute_core: bool = False):
         super().__init__()
         # GPT-2 / Megatron scaled init: residual-branch outputs get std / sqrt(2 L).
         output_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
         self.input_norm = make_norm(cfg, sequence_parallel, dtype)
-        self.attention = Attention(cfg, sequence_parallel, output_std, dtype)
+        self.attention = Attention(cfg, sequence_parallel, output_std, dtype, recompute_core)
         self.pre_mlp_norm = make_norm(cfg, sequence_parallel, dtype)
         self.mlp = MLP(cfg, sequence_parallel, output_std, dtype)
         self.hidden_dropout = cfg.hidden_dropout
@@ -180,12 +203,22 @@ class TransformerLayer(nn.Module):
 class GPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, sequence_parallel: bool = False,
                  pre_process: bool = True, post_process: bool = True,
-                 layer_numbers: Optional[list[int]] = None, dtype=None):
-        """vocab_size: the padded vocabulary. layer_numbers: global numbers of this stage's
-        layers (default: all)."""
+                 layer_numbers: Optional[list[int]] = None, dtype=None,
+                 unpadded_vocab_size: Optional[int] = None,
+                 recompute_granularity: Optional[str] = None,
+                 recompute_num_layers: Optional[int] = None):
+        """vocab_size: the padded vocabulary; unpadded_vocab_size: the real one (the loss
+        ignores the padding ids, so it is the same for every TP size; default: all real).
+        layer_numbers: global numbers of this stage's layers (default: all).
+        recompute_granularity: None, "full" (the first recompute_num_layers layers of this
+        stage, default all) or "selective" (attention's core in every layer)."""
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.unpadded_vocab_size = unpadded_vocab_size or vocab_size
+        if recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"recompute_granularity {recompute_granularity!r}: "
+                             f"use None, 'full' or 'selective'")
         self.pre_process, self.post_process = pre_process, post_process
         self.sequence_parallel = sequence_parallel and state.get().tp > 1
         sp = self.sequence_parallel
@@ -203,8 +236,14 @@ class GPTModel(nn.Module):
         self.rotary = (RotaryEmbedding(cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_base)
                        if cfg.position_embedding_type == "rope" else None)
 
-        numbers = range(cfg.num_layers) if layer_numbers is None else layer_numbers
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, sp, dtype) for i in numbers})
+        numbers = list(range(cfg.num_layers) if layer_numbers is None else layer_numbers)
+        selective = recompute_granularity == "selective"
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, sp, dtype, selective)
+                                     for i in numbers})
+        # full recompute: the first N layers of this stage (Megatron's "block" method)
+        self.recompute_layers = 0
+        if recompute_granularity == "full":
+            self.recompute_layers = min(recompute_num_layers or len(numbers), len(numbers))
 
         if post_process:
             self.final_norm = make_norm(cfg, sp, dtype)
@@ -242,16 +281,21 @@ class GPTModel(nn.Module):
         if self.rotary is not None:
             seq = x.shape[0] * (state.get().tp if self.sequence_parallel else 1)
             rotary = self.rotary(seq, x.device)
-        for layer in self.layers.values():
-            x = layer(x, rotary)
+        for i, layer in enumerate(self.layers.values()):
+            if i < self.recompute_layers and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rotary)          # keeps only x; reruns in backward
+            else:
+                x = layer(x, rotary)                      # [s, b, h] ([s/tp, b, h] with SP)
         if not self.post_process:
             return x
         x = self.final_norm(x)
         # [s, b, v/tp]; a tied head on the embedding's stage reuses the embedding weight
         output = column_parallel_linear(x, self.output_weight(), None, self.sequence_parallel)
         if labels is None:
-                return output
-        return vocab_parallel_cross_entropy(output, labels.t()).t()  # [b, s]
+            return output
+        loss = vocab_parallel_cross_entropy(output, labels.t(),
+                                            vocab_size=self.unpadded_vocab_size)  # [s, b]
+        return loss.t()                                                          # [b, s]
 
     @torch.no_grad()
     def full_logits(self, tokens):

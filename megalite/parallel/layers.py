@@ -4,15 +4,22 @@ ColumnParallelLinear splits the weight's output dim, RowParallelLinear its input
 added after the reduction), VocabParallelEmbedding owns a contiguous slice of the vocabulary.
 With one TP rank they are plain nn.Linear / nn.Embedding maths with no communication.
 
-Every parameter carries two attributes that the rest of megalite reads:
-  tp_partition_dim   the dim split over TP ranks, or None when every TP rank holds it whole
+Every parameter carries attributes that the rest of megalite reads:
+  tp_partition_dim     the dim split over TP ranks, or None when every TP rank holds it whole
   tp_partition_stride  k > 1 when the full tensor is k blocks along that dim (SwiGLU's
-                     [gate; up]) and each rank holds its slice of every block, concatenated
-  sequence_parallel  True when each TP rank sees only part of the sequence, so its grad is a
-                     partial sum to be all-reduced over TP before the optimizer step
+                       [gate; up]) and each rank holds its slice of every block, concatenated
+  tp_group_layout      (groups, split_rows, shared_rows) or None: the full tensor is `groups`
+                       blocks of split_rows + shared_rows along the partition dim (the fused
+                       QKV of grouped-query attention: per group, its query heads, then its
+                       key and value heads). With TP <= groups each rank holds whole groups;
+                       with TP > groups, TP/groups consecutive ranks share one group: each
+                       holds a slice of its split rows and all of its shared rows (key/value
+                       heads replicated), whose grads are summed over those ranks
+  sequence_parallel    True when each TP rank sees only part of the sequence, so its grad is a
+                       partial sum to be all-reduced over TP before the optimizer step
 and an `init` rule. `init_parameters` gives a parameter its full value from the seed and the
 parameter's name alone, then keeps this rank's slice: the same seed gives the same full
-model whatever the layout.
+model whatever the layout. `shard_of` and `unshard` go from full to slice and back.
 """
 
 import hashlib
@@ -21,15 +28,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megalite.errors import MegaliteError
 from megalite.parallel import state
-from megalite.parallel.tensor import (copy_to_tp, gather_from_sp, gather_from_tp,
-                                      reduce_from_tp, reduce_scatter_to_sp)
+from megalite.parallel.tensor import (copy_to_tp, copy_to_tp_replicas, gather_from_sp,
+                                      gather_from_tp, reduce_from_tp, reduce_scatter_to_sp)
 
 
 def mark(param: nn.Parameter, partition_dim=None, init=("normal", 0.02), sequence_parallel=False,
-         stride=1):
+         stride=1, group_layout=None):
     param.tp_partition_dim = partition_dim
     param.tp_partition_stride = stride
+    param.tp_group_layout = group_layout
     param.init = init
     param.sequence_parallel = sequence_parallel
     return param
@@ -37,8 +46,28 @@ def mark(param: nn.Parameter, partition_dim=None, init=("normal", 0.02), sequenc
 
 def _divide(n, tp, what):
     if n % tp:
-        raise ValueError(f"{what} {n} is not divisible by tensor-parallel size {tp}")
+        raise MegaliteError(f"{what} {n} is not divisible by tensor-parallel size {tp}")
     return n // tp
+
+
+def group_replicas(layout, tp: int) -> int:
+    """How many TP ranks share each group of a grouped layout (1: groups are split)."""
+    if layout is None or tp <= layout[0]:
+        return 1
+    return tp // layout[0]
+
+
+def _local_rows(full_rows: int, tp: int, layout, what: str) -> int:
+    if layout is None:
+        return _divide(full_rows, tp, what)
+    groups, split, shared = layout
+    if tp <= groups:
+        _divide(groups, tp, f"{what}: number of groups")
+        return full_rows // tp
+    if tp % groups:
+        raise MegaliteError(f"{what}: tensor-parallel size {tp} is neither a divisor nor a "
+                            f"multiple of the {groups} groups")
+    return _divide(split, tp // groups, f"{what}: rows split within a group") + shared
 
 
 class ColumnParallelLinear(nn.Module):
@@ -46,31 +75,48 @@ class ColumnParallelLinear(nn.Module):
 
     input  [s, b, in] (or [s/tp, b, in] with sequence parallelism, gathered here)
     output [s, b, out/tp], or [s, b, out] with gather_output
+    group_layout: see the module docstring (fused QKV with grouped-query attention)
     """
 
     def __init__(self, in_features, out_features, bias=True, gather_output=False,
-                 sequence_parallel=False, init_std=0.02, stride=1, dtype=None):
+                 sequence_parallel=False, init_std=0.02, stride=1, group_layout=None,
+                 dtype=None):
         super().__init__()
         tp = state.get().tp
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel and tp > 1
-        self.weight = mark(nn.Parameter(torch.empty(
-            _divide(out_features, tp, "output features"), in_features, dtype=dtype)),
-            partition_dim=0, init=("normal", init_std), stride=stride)
+        if group_layout is not None:
+            g, split, shared = group_layout
+            assert g * (split + shared) == out_features, (group_layout, out_features)
+        self.replicas = group_replicas(group_layout, tp)
+        rows = _local_rows(out_features, tp, group_layout, "output features")
+        # rows [0, split_local) are this rank's own; [split_local, rows) are shared by replicas
+        self.split_local = rows - group_layout[2] if self.replicas > 1 else rows
+        self.weight = mark(nn.Parameter(torch.empty(rows, in_features, dtype=dtype)),
+                           partition_dim=0, init=("normal", init_std), stride=stride,
+                           group_layout=group_layout)
         self.bias = None
         if bias:
-            self.bias = mark(nn.Parameter(torch.empty(self.weight.shape[0], dtype=dtype)),
-                             partition_dim=0, init=("zeros",), stride=stride)
+            self.bias = mark(nn.Parameter(torch.empty(rows, dtype=dtype)), partition_dim=0,
+                             init=("zeros",), stride=stride, group_layout=group_layout)
+
+    def _replicated(self, t):
+        # Shared rows get grads from this rank's query heads only: sum them over the replicas.
+        if t is None or self.replicas == 1:
+            return t
+        a = self.split_local
+        return torch.cat([t[:a], copy_to_tp_replicas(t[a:], self.replicas)], dim=0)
 
     def forward(self, x):
-        y = column_parallel_linear(x, self.weight, self.bias, self.sequence_parallel)
+        w, b = self._replicated(self.weight), self._replicated(self.bias)
+        y = column_parallel_linear(x, w, b, self.sequence_parallel)
         return gather_from_tp(y) if self.gather_output else y
 
 
 def column_parallel_linear(x, weight, bias=None, sequence_parallel=False):
     """The maths of ColumnParallelLinear for a weight owned elsewhere (a tied LM head)."""
-    x = gather_from_sp(x) if sequence_parallel else copy_to_tp(x)
-    return F.linear(x, weight, bias)
+    x = gather_from_sp(x) if sequence_parallel else copy_to_tp(x)   # [s, b, in]
+    return F.linear(x, weight, bias)                                # [s, b, out/tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -110,7 +156,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         st = state.get()
         self.sequence_parallel = sequence_parallel and st.tp > 1
-        per_rank = _divide(vocab_size, st.tp, "padded vocabulary")
+        per_rank = _divide(vocab_size, st.tp, "vocabulary size (padded)")
         self.vocab_start = st.tp_rank * per_rank
         self.vocab_end = self.vocab_start + per_rank
         self.weight = mark(nn.Parameter(torch.empty(per_rank, hidden_size, dtype=dtype)),
@@ -134,9 +180,13 @@ def _seed_for(seed: int, name: str) -> int:
 
 
 def full_shape(param) -> list:
+    """The shape of a parameter's full (unsharded) value under the current TP size."""
     shape = list(param.shape)
     dim = getattr(param, "tp_partition_dim", None)
-    if dim is not None:
+    layout = getattr(param, "tp_group_layout", None)
+    if dim is not None and layout is not None:
+        shape[dim] = layout[0] * (layout[1] + layout[2])
+    elif dim is not None:
         shape[dim] *= state.get().tp
     return shape
 
@@ -146,7 +196,9 @@ def init_parameters(module: nn.Module, seed: int) -> None:
     """Give every parameter its full value from (seed, name), then keep this rank's slice.
 
     A parameter may set `init_name` to be initialised as another (the pipeline's last-stage
-    copy of a tied embedding starts equal to the first stage's embedding).
+    copy of a tied embedding starts equal to the first stage's embedding). The full value is
+    drawn on the CPU in fp32 whatever the layout, so every TP size slices the same numbers
+    (a vocabulary padded further for a larger TP only appends rows: the real rows are equal).
     """
     st = state.get()
     for name, p in module.named_parameters():
@@ -162,18 +214,53 @@ def init_parameters(module: nn.Module, seed: int) -> None:
         p.copy_(shard_of(full, p, st.tp, st.tp_rank))
 
 
+def partition_info(param) -> tuple:
+    """(dim, stride, group_layout): everything `unshard` needs besides the shards."""
+    return (getattr(param, "tp_partition_dim", None), getattr(param, "tp_partition_stride", 1),
+            getattr(param, "tp_group_layout", None))
+
+
 def shard_of(full: torch.Tensor, param, tp: int, tp_rank: int) -> torch.Tensor:
     """This TP rank's slice of a parameter's full value (inverse of `unshard`)."""
-    dim = getattr(param, "tp_partition_dim", None)
+    dim, stride, layout = partition_info(param)
     if dim is None or tp == 1:
         return full
-    blocks = full.chunk(getattr(param, "tp_partition_stride", 1), dim=dim)
+    if group_replicas(layout, tp) > 1:
+        groups, split, shared = layout
+        r = tp // groups
+        block = full.chunk(groups, dim=dim)[tp_rank // r]          # [split + shared, ...]
+        own = block.narrow(dim, 0, split).chunk(r, dim=dim)[tp_rank % r]
+        return torch.cat([own, block.narrow(dim, split, shared)], dim=dim)
+    blocks = full.chunk(stride, dim=dim)
     return torch.cat([b.chunk(tp, dim=dim)[tp_rank] for b in blocks], dim=dim)
 
 
-def unshard(shards: list, dim, stride: int = 1) -> torch.Tensor:
+def unshard(shards: list, dim, stride: int = 1, group_layout=None) -> torch.Tensor:
     """The full value from every TP rank's slice, in TP-rank order."""
     if dim is None or len(shards) == 1:
         return shards[0]
+    if group_replicas(group_layout, len(shards)) > 1:
+        groups, split, shared = group_layout
+        r = len(shards) // groups
+        own = split // r
+        parts = []
+        for g in range(groups):
+            replicas = shards[g * r:(g + 1) * r]
+            parts += [s.narrow(dim, 0, own) for s in replicas]
+            parts.append(replicas[0].narrow(dim, own, shared))    # equal on every replica
+        return torch.cat(parts, dim=dim)
     per_rank = [s.chunk(stride, dim=dim) for s in shards]
     return torch.cat([torch.cat([r[k] for r in per_rank], dim=dim) for k in range(stride)], dim=dim)
+
+
+def unique_part(param, t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` (the param or its grad) that no lower TP rank also holds: for the
+    global grad norm, where each value must count once. Whole-replicated params are left to
+    the caller (they count on TP rank 0 only); this trims replicated key/value rows."""
+    st = state.get()
+    layout = getattr(param, "tp_group_layout", None)
+    r = group_replicas(layout, st.tp)
+    if r == 1 or st.tp_rank % r == 0:
+        return t
+    own = layout[1] // r
+    return t.narrow(param.tp_partition_dim, 0, own)

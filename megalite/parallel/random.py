@@ -4,6 +4,11 @@ Outside tensor-parallel regions every TP rank holds the same activations, so dro
 draw the same mask on every TP rank: it uses the default generator, seeded identically across
 the TP group. Inside a region each rank holds different heads / features / sequence slices, so
 its masks must differ: `tracker.fork()` swaps in a stream seeded per TP rank.
+
+`checkpoint` is activation recomputation that replays both: torch.utils.checkpoint restores the
+default generator (CPU, and CUDA for the inputs' devices) before rerunning the function, and
+we rewind the tracker's streams to where they were when the function first ran, so the rerun
+draws the very same dropout masks. Afterwards the streams are put back where they had got to.
 """
 
 import contextlib
@@ -11,6 +16,7 @@ import random
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from megalite.parallel import state
 
@@ -54,6 +60,38 @@ class RNGTracker:
 
 
 tracker = RNGTracker()
+
+
+class _TrackerReplay:
+    """The two contexts torch.utils.checkpoint's `context_fn` asks for: one around the first
+    run (remember the tracker's streams), one around the rerun (replay from there)."""
+
+    def __init__(self):
+        self.saved = None
+
+    @contextlib.contextmanager
+    def first_run(self):
+        # fork() replaces entries rather than mutating the state tensors: a shallow copy is
+        # a snapshot.
+        self.saved = dict(tracker.states)
+        yield
+
+    @contextlib.contextmanager
+    def rerun(self):
+        current = tracker.states
+        tracker.states = dict(self.saved)
+        try:
+            yield
+        finally:
+            tracker.states = current
+
+
+def checkpoint(function, *args):
+    """function(*args), keeping only the inputs; reruns it in backward with the same RNG."""
+    replay = _TrackerReplay()
+    return torch.utils.checkpoint.checkpoint(
+        function, *args, use_reentrant=False, preserve_rng_state=True,
+        context_fn=lambda: (replay.first_run(), replay.rerun()))
 
 
 def seed_everything(seed: int, device: torch.device) -> None:

@@ -3,10 +3,11 @@
     world = TP x DP x PP,   rank = tp_rank + TP * (dp_rank + DP * pp_rank)
 
 TP varies fastest so that a tensor-parallel group sits on one node (NVLink); a pipeline stage
-spans whole data-parallel groups. One `ParallelState` owns the groups; the module-level
-getters read the current one. Before `initialize()` (a plain single-process run) every size is
-1 and every group is None, and the parallel layers reduce to ordinary ones with no
-communication at all.
+spans whole data-parallel groups. `group_ranks` is the one place the grid is turned into rank
+lists; `initialize` builds a torch.distributed group from each list. One `ParallelState` owns
+the groups; the module-level getters read the current one. Before `initialize()` (a plain
+single-process run) every size is 1 and every group is None, and the parallel layers reduce to
+ordinary ones with no communication at all.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ class ParallelState:
     dp_group: Optional[dist.ProcessGroup] = None
     mp_group: Optional[dist.ProcessGroup] = None         # TP x PP: one full model replica
     embedding_group: Optional[dist.ProcessGroup] = None  # first + last pipeline stage
-    pp_ranks: tuple = (0,)                               # global ranks of my pipeline, by stage
-    embedding_ranks: tuple = (0,)
+    # The global ranks of each of my groups (tests and logs read them; so does pipeline p2p).
+    tp_ranks: tuple = (0,)
+    dp_ranks: tuple = (0,)
+    pp_ranks: tuple = (0,)                               # my pipeline, by stage
+    mp_ranks: tuple = (0,)
+    embedding_ranks: tuple = (0,)                        # () on a middle pipeline stage
 
     @property
     def world_size(self) -> int:
@@ -84,16 +89,43 @@ def check_layout(world_size: int, tp: int, pp: int) -> int:
     return world_size // (tp * pp)
 
 
-def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
-               device: Optional[torch.device] = None, timeout_minutes: float = 10.0
-               ) -> ParallelState:
-    """Build every group. Joins torch.distributed from torchrun's environment if needed.
+def group_ranks(tp: int, pp: int, dp: int) -> dict[str, list[list[int]]]:
+    """Every group of the grid, as lists of global ranks, in creation order.
 
-    The layout is checked against WORLD_SIZE before the process group is joined, so an
-    impossible layout fails at once on every rank instead of waiting in a collective.
+    tp:        same (dp, pp), tp = 0..TP-1     (one layer split over a node)
+    dp:        same (tp, pp), dp = 0..DP-1     (replicas that average grads)
+    pp:        same (tp, dp), pp = 0..PP-1     (one pipeline, by stage)
+    mp:        same dp                         (TP x PP: one whole model)
+    embedding: first and last rank of each pipeline (the tied embedding's two copies)
+    """
+    R = lambda t, d, p: rank_of(t, d, p, tp, dp)  # noqa: E731
+    pipelines = [[R(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    return {
+        "tp": [[R(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "dp": [[R(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        "pp": pipelines,
+        "mp": [[R(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)],
+        "embedding": [sorted({r[0], r[-1]}) for r in pipelines],
+    }
+
+
+def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
+               device: Optional[torch.device] = None, timeout_minutes: float = 10.0, *,
+               rank: Optional[int] = None, world_size: Optional[int] = None,
+               init_method: Optional[str] = None) -> ParallelState:
+    """Build every group. Joins torch.distributed if needed: from torchrun's environment
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or explicitly (tests spawning ranks pass
+    rank, world_size and an init_method such as tcp://127.0.0.1:PORT).
+
+    The layout is checked before the process group is joined, so an impossible layout fails
+    at once on every rank instead of waiting in a collective. Calling it again in a joined
+    world (tests trying several TP sizes) builds a fresh set of groups.
     """
     global _STATE
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    if dist.is_initialized():
+        world = dist.get_world_size()
+    else:
+        world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     dp = check_layout(world, tp, pp)
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,33 +137,31 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             device = torch.device("cuda", torch.cuda.current_device())
+        kw = {} if rank is None else dict(rank=rank, world_size=world)
         dist.init_process_group(
             backend=backend or ("nccl" if device.type == "cuda" else "gloo"),
-            timeout=datetime.timedelta(minutes=timeout_minutes))
-    rank = dist.get_rank()
+            init_method=init_method, timeout=datetime.timedelta(minutes=timeout_minutes), **kw)
+    me = dist.get_rank()
 
-    # Every rank must create every group, in the same order, even those it is not in.
-    def make(groups):
-        mine = None
-        for ranks in groups:
+    # new_group is collective over the whole world: every rank creates every group, in the
+    # same order, and keeps the one it belongs to.
+    mine = {}
+    for kind, lists in group_ranks(tp, pp, dp).items():
+        for ranks in lists:
             g = dist.new_group(ranks)
-            if rank in ranks:
-                mine = (g, tuple(ranks))
-        return mine
+            if me in ranks:
+                mine[kind] = (g, tuple(ranks))
+    # The middle stages of a pipeline (PP > 2) hold no embedding: they are in no such group.
+    mine.setdefault("embedding", (None, ()))
 
-    R = lambda t, d, p: rank_of(t, d, p, tp, dp)  # noqa: E731
-    tp_group, _ = make([[R(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)])
-    dp_group, _ = make([[R(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)])
-    pp_group, pp_ranks = make([[R(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)])
-    mp_group, _ = make([[R(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)])
-    emb = [sorted({r[0], r[-1]}) for r in
-           ([R(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp))]
-    embedding_group, embedding_ranks = make(emb)
-
+    # A middle pipeline stage holds no embedding copy: it is in no embedding group.
+    embedding_group, embedding_ranks = mine.get("embedding", (None, ()))
     _STATE = ParallelState(
-        tp=tp, pp=pp, dp=dp, rank=rank, device=device, tp_group=tp_group, pp_group=pp_group,
-        dp_group=dp_group, mp_group=mp_group, embedding_group=embedding_group,
-        pp_ranks=pp_ranks, embedding_ranks=embedding_ranks)
+        tp=tp, pp=pp, dp=dp, rank=me, device=device,
+        tp_group=mine["tp"][0], dp_group=mine["dp"][0], pp_group=mine["pp"][0],
+        mp_group=mine["mp"][0], embedding_group=embedding_group,
+        tp_ranks=mine["tp"][1], dp_ranks=mine["dp"][1], pp_ranks=mine["pp"][1],
+        mp_ranks=mine["mp"][1], embedding_ranks=embedding_ranks)
     return _STATE
 
 
@@ -143,6 +173,7 @@ def destroy() -> None:
 
 
 def set_state(state: ParallelState) -> None:
-    """Install a state (tests use this to run a model as if it were one TP rank)."""
+    """Install a state (tests use this to build the single-process reference model inside a
+    multi-process test, or to construct a layer as if it were one TP rank)."""
     global _STATE
     _STATE = state

@@ -3,19 +3,61 @@
 Activations are [seq, batch, hidden]. Each function is the identity when the tensor-parallel
 group has one rank, so the single-process model pays nothing for them.
 
-    copy_to_tp            fwd: identity              bwd: all-reduce
-    reduce_from_tp        fwd: all-reduce            bwd: identity
-    scatter_to_tp         fwd: keep my last-dim slice  bwd: all-gather last dim
-    gather_from_tp        fwd: all-gather last dim   bwd: keep my slice
+    copy_to_tp            fwd: identity                   bwd: all-reduce
+    reduce_from_tp        fwd: all-reduce                 bwd: identity
+    scatter_to_tp         fwd: keep my last-dim slice     bwd: all-gather last dim
+    gather_from_tp        fwd: all-gather last dim        bwd: keep my slice
     scatter_to_sp         fwd: keep my seq (dim 0) slice  bwd: all-gather dim 0
-    gather_from_sp        fwd: all-gather dim 0      bwd: reduce-scatter dim 0
-    reduce_scatter_to_sp  fwd: reduce-scatter dim 0  bwd: all-gather dim 0
+    gather_from_sp        fwd: all-gather dim 0           bwd: reduce-scatter dim 0
+    reduce_scatter_to_sp  fwd: reduce-scatter dim 0       bwd: all-gather dim 0
+    copy_to_tp_replicas   fwd: identity                   bwd: sum over the `r` consecutive
+                          TP ranks holding the same block (GQA key/value heads replicated
+                          when TP > query groups)
+
+Collectives never write into a tensor autograd may still hold (an input, a saved tensor, an
+incoming grad that a residual branch shares): they work on a fresh buffer.
+
+Every collective of TP goes through `_timed`, so a benchmark can ask how long a step spent
+communicating (`comm_timer`); it costs one branch when not enabled.
 """
+
+import contextlib
+import time
 
 import torch
 import torch.distributed as dist
 
 from megalite.parallel import state
+
+# Older torch names them *_tensor; 2.13 prefers *_single. Both exist on gloo and NCCL here.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class CommTimer:
+    """Wall time and count of TP collectives while `enabled` (benchmarks only)."""
+
+    def __init__(self):
+        self.enabled, self.seconds, self.calls = False, 0.0, 0
+
+    def reset(self):
+        self.seconds, self.calls = 0.0, 0
+
+
+comm_timer = CommTimer()
+
+
+@contextlib.contextmanager
+def _timed():
+    if not comm_timer.enabled:
+        yield
+        return
+    tic = time.perf_counter()
+    try:
+        yield
+    finally:
+        comm_timer.seconds += time.perf_counter() - tic
+        comm_timer.calls += 1
 
 
 def _group():
@@ -26,11 +68,20 @@ def _tp():
     return state.get().tp
 
 
+def all_reduce(x, op=dist.ReduceOp.SUM):
+    """In-place all-reduce over TP of a tensor the caller owns (cross entropy's statistics)."""
+    if _tp() > 1:
+        with _timed():
+            dist.all_reduce(x, op=op, group=_group())
+    return x
+
+
 def _all_reduce(x):
     if _tp() == 1:
         return x
-    x = x.contiguous()
-    dist.all_reduce(x, group=_group())
+    x = x.clone(memory_format=torch.contiguous_format)      # never reduce a caller's buffer
+    with _timed():
+        dist.all_reduce(x, group=_group())
     return x
 
 
@@ -46,23 +97,26 @@ def _all_gather(x, dim):
     if tp == 1:
         return x
     x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(tp)]
-    dist.all_gather(parts, x, group=_group())
-    return torch.cat(parts, dim=dim)
+    out = torch.empty((tp * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    with _timed():
+        _all_gather_into(out, x, group=_group())             # [tp*s, ...] rank-major
+    if dim in (0, -x.dim()):
+        return out
+    # rank-major blocks along dim 0 -> concatenated along `dim`
+    return torch.cat(out.chunk(tp, dim=0), dim=dim)
 
 
 def _reduce_scatter_dim0(x):
     tp = _tp()
     if tp == 1:
         return x
+    if x.shape[0] % tp:
+        raise ValueError(f"sequence length {x.shape[0]} is not divisible by tensor-parallel "
+                         f"size {tp} (sequence parallelism splits it)")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // tp,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    if x.device.type == "cpu":
-        # gloo has no reduce_scatter: all-reduce, then keep my slice.
-        dist.all_reduce(x, group=_group())
-        out.copy_(x.chunk(tp, dim=0)[state.get().tp_rank])
-    else:
-        dist.reduce_scatter_tensor(out, x, group=_group())
+    with _timed():
+        _reduce_scatter(out, x, group=_group())
     return out
 
 
@@ -79,7 +133,7 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        return _all_reduce(x.clone()) if _tp() > 1 else x
+        return _all_reduce(x)
 
     @staticmethod
     def backward(ctx, g):
@@ -136,6 +190,25 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return _all_gather(g, 0)
 
 
+class _CopyToTPReplicas(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, replicas):
+        ctx.replicas = replicas
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        # Gather every rank's partial grad, then sum my replica set's in rank order: the same
+        # additions in the same order on every replica, so the copies stay bitwise equal.
+        r = ctx.replicas
+        parts = _all_gather(g.unsqueeze(0), 0)              # [tp, *g.shape]
+        first = state.get().tp_rank // r * r
+        total = parts[first].clone()
+        for k in range(first + 1, first + r):
+            total += parts[k]
+        return total, None
+
+
 def copy_to_tp(x):
     return _CopyToTP.apply(x) if _tp() > 1 else x
 
@@ -162,3 +235,7 @@ def gather_from_sp(x):
 
 def reduce_scatter_to_sp(x):
     return _ReduceScatterToSP.apply(x) if _tp() > 1 else x
+
+
+def copy_to_tp_replicas(x, replicas: int):
+    return _CopyToTPReplicas.apply(x, replicas) if _tp() > 1 and replicas > 1 else x
