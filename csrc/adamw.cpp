@@ -10,8 +10,6 @@
 // so the call is two sweeps: a read-only check of the grads, then the update. The check only
 // reads (4 bytes per param for fp32 grads, 2 for bf16): 32 bytes per param in all, where
 // torch's fused AdamW, which checks nothing, moves 28.
-#include <ATen/Parallel.h>
-
 #include <atomic>
 #include <cmath>
 

@@ -5,8 +5,6 @@
 // so a list of 100 small tensors and a list of 2 big ones both keep every thread busy, and there
 // is one parallel region instead of one torch copy (with its dispatch and thread wake-up) per
 // tensor.
-#include <ATen/Parallel.h>
-
 #include <map>
 
 #include "megalite.h"

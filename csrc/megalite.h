@@ -2,7 +2,14 @@
 // the scalar conversions between fp32 and the 16-bit float formats.
 #pragma once
 
-#include <torch/extension.h>
+// Only the headers the kernels need (not <torch/extension.h>, which triples the compile time).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cstdint>

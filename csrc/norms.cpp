@@ -6,8 +6,6 @@
 // the backward (write dx). Weight and bias arrive as fp32 (the Python side converts them; they
 // are tiny) and may be absent. dweight/dbias are reduced per thread, in blocks of rows, then
 // across threads in a fixed order, so results do not depend on timing.
-#include <ATen/Parallel.h>
-
 #include <cmath>
 #include <map>
 #include <mutex>

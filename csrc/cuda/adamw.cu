@@ -1,0 +1,143 @@
+// Fused AdamW on CUDA: multi-tensor apply over chunked tensor lists.
+//
+// Same arithmetic as the CPU kernel (csrc/adamw.cpp) and torch.optim.AdamW. Two launches per
+// group of tensors, on one stream: a check of every grad that sets a device flag on inf/nan, then
+// the update, whose blocks return at once when the flag is set. The host reads the flag only
+// after both (one synchronisation, which the bool result needs anyway), so "nothing is updated
+// on an inf" costs one extra read of the grads and no round trip.
+#include <type_traits>
+#include <vector>
+
+#include "common.cuh"
+
+namespace megalite_cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kIlp = 4;                        // elements in flight per thread
+constexpr int64_t kChunk = kThreads * kIlp * 8;  // elements per block
+constexpr int kMaxTensors = 24;
+constexpr int kMaxBlocks = 320;
+using AdamwArgs = MultiTensorArgs<AdamwTensor, kMaxTensors, kMaxBlocks>;
+
+template <typename G>
+__global__ void __launch_bounds__(kThreads) check_kernel(AdamwArgs args, int* found) {
+  if (*(volatile int*)found) return;  // another block already found one
+  const AdamwTensor& t = args.tensors[args.block_tensor[blockIdx.x]];
+  const int64_t start = (int64_t)args.block_chunk[blockIdx.x] * kChunk;
+  const int64_t end = min(start + kChunk, t.n);
+  const G* g = static_cast<const G*>(t.g);
+  bool bad = false;
+  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) bad |= !isfinite(Cvt<G>::load(g[i]));
+  if (__syncthreads_or(bad) && threadIdx.x == 0) atomicExch(found, 1);
+}
+
+template <typename G, typename C, bool kCopy>
+__global__ void __launch_bounds__(kThreads) update_kernel(AdamwArgs args, float inv_scale, const int* found) {
+  if (*found) return;  // the check (earlier on this stream) saw an inf/nan: update nothing
+  const AdamwTensor& t = args.tensors[args.block_tensor[blockIdx.x]];
+  const int64_t start = (int64_t)args.block_chunk[blockIdx.x] * kChunk;
+  const int64_t end = min(start + kChunk, t.n);
+  const G* g = static_cast<const G*>(t.g);
+  C* copy = static_cast<C*>(t.copy);
+  for (int64_t base = start; base < end; base += kThreads * kIlp) {
+    // Load kIlp elements per thread first (coalesced: consecutive threads, consecutive
+    // elements), then compute and store: more bytes in flight per thread.
+    float p[kIlp], gr[kIlp], m[kIlp], v[kIlp];
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      const int64_t i = base + threadIdx.x + (int64_t)k * kThreads;
+      if (i < end) {
+        p[k] = t.p[i];
+        gr[k] = Cvt<G>::load(g[i]);
+        m[k] = t.m[i];
+        v[k] = t.v[i];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      const int64_t i = base + threadIdx.x + (int64_t)k * kThreads;
+      if (i < end) {
+        const float gi = gr[k] * inv_scale;
+        float pi = p[k];
+        pi = pi - pi * t.lr_wd;
+        const float mi = m[k] + t.one_minus_b1 * (gi - m[k]);
+        const float vi = v[k] * t.beta2 + gi * gi * t.one_minus_b2;
+        const float denom = sqrtf(vi) * t.inv_bc2_sqrt + t.eps;
+        pi = pi - t.step_size * mi / denom;
+        t.p[i] = pi;
+        t.m[i] = mi;
+        t.v[i] = vi;
+        if (kCopy) copy[i] = Cvt<C>::store(pi);
+      }
+    }
+  }
+}
+
+int64_t numel_of(const AdamwTensor& t) { return t.n; }
+
+// Tensors of one dtype combination (the kernels are specialised on it).
+std::vector<AdamwTensor> select(const AdamwTensor* tensors, int count, int g_dtype, int c_dtype, bool any_copy) {
+  std::vector<AdamwTensor> out;
+  for (int i = 0; i < count; ++i)
+    if (tensors[i].g_dtype == g_dtype && (any_copy || tensors[i].copy_dtype == c_dtype)) out.push_back(tensors[i]);
+  return out;
+}
+}  // namespace
+
+int adamw_check(const AdamwTensor* tensors, int count, int* d_found, int device, void* stream) {
+  DeviceGuard guard(device);
+  MEGALITE_CUDA_TRY(guard.status);
+  auto s = static_cast<cudaStream_t>(stream);
+  for (int g_dtype : {kF32, kBF16, kF16}) {
+    const std::vector<AdamwTensor> group = select(tensors, count, g_dtype, kNoType, true);
+    if (group.empty()) continue;
+    cudaError_t err = cudaSuccess;
+    visit_dtype(g_dtype, [&](auto g) {
+      using G = decltype(g);
+      err = multi_tensor_apply<AdamwArgs, kMaxTensors, kMaxBlocks>(
+          group.data(), (int)group.size(), kChunk, numel_of, [&](const AdamwArgs& args, int blocks) {
+            check_kernel<G><<<blocks, kThreads, 0, s>>>(args, d_found);
+            return cudaGetLastError();
+          });
+    });
+    MEGALITE_CUDA_TRY(err);
+  }
+  return cudaSuccess;
+}
+
+int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const int* d_found, int device,
+                 void* stream) {
+  DeviceGuard guard(device);
+  MEGALITE_CUDA_TRY(guard.status);
+  auto s = static_cast<cudaStream_t>(stream);
+  for (int g_dtype : {kF32, kBF16, kF16}) {
+    for (int c_dtype : {kNoType, kF32, kBF16, kF16}) {
+      const std::vector<AdamwTensor> group = select(tensors, count, g_dtype, c_dtype, false);
+      if (group.empty()) continue;
+      cudaError_t err = cudaSuccess;
+      auto run = [&](auto g, auto c, auto copy_flag) {
+        using G = decltype(g);
+        using C = decltype(c);
+        constexpr bool kCopy = decltype(copy_flag)::value;
+        err = multi_tensor_apply<AdamwArgs, kMaxTensors, kMaxBlocks>(
+            group.data(), (int)group.size(), kChunk, numel_of, [&](const AdamwArgs& args, int blocks) {
+              update_kernel<G, C, kCopy><<<blocks, kThreads, 0, s>>>(args, inv_scale, d_found);
+              return cudaGetLastError();
+            });
+      };
+      visit_dtype(g_dtype, [&](auto g) {
+        if (c_dtype == kNoType)
+          run(g, float{}, std::false_type{});
+        else
+          visit_dtype(c_dtype, [&](auto c) { run(g, c, std::true_type{}); });
+      });
+      MEGALITE_CUDA_TRY(err);
+    }
+  }
+  return cudaSuccess;
+}
+
+const char* error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+}  // namespace megalite_cuda
