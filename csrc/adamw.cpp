@@ -79,21 +79,35 @@ struct TensorArgs {
   AdamwScalars s;
 };
 
+// Elements per block when the model copy is streamed: the block's copy values are staged in a
+// small buffer (L1) and then written with streaming stores, so the copy's destination lines are
+// never read (2 bytes per bf16 param instead of 4).
+constexpr int64_t kStreamBlock = 2048;
+
 template <typename G, typename C, bool kCopy>
-void update_range(const TensorArgs& t, int64_t lo, int64_t hi) {
+void update_range(const TensorArgs& t, int64_t lo, int64_t hi, bool streaming) {
   auto* g = static_cast<const typename G::T*>(t.g);
   auto* c = static_cast<typename C::T*>(t.copy);
-  adamw_update<G, C, kCopy>(t.p + lo, g + lo, t.m + lo, t.v + lo, kCopy ? c + lo : nullptr, hi - lo, t.s);
+  if (!kCopy || !streaming) {
+    adamw_update<G, C, kCopy>(t.p + lo, g + lo, t.m + lo, t.v + lo, kCopy ? c + lo : nullptr, hi - lo, t.s);
+    return;
+  }
+  alignas(64) typename C::T staged[kStreamBlock];
+  for (int64_t b = lo; b < hi; b += kStreamBlock) {
+    const int64_t n = std::min(kStreamBlock, hi - b);
+    adamw_update<G, C, true>(t.p + b, g + b, t.m + b, t.v + b, staged, n, t.s);
+    stream_copy(c + b, staged, n * sizeof(typename C::T));
+  }
 }
 
-void update_segment(const TensorArgs& t, int64_t lo, int64_t hi) {
+void update_segment(const TensorArgs& t, int64_t lo, int64_t hi, bool streaming) {
   dispatch_float_type(t.g_type, "fused_adamw grad", [&](auto g) {
     using G = decltype(g);
     if (t.copy_type == at::ScalarType::Undefined) {
-      update_range<G, NoCopy, false>(t, lo, hi);
+      update_range<G, NoCopy, false>(t, lo, hi, streaming);
     } else {
       dispatch_float_type(t.copy_type, "fused_adamw model copy", [&](auto c) {
-        update_range<G, decltype(c), true>(t, lo, hi);
+        update_range<G, decltype(c), true>(t, lo, hi, streaming);
       });
     }
   });
@@ -190,8 +204,12 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
   });
   if (found.load()) return true;
 
+  // Model copies bigger than the caches are streamed (see kStreamBlock); small ones stay cached.
+  const bool streaming = !model_copies.empty() && total >= (int64_t(4) << 20);
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-    for_each_segment(offsets, begin, end, [&](size_t i, int64_t lo, int64_t hi) { update_segment(args[i], lo, hi); });
+    for_each_segment(offsets, begin, end,
+                     [&](size_t i, int64_t lo, int64_t hi) { update_segment(args[i], lo, hi, streaming); });
+    if (streaming) stream_fence();
   });
   return false;
 }

@@ -4,7 +4,7 @@
 // other way). It is a memcpy of the concatenation, split evenly by *bytes* between the threads,
 // so a list of 100 small tensors and a list of 2 big ones both keep every thread busy, and there
 // is one parallel region instead of one torch copy (with its dispatch and thread wake-up) per
-// tensor.
+// tensor. Large copies use streaming stores, which skip reading the destination first.
 #include <map>
 
 #include "megalite.h"
@@ -40,6 +40,8 @@ std::vector<std::vector<int64_t>> assign_buckets(const std::vector<int64_t>& num
 
 enum class Direction { kIntoBuffer, kOutOfBuffer };
 
+constexpr int64_t kStreamingBytes = int64_t(16) << 20;  // 16 MB
+
 void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer, Direction dir) {
   const char* what = dir == Direction::kIntoBuffer ? "flatten_into" : "unflatten_from";
   TORCH_CHECK(buffer.device().is_cpu(), what, ": buffer must be on the CPU");
@@ -74,15 +76,21 @@ void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer,
   }
   const auto offsets = prefix_offsets(bytes);
   constexpr int64_t kGrainBytes = 1 << 18;  // 256 KB: below that one thread is faster
+  // Copies larger than the caches stream past them (see stream_copy); small ones stay cached,
+  // where the all-reduce that follows a flatten will find them.
+  const bool streaming = offsets.back() >= kStreamingBytes;
   at::parallel_for(0, offsets.back(), kGrainBytes, [&](int64_t begin, int64_t end) {
     for_each_segment(offsets, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
       char* flat = base + buffer_offsets[i] + lo;
       char* tensor = tensor_ptrs[i] + lo;
-      if (dir == Direction::kIntoBuffer)
-        std::memcpy(flat, tensor, hi - lo);
+      char* dst = dir == Direction::kIntoBuffer ? flat : tensor;
+      const char* src = dir == Direction::kIntoBuffer ? tensor : flat;
+      if (streaming)
+        stream_copy(dst, src, hi - lo);
       else
-        std::memcpy(tensor, flat, hi - lo);
+        std::memcpy(dst, src, hi - lo);
     });
+    if (streaming) stream_fence();
   });
 }
 

@@ -138,6 +138,16 @@ inline void dispatch_float_type(at::ScalarType t, const char* what, Fn&& fn) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Streaming (non-temporal) stores, for outputs nobody reads soon and that are larger than the
+// caches: a normal store first reads the destination line into the cache (read-for-ownership),
+// a streaming store does not, so a copy moves 2 bytes per byte instead of 3. SSE2 is in every
+// x86-64, so this needs no ISA clone; it is a separate function because GCC will not inline
+// intrinsics into a target_clones function. Call stream_fence() before other threads (or the
+// caller) may read what was streamed.
+void stream_copy(void* dst, const void* src, size_t bytes);
+void stream_fence();
+
+// ---------------------------------------------------------------------------------------------
 // Multi-tensor loops. A list of tensors is treated as one long index space (tensor i owns
 // [offsets[i], offsets[i+1])) so that at::parallel_for splits the *elements* evenly between the
 // threads, whatever the tensor sizes: 50 tensors of 1M and 1 tensor of 50M both give each

@@ -219,3 +219,28 @@ def test_compiled_kernel_used(monkeypatch):
     monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
     impl, _, reason = dispatch.choose("fused_adamw", "cpu")
     assert impl == "cpp", reason
+
+
+def test_large_step_streams_model_copies(impl):
+    """Above 4M elements the C++ kernel streams the model copies past the cache (another code
+    path); misaligned copies (views into a flat buffer) included."""
+    sizes = [4_000_001, 3, 600_000]
+    p, grads, m, v, _ = _functional_inputs(torch.bfloat16, None)
+    g = torch.Generator().manual_seed(9)
+    p = [torch.randn(n, generator=g) for n in sizes]
+    grads = [torch.randn(n, generator=g).bfloat16() for n in sizes]
+    m = [torch.zeros(n) for n in sizes]
+    v = [torch.zeros(n) for n in sizes]
+    flat = torch.zeros(sum(sizes) + 1, dtype=torch.bfloat16)
+    copies, offset = [], 1
+    for n in sizes:
+        copies.append(flat[offset:offset + n])
+        offset += n
+    rp, rm, rv = (copy.deepcopy(t) for t in (p, m, v))
+    assert ops.fused_adamw_(p, grads, m, v, step=1, model_copies=copies, **HYPER) is False
+    reference.fused_adamw_(rp, [x.float() for x in grads], rm, rv, step=1, **HYPER)
+    for a, b in zip(p, rp):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for c, a in zip(copies, p):
+        assert torch.equal(c, a.bfloat16())
+    assert flat[0].item() == 0

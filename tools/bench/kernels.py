@@ -1,0 +1,294 @@
+"""Benchmark megalite's kernels against what a PyTorch user would run instead, in one process.
+
+    python tools/bench/kernels.py                 # full sizes (the issue's goals), table on stdout
+    python tools/bench/kernels.py --quick         # small sizes, a smoke test (seconds)
+    python tools/bench/kernels.py --json out.json # also write the results as JSON
+
+Each case times megalite and its baseline alternately (baseline, ours, baseline, ours, ...), so
+load from other processes hits both alike, and reports medians and the ratio
+baseline_time / our_time (> 1: megalite is faster). CPU runs use --threads threads (default 2).
+
+Cases and goals (2-core CPU, 2 threads):
+  adamw_fp32      FusedAdamW.step() vs torch.optim.AdamW(fused=True).step(), 50M params in 50
+                  tensors                                                           goal >= 0.95
+  adamw_mixed     fused_adamw_ (fp32 main+moments, fp32 grads, unscale + inf check, bf16 copy
+                  written in the same call) vs torch's unscale/inf check + fused AdamW + copy to
+                  bf16                                                              goal >= 1.5
+  layer_norm_*    ops.layer_norm fwd+bwd vs F.layer_norm, 8192x768 and 8192x2048: bf16 >= 1.5,
+                  fp32 >= 1.0 (rms_norm_* vs F.rms_norm: no goal, for information)
+  flatten         flatten_into + unflatten_from of 100 tensors (25M elements) vs one memcpy-
+                  like copy of the same bytes each way (dst.copy_(src))            goal >= 0.8
+
+Large CPU buffers: glibc serves allocations above 32 MB with a fresh mmap, so every LayerNorm
+call page-faults its outputs in, on both sides; --malloc-reuse re-runs the script with glibc's
+mmap disabled (GLIBC_TUNABLES) so freed buffers are reused, which isolates the kernels.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import megalite.ops as ops  # noqa: E402
+from megalite.optim.fused_adamw import FusedAdamW  # noqa: E402
+
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, prepare=None):
+    if prepare is not None:
+        prepare()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def compare(name, ours, baseline, device, repeats, prepare=None, bytes_moved=None, goal=None, note=""):
+    """Time ours and baseline alternately; medians and ratio baseline/ours."""
+    for fn in (baseline, ours):  # warm-up: first-touch of buffers, thread pool start
+        timed(fn, device, prepare)
+    t_ours, t_base = [], []
+    for _ in range(repeats):
+        t_base.append(timed(baseline, device, prepare))
+        t_ours.append(timed(ours, device, prepare))
+    mo, mb = statistics.median(t_ours), statistics.median(t_base)
+    row = {"case": name, "device": device.type, "ours_ms": mo * 1e3, "baseline_ms": mb * 1e3,
+           "ratio": mb / mo, "goal": goal, "note": note,
+           "ours_GBps": bytes_moved / mo / 1e9 if bytes_moved else None,
+           "ours_min_ms": min(t_ours) * 1e3, "baseline_min_ms": min(t_base) * 1e3}
+    row["meets_goal"] = None if goal is None else row["ratio"] >= goal
+    return row
+
+
+# ---- cases -------------------------------------------------------------------------------------
+
+
+def bench_adamw_fp32(device, numel, tensors, repeats):
+    per = numel // tensors
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    init = [torch.randn(per, generator=gen) for _ in range(tensors)]
+    grads = [torch.randn(per, generator=gen) * 1e-3 for _ in range(tensors)]
+
+    def params():
+        ps = [torch.nn.Parameter(t.to(device)) for t in init]
+        for p, g in zip(ps, grads):
+            p.grad = g.to(device)
+        return ps
+
+    ours_p, torch_p = params(), params()
+    ours = FusedAdamW(ours_p, lr=1e-4, weight_decay=0.1)
+    base = torch.optim.AdamW(torch_p, lr=1e-4, weight_decay=0.1, fused=True)
+    return compare(f"adamw_fp32 {numel / 1e6:g}M/{tensors}", ours.step, base.step, device, repeats,
+                   bytes_moved=28 * numel, goal=0.95 if numel >= 50_000_000 else None,
+                   note="ours also checks every grad for inf/nan (32 B/param), torch does not (28)")
+
+
+def bench_adamw_mixed(device, numel, tensors, repeats, scale=1024.0):
+    per = numel // tensors
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    init = [torch.randn(per, generator=gen) for _ in range(tensors)]
+    grads0 = [(torch.randn(per, generator=gen) * 1e-3 * scale).to(device) for _ in range(tensors)]
+
+    def side():
+        p = [torch.nn.Parameter(t.to(device)) for t in init]
+        g = [x.clone() for x in grads0]
+        for pi, gi in zip(p, g):
+            pi.grad = gi
+        return p, g, [x.to(torch.bfloat16) for x in p]
+
+    # ours: one call does unscale, inf check, AdamW and the bf16 copy.
+    op, og, ocopy = side()
+    om = [torch.zeros_like(x) for x in op]
+    ov = [torch.zeros_like(x) for x in op]
+    step = [0]
+
+    def ours():
+        step[0] += 1
+        ops.fused_adamw_(op, og, om, ov, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                         step=step[0], grad_scale=scale, model_copies=ocopy)
+
+    # torch: what GradScaler + AdamW(fused) + a bf16 model copy amounts to.
+    tp, tg, tcopy = side()
+    topt = torch.optim.AdamW(tp, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    found_inf = torch.zeros(1, device=device)
+    inv_scale = torch.full((1,), 1.0 / scale, device=device)
+
+    def baseline():
+        found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(tg, found_inf, inv_scale)
+        if found_inf.item() == 0:
+            topt.step()
+            torch._foreach_copy_(tcopy, tp)
+
+    def refresh():  # fresh (scaled) grads every step, outside the timing, for both sides
+        torch._foreach_copy_(og, grads0)
+        torch._foreach_copy_(tg, grads0)
+
+    return compare(f"adamw_mixed {numel / 1e6:g}M/{tensors}", ours, baseline, device, repeats, prepare=refresh,
+                   bytes_moved=30 * numel, goal=1.5 if numel >= 50_000_000 else None,
+                   note="baseline: _amp_foreach_non_finite_check_and_unscale_ + AdamW(fused) + _foreach_copy_")
+
+
+def bench_norm(device, kind, rows, hidden, dtype, repeats):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    w = torch.randn(hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype)
+    if kind == "layer_norm":
+        ours_f = lambda: ops.layer_norm(x, w, b, 1e-5)  # noqa: E731
+        base_f = lambda: F.layer_norm(x, (hidden,), w, b, 1e-5)  # noqa: E731
+        inputs = (x, w, b)
+    else:
+        ours_f = lambda: ops.rms_norm(x, w, 1e-5)  # noqa: E731
+        base_f = lambda: F.rms_norm(x, (hidden,), w, 1e-5)  # noqa: E731
+        inputs = (x, w)
+
+    def run(f):
+        return lambda: torch.autograd.grad(f(), inputs, dy)
+
+    goal = None
+    if kind == "layer_norm" and rows >= 8192:
+        goal = 1.5 if dtype == torch.bfloat16 else 1.0 if dtype == torch.float32 else None
+    esize = torch.finfo(dtype).bits // 8
+    dt = str(dtype).replace("torch.", "")
+    return compare(f"{kind} {rows}x{hidden} {dt} fwd+bwd", run(ours_f), run(base_f), device, repeats,
+                   bytes_moved=5 * rows * hidden * esize, goal=goal)
+
+
+def bench_flatten(device, numel, tensors, repeats):
+    per = numel // tensors
+    src = [torch.randn(per, device=device) for _ in range(tensors)]
+    dst = [torch.empty_like(t) for t in src]
+    buf = torch.empty(per * tensors, device=device)
+    flat_src = torch.randn(per * tensors, device=device)
+    flat_dst = torch.empty_like(flat_src)
+
+    def ours():
+        ops.flatten_into(src, buf)
+        ops.unflatten_from(buf, dst)
+
+    def memcpy():  # the same bytes, as one contiguous copy each way
+        flat_dst.copy_(flat_src)
+        flat_src.copy_(flat_dst)
+
+    return compare(f"flatten+unflatten {tensors}x{per}", ours, memcpy, device, repeats,
+                   bytes_moved=2 * 2 * 4 * per * tensors, goal=0.8 if numel >= 25_000_000 else None,
+                   note="baseline: dst.copy_(src) of one contiguous tensor each way")
+
+
+def bench_flatten_loop(device, numel, tensors, repeats):
+    """For information: our flatten against the per-tensor copy loop a user would write."""
+    per = numel // tensors
+    src = [torch.randn(per, device=device) for _ in range(tensors)]
+    buf = torch.empty(per * tensors, device=device)
+
+    def loop():
+        torch.cat([t.view(-1) for t in src], out=buf)
+
+    return compare(f"flatten {tensors}x{per} vs torch.cat", lambda: ops.flatten_into(src, buf), loop, device,
+                   repeats, bytes_moved=2 * 4 * per * tensors)
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_all(args):
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    q = args.quick
+    reps = args.repeats or (3 if q else 9)
+    rows = []
+    adam_n, adam_t = (2_000_000, 10) if q else (50_000_000, 50)
+    rows.append(bench_adamw_fp32(device, adam_n, adam_t, reps))
+    rows.append(bench_adamw_mixed(device, adam_n, adam_t, reps))
+    norm_rows = 512 if q else 8192
+    for hidden in (768, 2048):
+        for dtype in (torch.bfloat16, torch.float32):
+            rows.append(bench_norm(device, "layer_norm", norm_rows, hidden, dtype, reps))
+    for dtype in (torch.bfloat16, torch.float32):
+        rows.append(bench_norm(device, "rms_norm", norm_rows, 2048, dtype, reps))
+    flat_n = 1_000_000 if q else 25_000_000
+    rows.append(bench_flatten(device, flat_n, 100, reps))
+    rows.append(bench_flatten_loop(device, flat_n, 100, reps))
+    return rows
+
+
+def print_table(rows, meta):
+    print(f"# {meta['device_name']} | torch {meta['torch']} | threads {meta['threads']} | "
+          f"malloc reuse {meta['malloc_reuse']} | kernels: "
+          + ", ".join(f"{r['op']}={r['impl']}" for r in meta["kernels"]))
+    header = f"{'case':44s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>6s} {'goal':>5s} {'ok':>3s} {'GB/s':>6s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        goal = "" if r["goal"] is None else f"{r['goal']:.2f}"
+        ok = "" if r["meets_goal"] is None else ("yes" if r["meets_goal"] else "NO")
+        gbs = "" if r["ours_GBps"] is None else f"{r['ours_GBps']:.1f}"
+        print(f"{r['case']:44s} {r['ours_ms']:9.2f} {r['baseline_ms']:9.2f} {r['ratio']:6.2f} {goal:>5s} {ok:>3s} "
+              f"{gbs:>6s}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats: a smoke test")
+    ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    ap.add_argument("--repeats", type=int, default=0, help="timed runs per side (default 9, quick 3)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--malloc-reuse", action="store_true",
+                    help="re-run with glibc mmap disabled so large buffers are reused (see module doc)")
+    args = ap.parse_args(argv)
+    if args.malloc_reuse and os.environ.get("GLIBC_TUNABLES") != MALLOC_TUNABLES:
+        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+        return subprocess.call([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])], env=env)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch.cuda.is_available() is False")
+    rows = run_all(args)
+    meta = {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "malloc_reuse": os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES,
+        "quick": args.quick, "load_avg": os.getloadavg(),
+        "kernels": ops.kernel_report() if device.type == "cpu" else ops.kernel_report(),
+    }
+    print_table(rows, meta)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
