@@ -16,6 +16,7 @@ interrupted run never leaves a valid-looking truncated shard.
 """
 
 import argparse
+import gc
 import hashlib
 import os
 import signal
@@ -265,6 +266,10 @@ def main(argv):
     if args.workers > 1:
         import multiprocessing as mp
 
+        # Objects that exist now are shared with the forked workers page by page; freezing them
+        # keeps the garbage collector from writing to (hence un-sharing) those pages later on,
+        # which would make the memory of the run grow with its length.
+        gc.freeze()
         # Started before any thread (the progress bar's) exists: forking a threaded process is unsafe.
         pool = mp.Pool(args.workers, initializer=init_worker, initargs=init_args)
     else:

@@ -3,7 +3,7 @@
 
     python tools/bench/preprocess.py [--workers 2] [--repeats 3] [--json out.json]
 
-Corpus: tinyshakespeare repeated (10x and 100x), as JSONL documents of ~10 paragraphs (~1.5 KB).
+Corpus: tinyshakespeare repeated (10x and 100x by default), as JSONL documents of ~10 paragraphs (~1.5 KB).
 Tokenizer: a sentencepiece BPE (vocab 4000) trained on tinyshakespeare by tools/train_tokenizer.py.
 
   ceiling      the same documents, already in memory, batch-encoded by --workers processes
