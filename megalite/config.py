@@ -74,6 +74,17 @@ class ParallelConfig:
         None, "recompute activations in backward: full layers, or only attention's core")
     recompute_num_layers: Optional[int] = _f(
         None, "full recompute: how many layers of each stage recompute (default: all)")
+    use_distributed_optimizer: bool = _f(
+        False, "ZeRO-1: shard the fp32 main params and AdamW moments over data-parallel ranks "
+        "(each steps 1/DP of every grad bucket, then the params are all-gathered)")
+    overlap_grad_reduce: bool = _f(
+        False, "start each grad bucket's all-reduce (reduce-scatter with the distributed "
+        "optimizer) during backward, as soon as the bucket's last grad is in")
+    overlap_param_gather: bool = _f(
+        False, "distributed optimizer: all-gather the updated params in the background; each "
+        "module waits for its bucket in the next forward")
+    ddp_bucket_size: Optional[int] = _f(
+        None, "elements per data-parallel grad bucket (default: max(40M, 1M x DP), Megatron's)")
     distributed_backend: Optional[Literal["nccl", "gloo"]] = _f(
         None, "torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
     distributed_timeout_minutes: float = _f(10.0, "timeout of collective operations")
@@ -229,6 +240,15 @@ class Config:
                 f"{m.max_position_embeddings}")
         if t.bf16 and t.fp16:
             raise MegaliteError("--bf16 and --fp16 are exclusive; pick one")
+        if p.overlap_param_gather and not p.use_distributed_optimizer:
+            raise MegaliteError("--overlap-param-gather needs --use-distributed-optimizer (only "
+                                "the distributed optimizer all-gathers params)")
+        if p.ddp_bucket_size is not None and p.ddp_bucket_size <= 0:
+            raise MegaliteError(f"--ddp-bucket-size must be a positive number of elements, got "
+                                f"{p.ddp_bucket_size}")
+        if t.initial_loss_scale <= 0 or t.loss_scale_window <= 0 or t.hysteresis <= 0:
+            raise MegaliteError("--initial-loss-scale, --loss-scale-window and --hysteresis "
+                                "must be positive")
         if o.min_lr > o.lr:
             raise MegaliteError(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
         if o.lr_warmup_iters < 0 or o.clip_grad < 0 or o.weight_decay < 0:

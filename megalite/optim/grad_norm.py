@@ -4,13 +4,16 @@ Every rank holds some parameters in full that others hold too. Each unique param
 count once: a TP-replicated parameter (norms, row biases, position embeddings) on TP rank 0
 only, the last pipeline stage's copy of a tied embedding not at all (the first stage counts
 it). Squares are summed locally, then over the model-parallel group (TP x PP); data-parallel
-replicas hold the same (all-reduced) grads and are not summed again.
+replicas hold the same (all-reduced) grads and are not summed again. With the distributed
+optimizer each DP rank holds a disjoint shard of every grad (`sharded_grad_norm`): each shard
+counts once and the squares are summed over DP, then over TP x PP.
 """
 
 import torch
 import torch.distributed as dist
 
 from megalite.parallel import state
+from megalite.parallel.layers import unique_part
 
 
 def counts_in_norm(p) -> bool:
@@ -22,10 +25,14 @@ def counts_in_norm(p) -> bool:
     return True
 
 
-def global_grad_norm(params) -> torch.Tensor:
-    """The L2 norm of every grad in the model, as a 0-dim fp32 tensor (inf/nan propagate)."""
+def global_grad_norm(params, grads=None) -> torch.Tensor:
+    """The L2 norm of every grad in the model, as a 0-dim fp32 tensor (inf/nan propagate).
+    grads: one per param (default p.grad; the data-parallel buffers pass p.main_grad)."""
     st = state.get()
-    grads = [p.grad for p in params if p.grad is not None and counts_in_norm(p)]
+    grads = [p.grad for p in params] if grads is None else list(grads)
+    # unique_part: trims grouped-query key/value rows that several TP ranks replicate
+    grads = [unique_part(p, g) for p, g in zip(params, grads)
+             if g is not None and counts_in_norm(p)]
     device = grads[0].device if grads else st.device
     if grads:
         norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
@@ -34,6 +41,41 @@ def global_grad_norm(params) -> torch.Tensor:
         sq = torch.zeros((), device=device)
     if st.mp_group is not None and st.tp * st.pp > 1:
         dist.all_reduce(sq, group=st.mp_group)
+    return sq.sqrt()
+
+
+def _unique_mask(p):
+    """Which elements of p (flattened) count in the norm on this rank; None for all of them."""
+    idx = torch.arange(p.numel(), device=p.device).view(p.shape)
+    kept = unique_part(p, idx)
+    if kept.numel() == p.numel():
+        return None
+    mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+    mask[kept.reshape(-1)] = True
+    return mask
+
+
+def sharded_grad_norm(pieces) -> torch.Tensor:
+    """The global norm when each DP rank holds a disjoint piece of every grad.
+
+    pieces: (param, grad_piece, start, end): grad_piece holds elements [start, end) of the
+    flattened grad of param. Each piece counts once; squares are summed over DP and TP x PP."""
+    st = state.get()
+    grads = []
+    for p, g, start, end in pieces:
+        if not counts_in_norm(p):
+            continue
+        if getattr(p, "tp_group_layout", None) is not None:
+            mask = _unique_mask(p)
+            if mask is not None:
+                g = g[mask[start:end]]
+        grads.append(g)
+    sq = (torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
+          if grads else torch.zeros((), device=st.device))
+    if st.dp_group is not None and st.dp > 1:
+        dist.all_reduce(sq, group=st.dp_group)     # the DP shards of my stage and TP slice
+    if st.mp_group is not None and st.tp * st.pp > 1:
+        dist.all_reduce(sq, group=st.mp_group)     # then over TP x PP, as for plain DP
     return sq.sqrt()
 
 

@@ -2,6 +2,9 @@
 
     {dir}/iter_0000200/metadata.json                  iteration, layout, config (rank 0)
     {dir}/iter_0000200/mp_rank_{tp:02d}_{pp:03d}.pt   model shard, optimizer, RNG (DP rank 0)
+    {dir}/iter_0000200/optim_tp{tp:02d}_pp{pp:03d}_dp{dp:03d}.pt
+                                                      distributed optimizer: each DP rank's
+                                                      own shard of main params and moments
     {dir}/latest_checkpointed_iteration.txt           written last
 
 Every rank writes into `iter_0000200.tmp`; after a barrier rank 0 renames it to
@@ -34,6 +37,10 @@ def iter_dir(root, iteration):
 
 def shard_name(tp_rank, pp_rank):
     return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}.pt"
+
+
+def optim_shard_name(tp_rank, pp_rank, dp_rank):
+    return f"optim_tp{tp_rank:02d}_pp{pp_rank:03d}_dp{dp_rank:03d}.pt"
 
 
 def _barrier():
@@ -87,6 +94,14 @@ def save_checkpoint(root, iteration, model, optimizer, schedule, loss_scaler, co
         path = os.path.join(tmp, shard_name(st.tp_rank, st.pp_rank))
         with open(path, "wb") as fh:
             torch.save(shard, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    if getattr(optimizer, "sharded", False):
+        # ZeRO-1: no rank holds the whole optimizer state; each saves the pieces it owns
+        # (keyed by parameter name and element range, so they can be re-cut on load).
+        path = os.path.join(tmp, optim_shard_name(st.tp_rank, st.pp_rank, st.dp_rank))
+        with open(path, "wb") as fh:
+            torch.save(optimizer.sharded_state_dict(), fh)
             fh.flush()
             os.fsync(fh.fileno())
     if st.rank == 0:
@@ -150,6 +165,29 @@ def read_shard(root, iteration, tp_rank, pp_rank):
     if not os.path.exists(path):
         raise MegaliteError(f"checkpoint shard {path} is missing; the checkpoint is incomplete: "
                             f"point {LATEST} at an earlier iteration")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or overwritten file surfaces as many error types
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MegaliteError(f"checkpoint file {path} is corrupt or truncated ({first[:120]}); "
+                            f"point {LATEST} at an earlier iteration")
+
+
+def optimizer_shard_reader(root, iteration):
+    """read(dp_rank) -> the optimizer shard that DP rank of my (TP, PP) position saved."""
+    st = state.get()
+
+    def read(dp_rank):
+        path = os.path.join(iter_dir(root, iteration),
+                            optim_shard_name(st.tp_rank, st.pp_rank, dp_rank))
+        return _load(path, "the distributed optimizer's shard")
+    return read
+
+
+def _load(path, what):
+    if not os.path.exists(path):
+        raise MegaliteError(f"{what} {path} is missing; the checkpoint is incomplete: point "
+                            f"{LATEST} at an earlier iteration (or resume with --no-load-optim)")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or overwritten file surfaces as many error types

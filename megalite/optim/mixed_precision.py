@@ -1,0 +1,283 @@
+"""AdamW over fp32 main params for a model of any dtype: Megatron's mixed-precision optimizer.
+
+    model params   bf16 / fp16 (or fp32)      what forward and backward run in
+    main grads     fp32, in the DDP buffers   param.main_grad (megalite.parallel.data)
+    main params    fp32                       the master copy AdamW updates
+    exp_avg(_sq)   fp32
+
+One step: the global grad norm (which also detects inf/nan: with fp16 the step is skipped and
+the loss scale backs off), the clipping coefficient, then one fused AdamW pass that unscales
+and clips the grads on the fly, updates main params and moments and writes the new values
+into the model params in their own dtype. For an fp32 model the main params *are* the model
+params (no copy). Memory per param with bf16 params: 2 (param) + 4 (grad) + 12 (main, m, v)
+= 18 bytes; `DistributedOptimizer` (optim/distributed.py) shards the 12 over DP.
+
+The optimizer works on "pieces": contiguous ranges [start, end) of flattened params that this
+rank owns. Here every rank owns every param whole; the distributed optimizer owns 1/DP of each
+grad bucket. Its state dict is keyed by parameter name and element range, not by position,
+so a checkpoint loads under another DP size, bucket size or optimizer kind.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megalite.errors import MegaliteError
+from megalite.ops.adamw import multi_tensor_adamw_
+from megalite.optim.grad_norm import clip_coefficient, global_grad_norm
+from megalite.parallel import state
+
+
+def model_dtype(training_cfg) -> torch.dtype:
+    return (torch.bfloat16 if training_cfg.bf16 else
+            torch.float16 if training_cfg.fp16 else torch.float32)
+
+
+@torch.no_grad()
+def cast_params(modules, dtype) -> None:
+    """Turn the parameters (not the buffers: RoPE's inverse frequencies stay fp32) into dtype.
+    Do it before building DistributedDataParallel, which takes the params as they are then."""
+    for module in modules if isinstance(modules, (list, tuple)) else [modules]:
+        for p in module.parameters():
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+class Piece:
+    """Elements [start, end) of one flattened param, and the optimizer's views of them."""
+    __slots__ = ("param", "name", "start", "end", "group", "model", "grad", "main", "exp_avg",
+                 "exp_avg_sq")
+
+    def __init__(self, param, name, start, end, group):
+        self.param, self.name, self.start, self.end, self.group = param, name, start, end, group
+        self.model = param.detach().view(-1)[start:end]      # the model's own storage
+        self.grad = param.main_grad.view(-1)[start:end]      # fp32, in the DDP buffer
+
+    @property
+    def numel(self):
+        return self.end - self.start
+
+
+class MixedPrecisionOptimizer:
+    """AdamW (torch.optim.AdamW's arithmetic) over fp32 main params, with global-norm clipping
+    and, for fp16, a dynamic loss scaler. Takes the DistributedDataParallel that owns the grad
+    buffers; `param_groups` hold lr / weight_decay (the loop sets lr every step)."""
+
+    sharded = False
+
+    def __init__(self, param_groups, ddp, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, clip_grad=0.0, loss_scaler=None):
+        self.ddp = ddp
+        self.clip_grad = clip_grad
+        self.scaler = loss_scaler
+        self.step_count = 0                    # AdamW steps taken (skipped steps do not count)
+        self.param_groups = []
+        for g in param_groups:
+            group = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+            group.update(g)
+            group["params"] = list(group["params"])
+            self.param_groups.append(group)
+        group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        missing = [ddp.names[p] for p in ddp.params if p not in group_of]
+        if missing:
+            raise MegaliteError(f"optimizer: parameters {missing[:3]} have grad buffers but no "
+                                f"param group")
+        self.pieces = [Piece(p, ddp.names[p], s, e, group_of[p]) for p, s, e in self._owned()]
+        self._allocate_state()
+
+    # -- which elements this rank owns -------------------------------------------------------
+    def _owned(self):
+        """(param, start, end) ranges of flattened params this rank steps: all of them."""
+        for p in self.ddp.params:
+            yield p, 0, p.numel()
+
+    def _allocate_state(self):
+        """fp32 main params (only for low-precision pieces: an fp32 model param is its own
+        main param) and moments, each one flat tensor with a view per piece."""
+        low = [pc for pc in self.pieces if pc.param.dtype != torch.float32]
+        device = self.pieces[0].model.device if self.pieces else state.get().device
+        self.main_flat = torch.empty(sum(pc.numel for pc in low), dtype=torch.float32,
+                                     device=device)
+        n = sum(pc.numel for pc in self.pieces)
+        self.exp_avg_flat = torch.zeros(n, dtype=torch.float32, device=device)
+        self.exp_avg_sq_flat = torch.zeros(n, dtype=torch.float32, device=device)
+        at, at_low = 0, 0
+        for pc in self.pieces:
+            pc.exp_avg = self.exp_avg_flat[at:at + pc.numel]
+            pc.exp_avg_sq = self.exp_avg_sq_flat[at:at + pc.numel]
+            at += pc.numel
+            if pc.param.dtype == torch.float32:
+                pc.main = pc.model
+            else:
+                pc.main = self.main_flat[at_low:at_low + pc.numel]
+                at_low += pc.numel
+        self.reload_model_params()
+
+    @torch.no_grad()
+    def reload_model_params(self):
+        """main params <- model params (after the model's weights were loaded without the
+        optimizer state, --no-load-optim)."""
+        for pc in self.pieces:
+            if pc.main is not pc.model:
+                pc.main.copy_(pc.model)
+
+    # -- the step ----------------------------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global norm of the (still loss-scaled) grads."""
+        return global_grad_norm([pc.param for pc in self.pieces],
+                                [pc.grad.view(pc.param.shape) for pc in self.pieces])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Check, clip and apply one AdamW step. Returns (stepped, grad_norm): stepped is False
+        when a grad held inf/nan (every rank decides alike: the norm is global); then nothing
+        changed and, with fp16, the loss scale was updated."""
+        scale = self.loss_scale
+        norm = self.grad_norm().item() / scale
+        found_inf = not math.isfinite(norm)
+        if not found_inf:
+            coeff = clip_coefficient(norm, self.clip_grad)
+            found_inf = self._adamw(grad_scale=scale / coeff)
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+        if found_inf:
+            return False, norm
+        self.step_count += 1
+        self._after_step()
+        return True, norm
+
+    def _adamw(self, grad_scale) -> bool:
+        """One fused kernel call per kind of piece (with or without a low-precision copy)."""
+        found = False
+        step = float(self.step_count + 1)
+        for with_copy in (False, True):
+            pcs = [pc for pc in self.pieces if (pc.main is not pc.model) == with_copy]
+            if not pcs:
+                continue
+            groups = [self.param_groups[pc.group] for pc in pcs]
+            found |= multi_tensor_adamw_(
+                [pc.main for pc in pcs], [pc.grad for pc in pcs],
+                [pc.exp_avg for pc in pcs], [pc.exp_avg_sq for pc in pcs],
+                lr=[float(g["lr"]) for g in groups], beta1=[float(g["betas"][0]) for g in groups],
+                beta2=[float(g["betas"][1]) for g in groups], eps=[float(g["eps"]) for g in groups],
+                weight_decay=[float(g["weight_decay"]) for g in groups], step=[step] * len(pcs),
+                grad_scale=grad_scale, model_copies=[pc.model for pc in pcs] if with_copy else None)
+        return found
+
+    def _after_step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        self.ddp.zero_grad_buffer()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _pieces_state(self):
+        """{name: [(start, end, numel, main, exp_avg, exp_avg_sq)]} of this rank's pieces."""
+        out = {}
+        for pc in self.pieces:
+            out.setdefault(pc.name, []).append(
+                (pc.start, pc.end, pc.param.numel(), pc.main.detach().clone(),
+                 pc.exp_avg.clone(), pc.exp_avg_sq.clone()))
+        return out
+
+    def state_dict(self):
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        sd = {"step": self.step_count, "param_groups": groups, "sharded": self.sharded,
+              "data_parallel_size": state.get().dp}
+        if not self.sharded:
+            sd["pieces"] = self._pieces_state()
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, sd, read_shard=None):
+        """sd: what state_dict() saved. read_shard(dp_rank) returns the sharded_state_dict()
+        that DP rank saved (needed when sd came from a distributed optimizer)."""
+        if "param_groups" not in sd or "step" not in sd:
+            raise MegaliteError("the checkpoint's optimizer state is not a megalite "
+                                "mixed-precision optimizer state; resume with --no-load-optim")
+        self.step_count = int(sd["step"])
+        for g, saved in zip(self.param_groups, sd["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k in ("lr", "betas", "eps",
+                                                              "weight_decay")})
+        if not sd["sharded"]:
+            self._load_pieces([sd["pieces"]])
+        else:
+            if read_shard is None:
+                raise MegaliteError("the checkpoint's optimizer state is sharded over DP ranks "
+                                    "but no shard files were given")
+            saved_dp = int(sd["data_parallel_size"])
+            # Same DP size (and bucket layout): my own file covers my pieces. Otherwise
+            # re-shard: read every DP rank's file of this stage and cut out my ranges.
+            mine = state.get().dp_rank if saved_dp == state.get().dp else None
+            if mine is None or not self._load_pieces([read_shard(mine)], partial_ok=True):
+                self._load_pieces([read_shard(r) for r in range(saved_dp)])
+        self._after_load()
+
+    def _load_pieces(self, saved_list, partial_ok=False) -> bool:
+        saved = {}
+        for s in saved_list:
+            for name, pieces in s.items():
+                saved.setdefault(name, []).extend(pieces)
+        fills = []
+        for pc in self.pieces:
+            parts = saved.get(pc.name)
+            if parts is None or parts[0][2] != pc.param.numel():
+                if partial_ok:
+                    return False
+                have = "missing" if parts is None else f"has {parts[0][2]} elements"
+                raise MegaliteError(
+                    f"the checkpoint's optimizer state for {pc.name} is {have} (this model: "
+                    f"{pc.param.numel()}); the model changed: resume with --no-load-optim")
+            covered = 0
+            for start, end, _, main, m, v in parts:
+                a, z = max(start, pc.start), min(end, pc.end)
+                if a < z:
+                    fills.append((pc, a, z, start, main, m, v))
+                    covered += z - a
+            if covered != pc.numel:
+                if partial_ok:
+                    return False
+                raise MegaliteError(
+                    f"the checkpoint's optimizer state for {pc.name}[{pc.start}:{pc.end}] is "
+                    f"incomplete ({covered} of {pc.numel} elements): an optimizer shard file "
+                    f"is missing")
+        for pc, a, z, start, main, m, v in fills:
+            dst = slice(a - pc.start, z - pc.start)
+            src = slice(a - start, z - start)
+            pc.main[dst].copy_(main[src])
+            pc.exp_avg[dst].copy_(m[src])
+            pc.exp_avg_sq[dst].copy_(v[src])
+        return True
+
+    def _after_load(self):
+        for pc in self.pieces:                 # model params <- main params (bf16 rounding)
+            if pc.main is not pc.model:
+                pc.model.copy_(pc.main)
+
+
+def memory_footprint(modules, ddp, optimizer) -> dict:
+    """Bytes of real tensor storage per rank: params, grads, optimizer state (each storage
+    counted once, in the first category that holds it)."""
+    seen = set()
+
+    def total(tensors):
+        n = 0
+        for t in tensors:
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                n += s.nbytes()
+        return n
+
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    params = total([p for m in modules for p in m.parameters()])
+    grads = total(list(ddp.grad_buffers.values()))
+    opt = total([optimizer.main_flat, optimizer.exp_avg_flat, optimizer.exp_avg_sq_flat])
+    return {"params": params, "grads": grads, "optimizer": opt,
+            "total": params + grads + opt}
