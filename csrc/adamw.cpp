@@ -31,7 +31,7 @@ struct AdamwScalars {
 
 struct NoCopy {  // stands in for the model-copy type when there is none
   using T = float;
-  static inline float store(float f) { return f; }
+  static MEGALITE_INLINE float store(float f) { return f; }
 };
 
 // The hot loop. Plain scalar code that GCC vectorises for each ISA clone.

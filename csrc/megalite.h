@@ -55,6 +55,11 @@ inline int add_registrar(Registrar r) {
 #define MEGALITE_ISA_CLONES
 #endif
 
+// Helpers called from the cloned loops must be inlined into each clone (an out-of-line helper is
+// compiled once, for the baseline ISA). GCC allows always_inline of target-less functions into
+// arch= clones.
+#define MEGALITE_INLINE inline __attribute__((always_inline))
+
 // Lanes of the explicit accumulators: one AVX-512 register of fp32, two AVX2 ones.
 constexpr int kLanes = 16;
 
@@ -62,12 +67,12 @@ constexpr int kLanes = 16;
 // Element types (storage formats). Kernels are templates over a storage type with load (to fp32) and store (from
 // fp32); bf16 and fp16 are carried as raw uint16 bits so that the code is plain integer and
 // float arithmetic the vectoriser understands.
-inline float bits_to_float(uint32_t u) {
+MEGALITE_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline uint32_t float_to_bits(float f) {
+MEGALITE_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
@@ -75,22 +80,22 @@ inline uint32_t float_to_bits(float f) {
 
 struct F32 {
   using T = float;
-  static inline float load(float x) { return x; }
-  static inline float store(float f) { return f; }
-  static inline uint32_t bits(float x) { return float_to_bits(x); }
+  static MEGALITE_INLINE float load(float x) { return x; }
+  static MEGALITE_INLINE float store(float f) { return f; }
+  static MEGALITE_INLINE uint32_t bits(float x) { return float_to_bits(x); }
   static constexpr uint32_t kInfBits = 0x7f800000u;  // |x| bits >= this: inf or nan
 };
 
 struct BF16 {
   using T = uint16_t;
-  static inline float load(uint16_t x) { return bits_to_float(uint32_t(x) << 16); }
+  static MEGALITE_INLINE float load(uint16_t x) { return bits_to_float(uint32_t(x) << 16); }
   // Round to nearest even; a nan stays a (quiet) nan instead of rounding into an inf.
-  static inline uint16_t store(float f) {
+  static MEGALITE_INLINE uint16_t store(float f) {
     uint32_t u = float_to_bits(f);
     uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u) : uint16_t(rounded);
   }
-  static inline uint32_t bits(uint16_t x) { return x; }
+  static MEGALITE_INLINE uint32_t bits(uint16_t x) { return x; }
   static constexpr uint32_t kInfBits = 0x7f80u;
 };
 
@@ -98,7 +103,7 @@ struct BF16 {
 // the one c10::Half uses when F16C is not available at compile time).
 struct F16 {
   using T = uint16_t;
-  static inline float load(uint16_t h) {
+  static MEGALITE_INLINE float load(uint16_t h) {
     const uint32_t w = uint32_t(h) << 16;
     const uint32_t sign = w & 0x80000000u;
     const uint32_t two_w = w + w;
@@ -108,7 +113,7 @@ struct F16 {
         sign | (two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized));
     return bits_to_float(result);
   }
-  static inline uint16_t store(float f) {
+  static MEGALITE_INLINE uint16_t store(float f) {
     float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
     const uint32_t w = float_to_bits(f);
     const uint32_t shl1_w = w + w;
@@ -122,7 +127,7 @@ struct F16 {
     const uint32_t nonsign = exp_bits + mantissa_bits;
     return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
   }
-  static inline uint32_t bits(uint16_t x) { return x; }
+  static MEGALITE_INLINE uint32_t bits(uint16_t x) { return x; }
   static constexpr uint32_t kInfBits = 0x7c00u;
 };
 

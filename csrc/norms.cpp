@@ -15,15 +15,10 @@
 namespace megalite {
 namespace {
 
-// Sum of f(j) for j in [0, n) with kLanes independent accumulators (vectorisable without
-// reassociating floats, and the same order on every ISA clone).
-template <typename Fn>
-inline float lane_sum(int64_t n, Fn&& f) {
-  float acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += f(j + l);
-  for (int l = 0; j + l < n; ++l) acc[l] += f(j + l);
+// Row sums use kLanes independent accumulators: the compiler vectorises them without
+// reassociating floats, and every ISA clone adds in the same order. (Plain loops, no lambdas:
+// anything not inlined into a clone runs at the baseline ISA.)
+MEGALITE_INLINE float reduce_lanes(const float* acc) {
   float s = 0.f;
   for (int l = 0; l < kLanes; ++l) s += acc[l];
   return s;
@@ -38,17 +33,30 @@ MEGALITE_ISA_CLONES void norm_fwd_rows(const typename X::T* __restrict x, const 
                                        float* __restrict mean_out, float* __restrict rstd_out,
                                        int64_t rows, int64_t H, float eps) {
   const float inv_h = 1.f / float(H);
+  const int64_t body = H / kLanes * kLanes;
   for (int64_t r = 0; r < rows; ++r) {
     const typename X::T* xr = x + r * H;
     typename X::T* yr = y + r * H;
     float mean = 0.f;
-    if (!kRms) mean = lane_sum(H, [&](int64_t j) { return X::load(xr[j]); }) * inv_h;
+    if (!kRms) {
+      float acc[kLanes] = {};
+      for (int64_t j = 0; j < body; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] += X::load(xr[j + l]);
+      for (int64_t j = body; j < H; ++j) acc[j - body] += X::load(xr[j]);
+      mean = reduce_lanes(acc) * inv_h;
+    }
     // Two-pass variance (sum of squared deviations): no cancellation, and the row is in L1.
-    const float var = lane_sum(H, [&](int64_t j) {
+    float acc[kLanes] = {};
+    for (int64_t j = 0; j < body; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const float d = X::load(xr[j + l]) - mean;
+        acc[l] += d * d;
+      }
+    for (int64_t j = body; j < H; ++j) {
       const float d = X::load(xr[j]) - mean;
-      return d * d;
-    }) * inv_h;
-    const float rstd = 1.f / std::sqrt(var + eps);
+      acc[j - body] += d * d;
+    }
+    const float rstd = 1.f / std::sqrt(reduce_lanes(acc) * inv_h + eps);
     for (int64_t j = 0; j < H; ++j) {
       float v = (X::load(xr[j]) - mean) * rstd * w[j];
       if (!kRms) v += b[j];
@@ -65,12 +73,26 @@ MEGALITE_ISA_CLONES void norm_fwd_rows(const typename X::T* __restrict x, const 
 //   RMSNorm:   dx = rstd * (g - xhat * mean(g * xhat))          (mean = 0)
 // and dw += dy * xhat, db += dy, accumulated into this block's partial sums.
 template <typename X, bool kRms>
+MEGALITE_INLINE void bwd_element(const typename X::T* __restrict dyr, const typename X::T* __restrict xr,
+                                 const float* __restrict w, float* __restrict dw_part, float* __restrict db_part,
+                                 float mean, float rstd, int64_t k, float& sum_g, float& sum_gx) {
+  const float d = X::load(dyr[k]);
+  const float xh = (X::load(xr[k]) - mean) * rstd;
+  const float g = d * w[k];
+  sum_g += g;
+  sum_gx += g * xh;
+  dw_part[k] += d * xh;
+  if (!kRms) db_part[k] += d;
+}
+
+template <typename X, bool kRms>
 MEGALITE_ISA_CLONES void norm_bwd_rows(const typename X::T* __restrict dy, const typename X::T* __restrict x,
                                        const float* __restrict mean_in, const float* __restrict rstd_in,
                                        const float* __restrict w, typename X::T* __restrict dx,
                                        float* __restrict dw_part, float* __restrict db_part,
                                        int64_t rows, int64_t H) {
   const float inv_h = 1.f / float(H);
+  const int64_t body = H / kLanes * kLanes;
   for (int64_t r = 0; r < rows; ++r) {
     const typename X::T* xr = x + r * H;
     const typename X::T* dyr = dy + r * H;
@@ -79,26 +101,13 @@ MEGALITE_ISA_CLONES void norm_bwd_rows(const typename X::T* __restrict dy, const
     const float rstd = rstd_in[r];
     // Pass 1 (from memory): the two row sums, and the dw/db partials.
     float sum_g[kLanes] = {}, sum_gx[kLanes] = {};
-    int64_t j = 0;
-    auto step = [&](int64_t k, int l) {
-      const float d = X::load(dyr[k]);
-      const float xh = (X::load(xr[k]) - mean) * rstd;
-      const float g = d * w[k];
-      sum_g[l] += g;
-      sum_gx[l] += g * xh;
-      dw_part[k] += d * xh;
-      db_part[k] += d;
-    };
-    for (; j + kLanes <= H; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) step(j + l, l);
-    for (int l = 0; j + l < H; ++l) step(j + l, l);
-    float a = 0.f, c = 0.f;
-    for (int l = 0; l < kLanes; ++l) {
-      a += sum_g[l];
-      c += sum_gx[l];
-    }
-    a = kRms ? 0.f : a * inv_h;
-    c *= inv_h;
+    for (int64_t j = 0; j < body; j += kLanes)
+      for (int l = 0; l < kLanes; ++l)
+        bwd_element<X, kRms>(dyr, xr, w, dw_part, db_part, mean, rstd, j + l, sum_g[l], sum_gx[l]);
+    for (int64_t j = body; j < H; ++j)
+      bwd_element<X, kRms>(dyr, xr, w, dw_part, db_part, mean, rstd, j, sum_g[j - body], sum_gx[j - body]);
+    const float a = kRms ? 0.f : reduce_lanes(sum_g) * inv_h;
+    const float c = reduce_lanes(sum_gx) * inv_h;
     // Pass 2 (from L1): dx.
     for (int64_t k = 0; k < H; ++k) {
       const float xh = (X::load(xr[k]) - mean) * rstd;

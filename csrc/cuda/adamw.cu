@@ -22,7 +22,6 @@ using AdamwArgs = MultiTensorArgs<AdamwTensor, kMaxTensors, kMaxBlocks>;
 
 template <typename G>
 __global__ void __launch_bounds__(kThreads) check_kernel(AdamwArgs args, int* found) {
-  if (*(volatile int*)found) return;  // another block already found one
   const AdamwTensor& t = args.tensors[args.block_tensor[blockIdx.x]];
   const int64_t start = (int64_t)args.block_chunk[blockIdx.x] * kChunk;
   const int64_t end = min(start + kChunk, t.n);
