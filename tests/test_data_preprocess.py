@@ -155,7 +155,7 @@ def test_bad_input_leaves_no_shard(tmp_path, spm_model):
 
     (tmp_path / "k.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     p = preprocess("--input", str(tmp_path / "k.jsonl"), "--tokenizer-model", spm_model, "--output-prefix", out, ok=False)
-    one_line_error(p, "k.jsonl:1", "no field 'text'", "--json-keys")
+    one_line_error(p, "k.jsonl:1", "no string field 'text'", "--json-keys")
     p = preprocess("--input", str(tmp_path / "nope*.jsonl"), "--tokenizer-model", spm_model,
                    "--output-prefix", out, ok=False)
     one_line_error(p, "matches no file")
@@ -256,3 +256,24 @@ def test_huggingface_end_to_end(tmp_path):
     docs = text[:50_000].split("\n\n")
     assert len(ds) == len(docs)
     assert all(tok.detokenize(x[:-1]) == d for x, d in zip(ds, docs))  # byte-level BPE is lossless
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64])
+def test_blocks_cut_only_at_document_boundaries(tmp_path, chunk):
+    """read_units with tiny reads: blocks rejoin to the input and split into the same documents."""
+    from megalite.data.preprocessing import _BLANK_SEP, _cut_blank_line, _cut_line, read_units
+
+    text = b"A1\nA2\n\nB1\r\n \r\nC1\n\n\n\nD1 x\n  \t\nE1\nE2"
+    path = tmp_path / "t.txt"
+    path.write_bytes(text)
+    for cut in (_cut_blank_line, _cut_line):
+        units = [u for u, _ in read_units(str(path), chunk, cut)]
+        assert b"".join(u.data for u in units) == text
+        assert units[-1].last and not any(u.last for u in units[:-1])
+        for u in units[:-1]:
+            assert u.data.endswith(b"\n")
+        if cut is _cut_blank_line:
+            docs = [d.strip("\r\n") for u in units for d in _BLANK_SEP.split(u.data.decode()) if d.strip()]
+            assert docs == ["A1\nA2", "B1", "C1", "D1 x", "E1\nE2"]
+            lines = [u.line for u in units]
+            assert lines == [1 + b"".join(x.data for x in units[:i]).count(b"\n") for i in range(len(units))]

@@ -89,14 +89,17 @@ def read_units(path, chunk_bytes, cut):
                 data, start = (data[len(BOM):] if data.startswith(BOM) else data), False
             if not data:
                 break
-            # Search the new bytes plus a margin, for a boundary that straddles two reads.
-            window = (parts[-1][-256:] if parts else b"") + data
-            pos = cut(window)
+            pos = cut(data)
+            if pos >= 0:
+                cut_at = size + pos
+            elif parts:  # a boundary (blank line) may straddle the previous read and this one
+                tail = parts[-1][-256:]
+                pos = cut(tail + data[:256])
+                cut_at = size - len(tail) + pos
             parts.append(data)
             size += len(data)
             if pos < 0:
                 continue
-            cut_at = size - len(window) + pos
             buf = b"".join(parts) if len(parts) > 1 else data
             block, rest = buf[:cut_at], buf[cut_at:]
             parts, size = ([rest], len(rest)) if rest else ([], 0)
@@ -190,29 +193,36 @@ def _decode(unit):
         ) from None
 
 
+def _bad_field(unit, n, obj, keys):
+    have = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+    missing = [k for k in keys if not isinstance(obj, dict) or not isinstance(obj.get(k), str)]
+    return MegaliteError(
+        f"{unit.path}:{unit.line + n}: no string field {', '.join(missing)!r} (it has: {have}); "
+        f"choose fields with --json-keys"
+    )
+
+
 def _parse(units):
     """-> list of documents (tuples of texts, one per key), list of (first, last) or None."""
     keys, mode = _W["keys"], _W["mode"]
     docs = []
     if mode == "jsonl":
+        loads, single = json.loads, keys[0] if len(keys) == 1 else None
         for unit in units:
             for n, line in enumerate(unit.data.split(b"\n")):
-                if not line.strip():
+                if not line or line.isspace():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = loads(line)
                 except ValueError as e:
                     raise MegaliteError(f"{unit.path}:{unit.line + n}: not valid JSON ({e}); fix or remove the line") from None
-                try:
-                    texts = tuple(obj[k] for k in keys)
-                except (KeyError, TypeError):
-                    have = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-                    raise MegaliteError(
-                        f"{unit.path}:{unit.line + n}: no field {', '.join(k for k in keys if not isinstance(obj, dict) or k not in obj)!r} "
-                        f"(it has: {have}); choose fields with --json-keys"
-                    ) from None
-                if not all(isinstance(t, str) for t in texts):
-                    raise MegaliteError(f"{unit.path}:{unit.line + n}: field {keys} is not a string; fix the line")
+                try:  # the common single-key case without a generator per line: it is the hot loop
+                    texts = (obj[single],) if single is not None else tuple(obj[k] for k in keys)
+                except (KeyError, TypeError, IndexError):
+                    raise _bad_field(unit, n, obj, keys) from None
+                for t in texts:
+                    if type(t) is not str:
+                        raise _bad_field(unit, n, obj, keys)
                 docs.append(texts)
         return docs, None
     if mode == "blank":
@@ -225,11 +235,20 @@ def _parse(units):
     return [(_decode(u),) for u in units], [(u.first, u.last) for u in units]
 
 
-def _flatten(ids, dtype):
-    """list of id sequences -> (tokens dtype[sum], lengths int64[len])."""
-    lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
+def _flatten(ids, dtype, eod=None):
+    """list of id sequences -> (tokens dtype[sum], lengths int64[len]), eod after each if given."""
+    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
     if not ids:
         return np.zeros(0, dtype), lengths
+    if eod is not None:
+        lengths += 1
+        if isinstance(ids[0], np.ndarray):  # interleave [ids, eod, ids, eod, ...]: one concatenate
+            parts, e = [None] * (2 * len(ids)), np.array([eod], dtype=ids[0].dtype)
+            parts[0::2], parts[1::2] = ids, [e] * len(ids)
+            ids = parts
+        else:
+            for x in ids:
+                x.append(eod)
     if isinstance(ids[0], np.ndarray):
         return np.concatenate(ids).astype(dtype, copy=False), lengths
     return np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths.sum())), lengths
@@ -245,37 +264,37 @@ def process(units):
         docs = [tuple(normalize_whitespace(t) for t in d) for d in docs]
     if pieces is None:  # blank in every key: "empty", whatever --min-chars says
         n = len(docs)
-        docs = [d for d in docs if any(not t.isspace() and t for t in d)]
+        if len(keys) == 1:
+            docs = [d for d in docs if d[0] and not d[0].isspace()]
+        else:
+            docs = [d for d in docs if any(t and not t.isspace() for t in d)]
         dropped["empty"] += n - len(docs)
-    chars = np.fromiter((sum(map(len, d)) for d in docs), np.int64, count=len(docs))
+    chars = None
+    if pieces is not None or _W["min_chars"] > 0:
+        chars = np.fromiter((sum(map(len, d)) for d in docs), np.int64, count=len(docs))
     if pieces is None and _W["min_chars"] > 0:
         keep = chars >= _W["min_chars"]
         dropped["min_chars"] += int((~keep).sum())
         docs = [d for d, k in zip(docs, keep) if k]
         chars = chars[keep]
+    # Pieces of a long document get their EOD from the main process, at the document's end.
+    eod = _W["eod"] if pieces is None else None
     tokens, lengths = [], []
     for k in range(len(keys)):
-        t, n = _flatten(tok.tokenize_batch([d[k] for d in docs]), dtype)
+        t, n = _flatten(tok.tokenize_batch([d[k] for d in docs]), dtype, eod)
         tokens.append(t)
         lengths.append(n)
-    if pieces is None and docs:  # drop documents without a single token, in every key
-        keep = np.sum(lengths, axis=0) > 0
+    if pieces is None and docs:  # drop documents without a single text token, in every key
+        keep = np.sum(lengths, axis=0) > (0 if eod is None else len(keys))
         if not keep.all():
             dropped["empty"] += int((~keep).sum())
             for k in range(len(keys)):
                 tokens[k] = tokens[k][np.repeat(keep, lengths[k])]
                 lengths[k] = lengths[k][keep]
             docs = [d for d, kk in zip(docs, keep) if kk]
-            chars = chars[keep]
     hashes = None
     if _W["dedup"]:
         hashes = [hashlib.blake2b("\x1f".join(d).encode("utf-8", "surrogatepass"), digest_size=16).digest()
                   for d in docs]
-    if pieces is None and _W["eod"] is not None:  # pieces get their EOD from the main process
-        for k in range(len(keys)):
-            tokens[k] = np.insert(tokens[k], np.cumsum(lengths[k]), np.array(_W["eod"], dtype))
-            lengths[k] = lengths[k] + 1
-    return {
-        "tokens": tokens, "lengths": lengths, "hashes": hashes, "chars": chars,
-        "pieces": pieces, "dropped": dropped, "bytes": sum(len(u.data) for u in units),
-    }
+    return {"tokens": tokens, "lengths": lengths, "hashes": hashes, "chars": chars, "pieces": pieces,
+            "dropped": dropped}

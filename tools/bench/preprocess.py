@@ -12,6 +12,8 @@ Tokenizer: a sentencepiece BPE (vocab 4000) trained on tinyshakespeare by tools/
   end-to-end   `tools/preprocess.py --workers N --append-eod` as a subprocess: text tokens (EODs
                not counted) / wall seconds from launch to exit, start-up, reading, JSON parsing,
                writing and renaming included
+  cpu ratio    the same two, in tokens per CPU-second (all processes, start-up included): what
+               the wall ratio tends to on an idle machine, and far less sensitive to other load
   memory       peak over the run of the summed PSS (shared pages counted once) of the preprocess
                process and its workers, sampled every 20 ms with psutil
   index        GPTDataset index build for 10^9 tokens (500k documents, seq 2048; sparse .bin)
@@ -24,6 +26,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import struct
 import subprocess
@@ -62,6 +65,7 @@ def _init_encoder(model):
 
 def _encode_share(bounds):
     lo, hi = bounds
+    cpu0 = time.process_time()
     n, i = 0, lo
     while i < hi:  # ~1 MB batches, like preprocess's chunks
         j, size = i, 0
@@ -70,15 +74,15 @@ def _encode_share(bounds):
             j += 1
         n += sum(len(x) for x in _TOK.tokenize_batch(_DOCS[i:j]))
         i = j
-    return n
+    return n, time.process_time() - cpu0
 
 
 def ceiling(pool, workers):
     step = -(-len(_DOCS) // workers)
     shares = [(k * step, min(len(_DOCS), (k + 1) * step)) for k in range(workers)]
     t0 = time.perf_counter()
-    tokens = sum(pool.map(_encode_share, shares, chunksize=1))
-    return tokens, time.perf_counter() - t0
+    parts = pool.map(_encode_share, shares, chunksize=1)
+    return sum(p[0] for p in parts), time.perf_counter() - t0, sum(p[1] for p in parts)
 
 
 def tree_pss(proc):
@@ -95,6 +99,7 @@ def tree_pss(proc):
 def end_to_end(corpus, model, out, workers):
     cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess.py"), "--input", corpus,
            "--tokenizer-model", model, "--append-eod", "--workers", str(workers), "--output-prefix", out]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps, peak, stop = psutil.Process(proc.pid), [0], threading.Event()
@@ -111,12 +116,14 @@ def end_to_end(corpus, model, out, workers):
     sampler.start()
     stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run's whole process tree, reaped
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     stop.set()
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"preprocess failed:\n{stderr}")
     ds = IndexedDataset(out + "_text_document")
-    return ds.num_tokens - ds.num_documents, seconds, peak[0], stdout.strip()
+    return ds.num_tokens - ds.num_documents, seconds, cpu, peak[0], stdout.strip()
 
 
 def index_build(tmp):
@@ -155,20 +162,26 @@ def main():
             _DOCS[:] = make_corpus(corpus, copies)
             mb = os.path.getsize(corpus) / 2**20
             pool = mp.get_context("fork").Pool(a.workers, initializer=_init_encoder, initargs=(model,))
-            ceil, e2e, mem = [], [], []
+            ceil, e2e, mem, ceil_cpu, e2e_cpu = [], [], [], [], []
             for _ in range(a.repeats):
-                tokens, sec = ceiling(pool, a.workers)
+                tokens, sec, cpu = ceiling(pool, a.workers)
                 ceil.append(tokens / sec)
-                t2, sec2, peak, summary = end_to_end(corpus, model, os.path.join(tmp, "out"), a.workers)
+                ceil_cpu.append(tokens / cpu)
+                t2, sec2, cpu2, peak, summary = end_to_end(corpus, model, os.path.join(tmp, "out"), a.workers)
                 assert t2 == tokens, (t2, tokens)  # both count the same text tokens
                 e2e.append(t2 / sec2)
+                e2e_cpu.append(t2 / cpu2)
                 mem.append(peak / 2**20)
             pool.close()
             pool.join()
             run = {"input_mb": round(mb, 1), "documents": len(_DOCS), "tokens": tokens,
                    "ceiling_tokens_per_s": statistics.median(ceil), "e2e_tokens_per_s": statistics.median(e2e),
                    "ratio": statistics.median(e2e) / statistics.median(ceil),
+                   "ceiling_tokens_per_cpu_s": statistics.median(ceil_cpu),
+                   "e2e_tokens_per_cpu_s": statistics.median(e2e_cpu),
+                   "cpu_ratio": statistics.median(e2e_cpu) / statistics.median(ceil_cpu),
                    "peak_pss_mb": statistics.median(mem), "all_ceiling": ceil, "all_e2e": e2e, "all_pss_mb": mem,
+                   "all_ceiling_per_cpu_s": ceil_cpu, "all_e2e_per_cpu_s": e2e_cpu,
                    "last_summary": summary}
             res["runs"][f"{copies}x"] = run
             _DOCS.clear()
@@ -179,10 +192,13 @@ def main():
 
     print(f"preprocess vs raw batch encode, {a.workers} processes, median of {a.repeats} "
           f"({os.cpu_count()} CPUs)")
-    print(f"{'input':>8} {'MB':>7} {'tokens':>12} {'ceiling tok/s':>14} {'e2e tok/s':>12} {'ratio':>6} {'peak PSS MB':>12}")
+    print(f"{'input':>6} {'MB':>6} {'tokens':>11} {'ceiling tok/s':>14} {'e2e tok/s':>11} {'ratio':>6} "
+          f"{'cpu ratio':>9} {'peak PSS MB':>12}")
     for name, r in res["runs"].items():
-        print(f"{name:>8} {r['input_mb']:>7.1f} {r['tokens']:>12,} {r['ceiling_tokens_per_s']:>14,.0f} "
-              f"{r['e2e_tokens_per_s']:>12,.0f} {r['ratio']:>6.2f} {r['peak_pss_mb']:>12.1f}")
+        print(f"{name:>6} {r['input_mb']:>6.1f} {r['tokens']:>11,} {r['ceiling_tokens_per_s']:>14,.0f} "
+              f"{r['e2e_tokens_per_s']:>11,.0f} {r['ratio']:>6.2f} {r['cpu_ratio']:>9.2f} {r['peak_pss_mb']:>12.1f}")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} (above {os.cpu_count()}: wall ratios are noisy; "
+          f"'cpu ratio' compares tokens per CPU-second, main process and start-up included)")
     print(f"peak memory {a.scales[1]}x / {a.scales[0]}x input: {res['memory_growth']:.2f}")
     print(f"index build: {res['index_build']['tokens']:,} tokens in {res['index_build']['seconds']:.2f} s")
     if a.json:
