@@ -7,7 +7,7 @@ Examples:
   python tools/preprocess.py --input-format text --blank-line-docs --input book.txt \\
       --tokenizer-model tok.model --append-eod --output-prefix data/book
 
-How it streams: the main process reads the input in ~1 MB blocks cut at document boundaries and
+How it streams: the main process reads the input in ~0.5 MB blocks cut at document boundaries and
 hands them to --workers processes, at most a few blocks ahead of the writer; workers parse,
 clean and tokenize; the main process writes results in input order as they arrive. Memory thus
 stays flat whatever the input size (except --dedup, which remembers 16 bytes + a set entry per
@@ -86,9 +86,9 @@ def get_parser():
     g.add_argument("--workers", type=int, default=1,
                    help="tokenizer processes (default 1: tokenize in the main process); the main "
                         "process only reads and writes")
-    g.add_argument("--chunk-size-mb", type=float, default=1.0, metavar="MB",
-                   help="input handed to a worker at a time (default 1 MB); larger documents are "
-                        "cut at line ends (one-document-per-file text)")
+    g.add_argument("--chunk-size-mb", type=float, default=0.5, metavar="MB",
+                   help="input handed to a worker at a time (default 0.5 MB: less than that costs "
+                        "speed, more costs memory); bigger one-document text files are cut at line ends")
     g.add_argument("--log-interval", type=int, default=100000, metavar="DOCS",
                    help="without a terminal, log progress every this many documents (and at least "
                         "every 30 s); on a terminal a progress bar is shown instead")

@@ -14,8 +14,8 @@ Tokenizer: a sentencepiece BPE (vocab 4000) trained on tinyshakespeare by tools/
                writing and renaming included
   cpu ratio    the same two, in tokens per CPU-second (all processes, start-up included): what
                the wall ratio tends to on an idle machine, and far less sensitive to other load
-  memory       peak over the run of the summed PSS (shared pages counted once) of the preprocess
-               process and its workers, sampled every 20 ms with psutil
+  memory       peak (and median) over the run of the summed PSS (shared pages counted once) of the
+               preprocess process and its workers, sampled every 20 ms with psutil
   index        GPTDataset index build for 10^9 tokens (500k documents, seq 2048; sparse .bin)
 
 Runs alternate ceiling and end-to-end, so load from other processes hits both alike; medians
@@ -102,12 +102,12 @@ def end_to_end(corpus, model, out, workers):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ps, peak, stop = psutil.Process(proc.pid), [0], threading.Event()
+    ps, samples, stop = psutil.Process(proc.pid), [], threading.Event()
 
     def sample():
         while not stop.is_set():
             try:
-                peak[0] = max(peak[0], tree_pss(ps))
+                samples.append(tree_pss(ps))
             except psutil.NoSuchProcess:
                 return
             time.sleep(0.02)
@@ -123,7 +123,7 @@ def end_to_end(corpus, model, out, workers):
     if proc.returncode != 0:
         raise SystemExit(f"preprocess failed:\n{stderr}")
     ds = IndexedDataset(out + "_text_document")
-    return ds.num_tokens - ds.num_documents, seconds, cpu, peak[0], stdout.strip()
+    return ds.num_tokens - ds.num_documents, seconds, cpu, max(samples), statistics.median(samples), stdout.strip()
 
 
 def index_build(tmp):
@@ -162,16 +162,17 @@ def main():
             _DOCS[:] = make_corpus(corpus, copies)
             mb = os.path.getsize(corpus) / 2**20
             pool = mp.get_context("fork").Pool(a.workers, initializer=_init_encoder, initargs=(model,))
-            ceil, e2e, mem, ceil_cpu, e2e_cpu = [], [], [], [], []
+            ceil, e2e, mem, mem_median, ceil_cpu, e2e_cpu = [], [], [], [], [], []
             for _ in range(a.repeats):
                 tokens, sec, cpu = ceiling(pool, a.workers)
                 ceil.append(tokens / sec)
                 ceil_cpu.append(tokens / cpu)
-                t2, sec2, cpu2, peak, summary = end_to_end(corpus, model, os.path.join(tmp, "out"), a.workers)
+                t2, sec2, cpu2, peak, typical, summary = end_to_end(corpus, model, os.path.join(tmp, "out"), a.workers)
                 assert t2 == tokens, (t2, tokens)  # both count the same text tokens
                 e2e.append(t2 / sec2)
                 e2e_cpu.append(t2 / cpu2)
                 mem.append(peak / 2**20)
+                mem_median.append(typical / 2**20)
             pool.close()
             pool.join()
             run = {"input_mb": round(mb, 1), "documents": len(_DOCS), "tokens": tokens,
@@ -180,7 +181,8 @@ def main():
                    "ceiling_tokens_per_cpu_s": statistics.median(ceil_cpu),
                    "e2e_tokens_per_cpu_s": statistics.median(e2e_cpu),
                    "cpu_ratio": statistics.median(e2e_cpu) / statistics.median(ceil_cpu),
-                   "peak_pss_mb": statistics.median(mem), "all_ceiling": ceil, "all_e2e": e2e, "all_pss_mb": mem,
+                   "peak_pss_mb": statistics.median(mem), "median_pss_mb": statistics.median(mem_median),
+                   "all_ceiling": ceil, "all_e2e": e2e, "all_pss_mb": mem,
                    "all_ceiling_per_cpu_s": ceil_cpu, "all_e2e_per_cpu_s": e2e_cpu,
                    "last_summary": summary}
             res["runs"][f"{copies}x"] = run
@@ -193,10 +195,10 @@ def main():
     print(f"preprocess vs raw batch encode, {a.workers} processes, median of {a.repeats} "
           f"({os.cpu_count()} CPUs)")
     print(f"{'input':>6} {'MB':>6} {'tokens':>11} {'ceiling tok/s':>14} {'e2e tok/s':>11} {'ratio':>6} "
-          f"{'cpu ratio':>9} {'peak PSS MB':>12}")
+          f"{'cpu ratio':>9} {'peak PSS MB':>12} {'median PSS MB':>14}")
     for name, r in res["runs"].items():
         print(f"{name:>6} {r['input_mb']:>6.1f} {r['tokens']:>11,} {r['ceiling_tokens_per_s']:>14,.0f} "
-              f"{r['e2e_tokens_per_s']:>11,.0f} {r['ratio']:>6.2f} {r['cpu_ratio']:>9.2f} {r['peak_pss_mb']:>12.1f}")
+              f"{r['e2e_tokens_per_s']:>11,.0f} {r['ratio']:>6.2f} {r['cpu_ratio']:>9.2f} {r['peak_pss_mb']:>12.1f} {r['median_pss_mb']:>14.1f}")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} (above {os.cpu_count()}: wall ratios are noisy; "
           f"'cpu ratio' compares tokens per CPU-second, main process and start-up included)")
     print(f"peak memory {a.scales[1]}x / {a.scales[0]}x input: {res['memory_growth']:.2f}")
