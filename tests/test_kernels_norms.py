@@ -177,3 +177,8 @@ def test_compiled_kernels_used(monkeypatch):
     report = {r["op"]: r for r in ops.kernel_report()}
     assert report["layer_norm"]["impl"] == "reference"
     assert "MEGALITE_KERNELS" in report["layer_norm"]["reason"]
+
+
+def test_scalar_input_rejected():
+    with pytest.raises(ValueError, match="at least one dimension"):
+        ops.rms_norm(torch.tensor(1.0), None, 1e-5)

@@ -32,7 +32,9 @@ def _param(t, x):
 
 
 def _check(name, x, weight, bias=None):
-    n = x.shape[-1] if x.dim() else None
+    if x.dim() == 0:
+        raise ValueError(f"{name}: input must have at least one dimension")
+    n = x.shape[-1]
     for what, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.dim() != 1 or t.shape[0] != n):
             raise ValueError(f"{name}: {what} has shape {tuple(t.shape)} but the input's last dim is {n}")

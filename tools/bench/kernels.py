@@ -16,6 +16,7 @@ Cases and goals (2-core CPU, 2 threads):
                   bf16                                                              goal >= 1.5
   layer_norm_*    ops.layer_norm fwd+bwd vs F.layer_norm, 8192x768 and 8192x2048: bf16 >= 1.5,
                   fp32 >= 1.0 (rms_norm_* vs F.rms_norm: no goal, for information)
+  adamw_* vs D2D  CUDA only: the AdamW step against a device copy of as many bytes  goal >= 0.85
   flatten         flatten_into + unflatten_from of 100 tensors (25M elements) vs one memcpy-
                   like copy of the same bytes each way (dst.copy_(src))            goal >= 0.8
 
@@ -195,6 +196,26 @@ def bench_flatten(device, numel, tensors, repeats):
                    note="baseline: dst.copy_(src) of one contiguous tensor each way")
 
 
+def bench_adamw_roofline(device, numel, tensors, repeats):
+    """CUDA only: the fp32 step's bandwidth (28 B/param) against a device-to-device copy of
+    the same number of bytes (the goal: >= 85% of the copy's bandwidth)."""
+    per = numel // tensors
+    p = [torch.randn(per, device=device) for _ in range(tensors)]
+    g = [torch.randn(per, device=device) * 1e-3 for _ in range(tensors)]
+    m = [torch.zeros_like(x) for x in p]
+    v = [torch.zeros_like(x) for x in p]
+    src = torch.empty(14 * numel // 4, device=device)  # a copy reads and writes 14 B per param
+    dst = torch.empty_like(src)
+
+    def ours():
+        ops.fused_adamw_(p, g, m, v, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=1)
+
+    row = compare(f"adamw_fp32 {numel / 1e6:g}M vs D2D copy", ours, lambda: dst.copy_(src), device, repeats,
+                  bytes_moved=28 * numel, goal=0.85,
+                  note="ratio = copy time / AdamW time for the same bytes moved (32 B/param with the check)")
+    return row
+
+
 def bench_flatten_loop(device, numel, tensors, repeats):
     """For information: our flatten against the per-tensor copy loop a user would write."""
     per = numel // tensors
@@ -232,6 +253,8 @@ def run_all(args):
     adam_n, adam_t = (2_000_000, 10) if q else (50_000_000, 50)
     rows.append(bench_adamw_fp32(device, adam_n, adam_t, reps))
     rows.append(bench_adamw_mixed(device, adam_n, adam_t, reps))
+    if device.type == "cuda":
+        rows.append(bench_adamw_roofline(device, adam_n, adam_t, reps))
     norm_rows = 512 if q else 8192
     for hidden in (768, 2048):
         for dtype in (torch.bfloat16, torch.float32):
@@ -281,7 +304,7 @@ def main(argv=None):
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "malloc_reuse": os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES,
         "quick": args.quick, "load_avg": os.getloadavg(),
-        "kernels": ops.kernel_report() if device.type == "cpu" else ops.kernel_report(),
+        "kernels": ops.kernel_report(),
     }
     print_table(rows, meta)
     if args.json:
