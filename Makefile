@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PYTHON) tools/bench/train_step.py
 	$(PYTHON) tools/bench/preprocess.py
 	$(PYTHON) tools/bench/tensor_parallel.py
+	$(PYTHON) tools/bench/pipeline.py
 
 clean:
 	rm -rf build megalite/*.so *.egg-info runs

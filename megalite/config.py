@@ -68,6 +68,14 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, "tensor-parallel size (ranks splitting each layer)")
     pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (stages of layers)")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = _f(
+        None, "interleaved 1F1B: layers per model chunk; each stage holds num_layers / (PP x "
+        "this) chunks, which cuts the pipeline bubble by that factor")
+    decoder_first_pipeline_num_layers: Optional[int] = _f(
+        None, "uneven pipeline: layers on the first stage (the other stages share the rest "
+        "evenly); it also holds the embedding")
+    decoder_last_pipeline_num_layers: Optional[int] = _f(
+        None, "uneven pipeline: layers on the last stage (which also holds the head and loss)")
     sequence_parallel: bool = _f(
         False, "split norms, dropout and residuals along the sequence over TP ranks")
     recompute_granularity: Optional[Literal["full", "selective"]] = _f(
@@ -266,10 +274,6 @@ class Config:
                 f"world size {world_size} is not divisible by tensor-parallel {tp} x "
                 f"pipeline-parallel {pp}; launch a multiple of {tp * pp} processes")
         self._validate_tensor_parallel(groups)
-        if m.num_layers % pp:
-            raise MegaliteError(
-                f"--num-layers {m.num_layers} is not divisible by "
-                f"--pipeline-model-parallel-size {pp}")
         dp = world_size // (tp * pp)
         if t.global_batch_size is None:
             t.global_batch_size = t.micro_batch_size * dp
@@ -278,6 +282,23 @@ class Config:
                 f"--global-batch-size {t.global_batch_size} is not divisible by "
                 f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}; "
                 f"use a multiple of {t.micro_batch_size * dp}")
+        self._validate_pipeline(dp)
+
+    def _validate_pipeline(self, dp: int) -> None:
+        """Stage sizes (even, uneven, virtual) and the interleaved schedule's constraint."""
+        from megalite.parallel.schedules import pipeline_layout, virtual_pipeline_size
+        m, p, t = self.model, self.parallel, self.training
+        pp = p.pipeline_model_parallel_size
+        vp = virtual_pipeline_size(m.num_layers, pp, p.num_layers_per_virtual_pipeline_stage)
+        pipeline_layout(m.num_layers, pp, vp, p.decoder_first_pipeline_num_layers,
+                        p.decoder_last_pipeline_num_layers)
+        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        if vp > 1 and n_micro % pp:
+            raise MegaliteError(
+                f"the interleaved schedule needs the number of micro-batches to be a multiple "
+                f"of --pipeline-model-parallel-size {pp}; --global-batch-size "
+                f"{t.global_batch_size} / (--micro-batch-size {t.micro_batch_size} x "
+                f"data-parallel size {dp}) = {n_micro}")
 
     def _validate_tensor_parallel(self, groups: int) -> None:
         """What tensor parallelism (and sequence parallelism, recomputation) needs to divide."""

@@ -27,7 +27,9 @@ from megalite.parallel import random as prandom
 from megalite.parallel import state
 from megalite.parallel.data import finalize_model_grads
 from megalite.parallel.layers import init_parameters
-from megalite.parallel.pipeline import forward_backward_no_pipelining
+from megalite.parallel.pipeline import (get_forward_backward_func, p2p_tensor_shape,
+                                       pipeline_layout, pipeline_mean_loss, stage_module,
+                                       virtual_pipeline_size)
 from megalite.training import checkpoint as ckpt
 from megalite.training.data import batch_iterator, build_datasets, resolve_vocab_size
 from megalite.training.metrics import MetricsWriter, memory_stats, peak_tflops
@@ -56,16 +58,27 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
-def build_model(cfg, vocab_size, device):
-    """This rank's part of the model, initialised from the seed alone."""
-    st = state.get()
-    per_stage = cfg.model.num_layers // st.pp
-    layers = list(range(st.pp_rank * per_stage, (st.pp_rank + 1) * per_stage))
-    model = GPTModel(cfg.model, vocab_size, pre_process=st.is_first_stage,
-                     post_process=st.is_last_stage, layer_numbers=layers,
-                     sequence_parallel=cfg.parallel.sequence_parallel)
-    init_parameters(model, cfg.training.seed)
-    return model.to(device)
+def build_model(cfg, vocab_size, device, unpadded_vocab_size=None):
+    """This rank's part of the model: its model chunks (one per virtual pipeline stage, one
+    without interleaving), each initialised from the seed alone."""
+    st, p = state.get(), cfg.parallel
+    vp = virtual_pipeline_size(cfg.model.num_layers, st.pp,
+                               p.num_layers_per_virtual_pipeline_stage)
+    layout = pipeline_layout(cfg.model.num_layers, st.pp, vp,
+                             p.decoder_first_pipeline_num_layers,
+                             p.decoder_last_pipeline_num_layers)
+    chunks = []
+    for c, layers in enumerate(layout[st.pp_rank]):
+        # The embedding lives on the first virtual stage, head and loss on the last.
+        model = GPTModel(cfg.model, vocab_size, pre_process=st.is_first_stage and c == 0,
+                         post_process=st.is_last_stage and c == vp - 1, layer_numbers=layers,
+                         sequence_parallel=cfg.parallel.sequence_parallel,
+                         unpadded_vocab_size=unpadded_vocab_size,
+                         recompute_granularity=cfg.parallel.recompute_granularity,
+                         recompute_num_layers=cfg.parallel.recompute_num_layers)
+        init_parameters(model, cfg.training.seed)
+        chunks.append(model.to(device))
+    return chunks
 
 
 def _autocast(cfg, device):
@@ -77,19 +90,22 @@ def _autocast(cfg, device):
 
 
 @torch.no_grad()
-def evaluate(model, cfg, valid_ds, vocab_size, device, autocast):
+def evaluate(chunks, cfg, valid_ds, vocab_size, device, autocast):
     """Mean loss over the first eval_iters global batches of the validation split (the same
     batches every time, so successive evaluations compare like with like)."""
     st = state.get()
-    model.eval()
+    for c in chunks:
+        c.eval()
     it = batch_iterator(valid_ds, cfg.training.micro_batch_size, 0, 0, vocab_size, device)
     n_micro = cfg.num_microbatches(st.world_size)
+    forward_backward = get_forward_backward_func(st.pp, len(chunks))
     losses = []
     for _ in range(cfg.training.eval_iters):
-        losses += forward_backward_no_pipelining(model, it, n_micro, forward_only=True,
-                                                 autocast=autocast)
-    model.train()
-    loss = torch.stack(losses).mean()
+        losses += forward_backward(chunks, it, n_micro, forward_only=True, autocast=autocast,
+                                   tensor_shape=p2p_tensor_shape(cfg, st.tp))
+    for c in chunks:
+        c.train()
+    loss = pipeline_mean_loss(losses)   # computed on the last stage, known on every stage
     if st.dp > 1:
         dist.all_reduce(loss, group=st.dp_group)
         loss /= st.dp
@@ -108,9 +124,6 @@ def pretrain(cfg):
                           backend=cfg.parallel.distributed_backend, device=device,
                           timeout_minutes=cfg.parallel.distributed_timeout_minutes)
     device = st.device
-    if st.pp > 1:
-        raise MegaliteError("pipeline parallelism is not available yet; use "
-                            "--pipeline-model-parallel-size 1")
     prandom.seed_everything(t.seed, device)
     log = MetricsWriter(st.rank == st.world_size - 1, cfg.logging.metrics_file,
                         cfg.logging.tensorboard_dir)
@@ -118,7 +131,10 @@ def pretrain(cfg):
     # 2. Model, optimizer, schedule.
     tokenizer, vocab = resolve_vocab_size(cfg)
     vocab_padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, st.tp)
-    model = build_model(cfg, vocab_padded, device)
+    chunks = build_model(cfg, vocab_padded, device, unpadded_vocab_size=vocab)
+    model = stage_module(chunks)   # all chunks as one module: optimizer, checkpoints, grads
+    forward_backward = get_forward_backward_func(st.pp, len(chunks))
+    p2p_shape = p2p_tensor_shape(cfg, st.tp)   # every activation passed between stages
     optimizer = build_optimizer(model, cfg)
     schedule = build_lr_schedule(cfg)
     scaler = DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window, t.hysteresis) \
@@ -188,15 +204,15 @@ def pretrain(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_scale = scaler.scale if scaler else 1.0
-            losses = forward_backward_no_pipelining(model, train_iter, n_micro,
-                                                    loss_scale=loss_scale, autocast=autocast)
+            losses = forward_backward(chunks, train_iter, n_micro, loss_scale=loss_scale,
+                                      autocast=autocast, tensor_shape=p2p_shape)
             finalize_model_grads(model)
             grad_norm = global_grad_norm(list(model.parameters())).item() / loss_scale
             found_inf = not math.isfinite(grad_norm)
             if found_inf and scaler is None:
                 raise MegaliteError(
                     f"the gradient norm is {grad_norm} at iteration {iteration + 1} (loss "
-                    f"{torch.stack(losses).mean().item():.4g}): training diverged; lower --lr, "
+                    f"{pipeline_mean_loss(losses).item():.4g}): training diverged; lower --lr, "
                     f"raise --lr-warmup-iters or use --clip-grad, then resume from the last "
                     f"checkpoint")
             if not found_inf:
@@ -209,7 +225,7 @@ def pretrain(cfg):
             optimizer.zero_grad(set_to_none=True)
             iteration += 1
             consumed += t.global_batch_size
-            loss = torch.stack(losses).mean()
+            loss = pipeline_mean_loss(losses)   # computed on the last stage, known on all
             if st.dp > 1:
                 dist.all_reduce(loss, group=st.dp_group)
                 loss /= st.dp
@@ -246,7 +262,7 @@ def pretrain(cfg):
 
             # -- evaluate, early stop --
             if valid_ds is not None and iteration % t.eval_interval == 0:
-                valid_loss = evaluate(model, cfg, valid_ds, vocab, device, autocast)
+                valid_loss = evaluate(chunks, cfg, valid_ds, vocab, device, autocast)
                 log.log({"iteration": iteration, "valid_loss": valid_loss,
                          "valid_ppl": math.exp(min(valid_loss, 50))},
                         f"validation at iter {iteration}: loss {valid_loss:.4f} | "
