@@ -203,3 +203,15 @@ def test_cuda_flatten_round_trip(dtype):
     # Misaligned slices of the buffer take the narrower copy paths.
     ops.flatten_into(src[:3], buf[1:])
     assert torch.equal(buf[1:1 + 18], torch.cat([t.reshape(-1) for t in src[:3]]))
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="torch has CUDA: the forced build can succeed")
+def test_forced_cuda_build_fails_loudly_without_cuda():
+    """MEGALITE_BUILD_CUDA=1 on a machine that cannot build the CUDA kernels is an error, not a
+    silent CPU-only install; a bad value of the flag is one too."""
+    import sys
+    for value, message in (("1", "MEGALITE_BUILD_CUDA=1 but torch"), ("yes", "must be 0 or 1")):
+        env = dict(os.environ, MEGALITE_BUILD_CUDA=value)
+        run = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode != 0 and message in run.stderr, run.stderr
