@@ -12,8 +12,9 @@
 Layout (Megatron's). Every trainable parameter gets `param.main_grad`, an fp32 view into one
 flat buffer per parameter dtype, laid out in reverse order of registration (roughly the order
 in which backward produces the grads). The buffer is cut into buckets by
-`ops.assign_buckets`. A post-accumulate-grad hook moves the freshly computed grad (any dtype)
-into main_grad, frees it (so a bf16 model holds one fp32 grad per param, not two grads) and,
+`ops.assign_buckets`. A post-accumulate-grad hook adds the freshly computed grad (any dtype),
+divided by DP, into main_grad, frees it (so a bf16 model holds one fp32 grad per param, not
+two) and,
 on the last micro-batch with --overlap-grad-reduce, marks the param ready; a bucket whose
 params are all ready launches its async collective. Buckets launch in index order only, so
 every rank issues the same collectives in the same order (a requirement of gloo and NCCL).
@@ -200,12 +201,20 @@ class DistributedDataParallel:
     @torch.no_grad()
     def _grad_hook(self, param):
         b = self._bucket_of[param]
-        if param.grad is not None:
+        grad, main, s = param.grad, param.main_grad, 1.0 / self.dp
+        if grad is not None:
+            # Each grad goes in divided by DP, so the all-reduced sum is the mean with no
+            # extra pass over the buffer (exact for power-of-two DP: the same numbers as
+            # dividing the sum). The first micro-batch copies: no zeroing pass either.
             if param in b.has_grad:
-                param.main_grad.add_(param.grad)
-            else:                              # the first micro-batch: copy, no zeroing pass
-                param.main_grad.copy_(param.grad)
-                b.has_grad.add(param)
+                main.add_(grad, alpha=s)
+            elif s == 1.0:
+                main.copy_(grad)
+            elif grad.dtype == main.dtype:
+                torch.mul(grad, s, out=main)
+            else:                              # bf16/fp16 grad: scale in fp32
+                main.copy_(grad).mul_(s)
+            b.has_grad.add(param)
             param.grad = None
         if self.overlap_grad_reduce and self._chunk_sync[self._chunk_of[param]] and self.dp > 1:
             if b.grad_work is not None:
@@ -247,7 +256,6 @@ class DistributedDataParallel:
 
     def _launch(self, b):
         self._zero_missing(b)
-        b.grad_data.mul_(1.0 / self.dp)        # the mean over replicas, as a sum of scaled parts
         if self.reduce_scatter:
             b.grad_work = _reduce_scatter(b.shard(b.grad_data, self.dp_rank), b.grad_data,
                                           group=self.group, async_op=True)
@@ -340,11 +348,6 @@ class DistributedDataParallel:
                 if module is not chunk:
                     module.register_forward_pre_hook(lambda m, args: wait_for(m))
             chunk.register_forward_pre_hook(chunk_hook)
-
-    # -- bookkeeping ------------------------------------------------------------------------
-    def buffer_bytes(self):
-        """Bytes of the grad buffers (what --use-distributed-optimizer does not shard)."""
-        return sum(t.untyped_storage().nbytes() for t in self.grad_buffers.values())
 
 
 def _all_reduce_coalesced(grads, group, scale=1.0):

@@ -21,11 +21,10 @@ import torch.distributed as dist
 
 from megalite.errors import MegaliteError
 from megalite.model.gpt import GPTModel, flops_per_token, num_parameters, padded_vocab_size
-from megalite.optim import build_lr_schedule, build_optimizer, clip_coefficient, global_grad_norm
-from megalite.optim.loss_scaler import DynamicLossScaler
+from megalite.optim import build_lr_schedule, build_optimizer, cast_params, model_dtype
 from megalite.parallel import random as prandom
 from megalite.parallel import state
-from megalite.parallel.data import finalize_model_grads
+from megalite.parallel.data import DistributedDataParallel, finalize_model_grads
 from megalite.parallel.layers import init_parameters
 from megalite.parallel.pipeline import (get_forward_backward_func, p2p_tensor_shape,
                                        pipeline_layout, pipeline_mean_loss, stage_module,
@@ -82,11 +81,9 @@ def build_model(cfg, vocab_size, device, unpadded_vocab_size=None):
 
 
 def _autocast(cfg, device):
-    t = cfg.training
-    if not (t.bf16 or t.fp16):
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if t.bf16 else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    # --bf16/--fp16 cast the parameters themselves (the fp32 master copy lives in the
+    # optimizer), so forward runs in the model's dtype without autocast; the loss is fp32.
+    return contextlib.nullcontext
 
 
 @torch.no_grad()
@@ -113,7 +110,7 @@ def evaluate(chunks, cfg, valid_ds, vocab_size, device, autocast):
 
 
 def pretrain(cfg):
-    t, o = cfg.training, cfg.optimizer
+    t = cfg.training
 
     # 1. Process groups (layout checked before anything waits), RNG streams.
     device = torch.device(t.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -135,10 +132,19 @@ def pretrain(cfg):
     model = stage_module(chunks)   # all chunks as one module: optimizer, checkpoints, grads
     forward_backward = get_forward_backward_func(st.pp, len(chunks))
     p2p_shape = p2p_tensor_shape(cfg, st.tp)   # every activation passed between stages
-    optimizer = build_optimizer(model, cfg)
+    # Mixed precision: bf16/fp16 params, fp32 grads (in the DDP buffers) and fp32 main params
+    # (in the optimizer, which also owns the fp16 loss scaler). Data parallel: bucketed grad
+    # sync, overlapped with backward; with --use-distributed-optimizer, ZeRO-1.
+    cast_params(chunks, model_dtype(t))
+    par = cfg.parallel
+    ddp = DistributedDataParallel(chunks, bucket_size=par.ddp_bucket_size,
+                                  overlap_grad_reduce=par.overlap_grad_reduce,
+                                  use_distributed_optimizer=par.use_distributed_optimizer,
+                                  overlap_param_gather=par.overlap_param_gather)
+    no_sync = ddp.no_sync if len(chunks) == 1 else ddp.no_sync_per_chunk()
+    optimizer = build_optimizer(model, cfg, ddp)
     schedule = build_lr_schedule(cfg)
-    scaler = DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window, t.hysteresis) \
-        if t.fp16 else None
+    scaler = optimizer.scaler
     autocast = _autocast(cfg, device)
     counts = num_parameters(cfg.model, vocab_padded)
     log.print(f"megalite: {counts['total'] / 1e6:.2f}M parameters "
@@ -159,9 +165,11 @@ def pretrain(cfg):
         else:
             meta, shard = loaded
             model.load_state_dict(shard["model"])
+            optimizer.reload_model_params()   # fp32 main params <- the loaded weights
             if not cfg.checkpoint.no_load_optim:
                 iteration, consumed = meta["iteration"], meta["consumed_samples"]
-                optimizer.load_state_dict(shard["optimizer"])
+                optimizer.load_state_dict(shard["optimizer"], ckpt.optimizer_shard_reader(
+                    cfg.checkpoint.load, meta["iteration"]))
                 if scaler is not None and shard["loss_scaler"]:
                     scaler.load_state_dict(shard["loss_scaler"])
             if not cfg.checkpoint.no_load_rng:
@@ -184,6 +192,9 @@ def pretrain(cfg):
 
     def save():
         nonlocal last_saved
+        # Params all-gathered in the background must be whole before they are saved (and
+        # before the process exits: every exit path saves).
+        ddp.finish_param_sync()
         if cfg.checkpoint.save and last_saved != iteration:
             last_saved = iteration
             ckpt.save_checkpoint(cfg.checkpoint.save, iteration, model, optimizer, schedule,
@@ -203,26 +214,21 @@ def pretrain(cfg):
             lr = schedule(iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_scale = scaler.scale if scaler else 1.0
+            loss_scale = optimizer.loss_scale
             losses = forward_backward(chunks, train_iter, n_micro, loss_scale=loss_scale,
-                                      autocast=autocast, tensor_shape=p2p_shape)
-            finalize_model_grads(model)
-            grad_norm = global_grad_norm(list(model.parameters())).item() / loss_scale
-            found_inf = not math.isfinite(grad_norm)
-            if found_inf and scaler is None:
+                                      autocast=autocast, tensor_shape=p2p_shape, no_sync=no_sync)
+            finalize_model_grads(model, ddp)
+            # The global norm (over TP, PP and DP shards), the inf/nan check, clipping,
+            # unscaling and the fp16 loss-scale update all happen in the optimizer's step.
+            stepped, grad_norm = optimizer.step()
+            if not stepped and scaler is None:
                 raise MegaliteError(
                     f"the gradient norm is {grad_norm} at iteration {iteration + 1} (loss "
                     f"{pipeline_mean_loss(losses).item():.4g}): training diverged; lower --lr, "
                     f"raise --lr-warmup-iters or use --clip-grad, then resume from the last "
                     f"checkpoint")
-            if not found_inf:
-                # Unscaling and clipping ride along in the optimizer's one pass over the grads.
-                optimizer.step(grad_scale=loss_scale / clip_coefficient(grad_norm, o.clip_grad))
-                found_inf = optimizer.found_inf
-            if scaler is not None:
-                scaler.update(found_inf)
-                skipped += int(found_inf)
-            optimizer.zero_grad(set_to_none=True)
+            skipped += int(not stepped)
+            optimizer.zero_grad()
             iteration += 1
             consumed += t.global_batch_size
             loss = pipeline_mean_loss(losses)   # computed on the last stage, known on all
