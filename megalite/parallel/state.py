@@ -12,6 +12,7 @@ ordinary ones with no communication at all.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -141,6 +142,10 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
         dist.init_process_group(
             backend=backend or ("nccl" if device.type == "cuda" else "gloo"),
             init_method=init_method, timeout=datetime.timedelta(minutes=timeout_minutes), **kw)
+        # Tear the groups down before the interpreter does: left to its final teardown, a
+        # gloo group's worker threads can be destroyed unjoined, and the process aborts
+        # ("terminate called without an active exception") after a run that succeeded.
+        atexit.register(destroy)
     me = dist.get_rank()
 
     # new_group is collective over the whole world: every rank creates every group, in the

@@ -35,10 +35,13 @@ _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 
 
 class CommTimer:
-    """Wall time and count of TP collectives while `enabled` (benchmarks only)."""
+    """Wall time and count of TP collectives while `enabled` (benchmarks only). With
+    `synchronize` (CUDA) the device is drained before and after each one, so the time is the
+    collective's own rather than its launch's: that serialises the step, so only benchmarks
+    turn it on."""
 
     def __init__(self):
-        self.enabled, self.seconds, self.calls = False, 0.0, 0
+        self.enabled, self.synchronize, self.seconds, self.calls = False, False, 0.0, 0
 
     def reset(self):
         self.seconds, self.calls = 0.0, 0
@@ -52,10 +55,14 @@ def _timed():
     if not comm_timer.enabled:
         yield
         return
+    if comm_timer.synchronize:
+        torch.cuda.synchronize()
     tic = time.perf_counter()
     try:
         yield
     finally:
+        if comm_timer.synchronize:
+            torch.cuda.synchronize()
         comm_timer.seconds += time.perf_counter() - tic
         comm_timer.calls += 1
 

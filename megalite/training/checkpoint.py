@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from megalite.errors import MegaliteError
 from megalite.parallel import state
+from megalite.parallel import layers
 from megalite.parallel.layers import unshard
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -66,8 +67,8 @@ def _fsync_dir(path):
 
 
 def partition_info(model):
-    return {n: (getattr(p, "tp_partition_dim", None), getattr(p, "tp_partition_stride", 1))
-            for n, p in model.named_parameters()}
+    """name -> (dim, stride, group_layout): what `unshard` needs to rebuild the full tensor."""
+    return {n: layers.partition_info(p) for n, p in model.named_parameters()}
 
 
 def save_checkpoint(root, iteration, model, optimizer, schedule, loss_scaler, consumed_samples,
@@ -225,8 +226,8 @@ def load_full_model_state(root, iteration=None):
     for pp_rank in range(pp):
         shards = [read_shard(root, it, t, pp_rank) for t in range(tp)]
         for name in shards[0]["model"]:
-            dim, stride = shards[0]["partition"].get(name, (None, 1))
+            info = shards[0]["partition"].get(name, (None, 1))
             if name in full:  # the last stage's copy of a tied embedding
                 continue
-            full[name] = unshard([s["model"][name] for s in shards], dim, stride)
+            full[name] = unshard([s["model"][name] for s in shards], *info)
     return full, meta
