@@ -97,6 +97,9 @@ class Bucket:
 
 
 class DistributedDataParallel:
+    """Grad buffers, buckets and hooks for this rank's model (a module or a list of model
+    chunks); see the module docstring. bucket_size is in elements (--ddp-bucket-size)."""
+
     def __init__(self, modules, *, bucket_size=None, overlap_grad_reduce=False,
                  use_distributed_optimizer=False, overlap_param_gather=False):
         st = state.get()
@@ -159,7 +162,7 @@ class DistributedDataParallel:
         index_buckets.sort(key=lambda b: b[0])
 
         pad = self.dp if self.use_distributed_optimizer else 1
-        layout = []                            # (dtype, [params], {p: (start, end)}, numel)
+        layout = []              # (dtype, params, {p: (start, end)}, padded numel, offset)
         sizes = {}
         for idx in index_buckets:
             bparams = [params[i] for i in idx]
