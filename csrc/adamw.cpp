@@ -34,44 +34,38 @@ struct NoCopy {  // stands in for the model-copy type when there is none
   static MEGALITE_INLINE float store(float f) { return f; }
 };
 
-// Software prefetch. One core keeps only so many cache misses in flight, and on this class of
-// machine a sweep is limited by that (per-core latency), not by DRAM: asking for the lines a few
-// KB ahead of the loop keeps more misses in flight. __builtin_prefetch is a plain builtin, so
-// it is fine inside the ISA clones; prefetching past the end of an array is harmless.
-constexpr int64_t kBlock = 256;  // elements per inner loop; prefetches are issued per block
+// Software prefetch for the read-only check. A single read stream per core is latency-bound
+// (one core keeps only so many misses in flight, and the hardware prefetcher is cautious with
+// one stream); asking for the lines a few KB ahead made the check sweep ~1.3x faster here. The
+// update sweep has four read streams and gains nothing from it (measured), so it has none.
+// __builtin_prefetch is a plain builtin, fine inside the ISA clones; prefetching past the end
+// of an array is harmless.
+constexpr int64_t kBlock = 256;  // elements per inner loop of the check; one prefetch burst each
 template <typename T, int kLocality>
 MEGALITE_INLINE void prefetch_ahead(const T* p, int64_t distance_bytes) {
   const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + uintptr_t(distance_bytes);  // may be past the end
   for (int64_t k = 0; k < kBlock * int64_t(sizeof(T)); k += 64)
     __builtin_prefetch(reinterpret_cast<const void*>(ahead + uintptr_t(k)), 0, kLocality);
 }
-constexpr int64_t kUpdatePrefetch = 4096;   // bytes ahead, per stream, into L1
-constexpr int64_t kCheckPrefetch = 32768;   // bytes ahead for the read-only check, into L2
+constexpr int64_t kCheckPrefetch = 8192;  // bytes ahead
 
 // The hot loop. Plain scalar code that GCC vectorises for each ISA clone.
 template <typename G, typename C, bool kCopy>
 MEGALITE_ISA_CLONES void adamw_update(float* __restrict p, const typename G::T* __restrict g,
                                       float* __restrict m, float* __restrict v,
                                       typename C::T* __restrict copy, int64_t n, AdamwScalars s) {
-  for (int64_t b = 0; b < n; b += kBlock) {
-    prefetch_ahead<float, 3>(p + b, kUpdatePrefetch);
-    prefetch_ahead<float, 3>(m + b, kUpdatePrefetch);
-    prefetch_ahead<float, 3>(v + b, kUpdatePrefetch);
-    prefetch_ahead<typename G::T, 3>(g + b, kUpdatePrefetch * int64_t(sizeof(typename G::T)) / 4);
-    const int64_t e = std::min(n, b + kBlock);
-    for (int64_t i = b; i < e; ++i) {
-      const float gi = G::load(g[i]) * s.inv_scale;
-      float pi = p[i];
-      pi = pi - pi * s.lr_wd;
-      const float mi = m[i] + s.one_minus_b1 * (gi - m[i]);
-      const float vi = v[i] * s.beta2 + gi * gi * s.one_minus_b2;
-      const float denom = __builtin_sqrtf(vi) * s.inv_bc2_sqrt + s.eps;
-      pi = pi - s.step_size * mi / denom;
-      p[i] = pi;
-      m[i] = mi;
-      v[i] = vi;
-      if (kCopy) copy[i] = C::store(pi);
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = G::load(g[i]) * s.inv_scale;
+    float pi = p[i];
+    pi = pi - pi * s.lr_wd;
+    const float mi = m[i] + s.one_minus_b1 * (gi - m[i]);
+    const float vi = v[i] * s.beta2 + gi * gi * s.one_minus_b2;
+    const float denom = __builtin_sqrtf(vi) * s.inv_bc2_sqrt + s.eps;
+    pi = pi - s.step_size * mi / denom;
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    if (kCopy) copy[i] = C::store(pi);
   }
 }
 
@@ -82,7 +76,7 @@ MEGALITE_ISA_CLONES uint32_t max_abs_bits(const typename G::T* __restrict g, int
   constexpr uint32_t kMask = sizeof(typename G::T) == 4 ? 0x7fffffffu : 0x7fffu;
   uint32_t mx = 0;
   for (int64_t b = 0; b < n; b += kBlock) {
-    prefetch_ahead<typename G::T, 2>(g + b, kCheckPrefetch);
+    prefetch_ahead<typename G::T, 3>(g + b, kCheckPrefetch);
     const int64_t e = std::min(n, b + kBlock);
     for (int64_t i = b; i < e; ++i) mx = std::max(mx, G::bits(g[i]) & kMask);
   }
