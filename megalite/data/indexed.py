@@ -221,7 +221,7 @@ class IndexedDatasetWriter:
     from pieces; add_index(prefix) appends a whole existing shard (merging).
     """
 
-    _SPOOL_FLUSH = 1 << 20  # entries buffered before they go to the spool files
+    _SPOOL_FLUSH = 1 << 16  # entries buffered before they go to the spool files (~0.5 MB)
 
     def __init__(self, path_prefix, dtype=np.int32):
         self.path_prefix = strip_suffix(str(path_prefix))

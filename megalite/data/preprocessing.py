@@ -162,7 +162,7 @@ def normalize_whitespace(text):
 
 
 def return_freed_memory():
-    """Give the ~1 MB blocks their own mmap, so freeing one returns it to the OS. glibc's default
+    """Give the ~0.5 MB blocks their own mmap, so freeing one returns it to the OS. glibc's default
     raises that threshold after the first such free, after which the blocks come from the heap,
     fragment it, and resident memory creeps up with the input size instead of staying flat."""
     try:
