@@ -86,6 +86,18 @@ class MixedPrecisionOptimizer:
                                 f"param group")
         self.pieces = [Piece(p, ddp.names[p], s, e, group_of[p]) for p, s, e in self._owned()]
         self._allocate_state()
+        # The kernel's tensor lists never change: build them once (one list per kind of
+        # piece: an fp32 param is its own main param, a bf16/fp16 one gets a model copy).
+        self._kinds = []
+        for with_copy in (False, True):
+            pcs = [pc for pc in self.pieces if (pc.main is not pc.model) == with_copy]
+            if pcs:
+                self._kinds.append((pcs, dict(
+                    params=[pc.main for pc in pcs], grads=[pc.grad for pc in pcs],
+                    exp_avgs=[pc.exp_avg for pc in pcs], exp_avg_sqs=[pc.exp_avg_sq for pc in pcs],
+                    model_copies=[pc.model for pc in pcs] if with_copy else None)))
+        self._norm_args = ([pc.param for pc in self.pieces],
+                           [pc.grad.view(pc.param.shape) for pc in self.pieces])
 
     # -- which elements this rank owns -------------------------------------------------------
     def _owned(self):
@@ -130,8 +142,7 @@ class MixedPrecisionOptimizer:
 
     def grad_norm(self) -> torch.Tensor:
         """The global norm of the (still loss-scaled) grads."""
-        return global_grad_norm([pc.param for pc in self.pieces],
-                                [pc.grad.view(pc.param.shape) for pc in self.pieces])
+        return global_grad_norm(*self._norm_args)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -156,18 +167,14 @@ class MixedPrecisionOptimizer:
         """One fused kernel call per kind of piece (with or without a low-precision copy)."""
         found = False
         step = float(self.step_count + 1)
-        for with_copy in (False, True):
-            pcs = [pc for pc in self.pieces if (pc.main is not pc.model) == with_copy]
-            if not pcs:
-                continue
-            groups = [self.param_groups[pc.group] for pc in pcs]
+        for pcs, tensors in self._kinds:
+            groups = [self.param_groups[pc.group] for pc in pcs]   # lr changes every step
             found |= multi_tensor_adamw_(
-                [pc.main for pc in pcs], [pc.grad for pc in pcs],
-                [pc.exp_avg for pc in pcs], [pc.exp_avg_sq for pc in pcs],
-                lr=[float(g["lr"]) for g in groups], beta1=[float(g["betas"][0]) for g in groups],
+                **tensors, lr=[float(g["lr"]) for g in groups],
+                beta1=[float(g["betas"][0]) for g in groups],
                 beta2=[float(g["betas"][1]) for g in groups], eps=[float(g["eps"]) for g in groups],
                 weight_decay=[float(g["weight_decay"]) for g in groups], step=[step] * len(pcs),
-                grad_scale=grad_scale, model_copies=[pc.model for pc in pcs] if with_copy else None)
+                grad_scale=grad_scale)
         return found
 
     def _after_step(self):
