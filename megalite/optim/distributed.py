@@ -43,7 +43,9 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                     yield p, a - s, z - s
 
     def grad_norm(self) -> torch.Tensor:
-        return sharded_grad_norm([(pc.param, pc.grad, pc.start, pc.end) for pc in self.pieces])
+        if not hasattr(self, "_norm_pieces"):
+            self._norm_pieces = [(pc.param, pc.grad, pc.start, pc.end) for pc in self.pieces]
+        return sharded_grad_norm(self._norm_pieces)
 
     def _after_step(self):
         self.ddp.start_param_sync()            # in the background with --overlap-param-gather

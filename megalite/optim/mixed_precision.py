@@ -96,8 +96,6 @@ class MixedPrecisionOptimizer:
                     params=[pc.main for pc in pcs], grads=[pc.grad for pc in pcs],
                     exp_avgs=[pc.exp_avg for pc in pcs], exp_avg_sqs=[pc.exp_avg_sq for pc in pcs],
                     model_copies=[pc.model for pc in pcs] if with_copy else None)))
-        self._norm_args = ([pc.param for pc in self.pieces],
-                           [pc.grad.view(pc.param.shape) for pc in self.pieces])
 
     # -- which elements this rank owns -------------------------------------------------------
     def _owned(self):
@@ -142,6 +140,9 @@ class MixedPrecisionOptimizer:
 
     def grad_norm(self) -> torch.Tensor:
         """The global norm of the (still loss-scaled) grads."""
+        if not hasattr(self, "_norm_args"):    # whole params here: views shaped like them
+            self._norm_args = ([pc.param for pc in self.pieces],
+                               [pc.grad.view(pc.param.shape) for pc in self.pieces])
         return global_grad_norm(*self._norm_args)
 
     @torch.no_grad()
