@@ -18,13 +18,11 @@ optimizer train 10 iterations on real text with the losses of one process (withi
 import json
 import os
 import time
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port, run_cli
+from conftest import rank_guard, run_cli, spawn
 
 WORLD = 4
 SEED = 1234
@@ -187,7 +185,7 @@ def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
     from megalite.parallel import state
     torch.set_num_threads(1)
-    try:
+    with rank_guard(out_dir, rank):
         state.initialize(1, backend="gloo", device=torch.device("cpu"), timeout_minutes=2,
                          rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
         halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -216,26 +214,7 @@ def _worker(rank, world, port, out_dir):
         state.set_state(full_state)
         res["seconds"] = time.time() - tic
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        state.destroy()
 
-
-def spawn(fn, nprocs, *args, timeout=150):
-    """Run fn(rank, nprocs, port, *args) in nprocs processes; fail (never hang) on timeout."""
-    port = free_port()
-    ctx = mp.start_processes(fn, args=(nprocs, port, *args), nprocs=nprocs, join=False,
-                             start_method="spawn")
-    deadline = time.time() + timeout
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"spawned ranks did not finish in {timeout} s")
 
 
 @pytest.fixture(scope="module")

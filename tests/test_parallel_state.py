@@ -11,13 +11,11 @@ with one line before anything joins or waits.
 import itertools
 import os
 import time
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import free_port, rank_guard, spawn
 from megalite.errors import MegaliteError
 from megalite.parallel import state
 
@@ -96,35 +94,10 @@ def test_bad_layout_fails_before_joining():
     assert not torch.distributed.is_initialized()
 
 
-def spawn(fn, nprocs, out_dir, timeout=150):
-    """Run fn(rank, nprocs, port, out_dir) in nprocs CPU processes; never hang.
-
-    forkserver: the server imports torch once and forks each rank from it, which on 2 busy
-    cores is ~10x faster than 'spawn' re-importing torch in every rank, and unlike plain fork
-    it copies no thread pool of this (pytest) process. A rank that raises writes
-    rank{N}.err, which the error message quotes.
-    """
-    import multiprocessing
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "megalite.parallel.state"])
-    ctx = mp.start_processes(fn, args=(nprocs, free_port(), str(out_dir)), nprocs=nprocs,
-                             join=False, start_method="forkserver")
-    deadline = time.time() + timeout
-    try:
-        while not ctx.join(timeout=2):
-            if time.time() > deadline:
-                raise TimeoutError(f"{nprocs} ranks did not finish in {timeout} s")
-    except Exception as e:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-        errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
-                if f.endswith(".err")]
-        raise AssertionError(f"{e}\n" + "\n".join(errs)) from None
-
 
 def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
-    try:
+    with rank_guard(out_dir, rank):
         torch.set_num_threads(1)
         st = state.initialize(TP, PP, backend="gloo", device=torch.device("cpu"),
                               timeout_minutes=1, rank=rank, world_size=world,
@@ -145,12 +118,6 @@ def _worker(rank, world, port, out_dir):
             dist.all_reduce(x, group=group)
             report["sums"][kind] = x.item()
         torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        state.destroy()
 
 
 def test_groups_of_a_real_world_of_8(tmp_path):

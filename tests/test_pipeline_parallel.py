@@ -11,13 +11,11 @@ bitwise equal. Memory: the activation bytes stage 0 holds at its peak do not cha
 
 import os
 import time
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import rank_guard, spawn
 
 SEED = 1234
 VOCAB = 200          # padded to 256 for TP 1 and 2
@@ -234,7 +232,7 @@ def _memory_case():
 
 def _worker(rank, world, port, out_dir):
     from megalite.parallel import state
-    try:
+    with rank_guard(out_dir, rank):
         torch.set_num_threads(1)
         state.initialize(1, backend="gloo", device=torch.device("cpu"), timeout_minutes=2,
                          rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
@@ -244,31 +242,7 @@ def _worker(rank, world, port, out_dir):
         if world == 2:
             results["memory"] = _memory_case()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        state.destroy()
 
-
-def spawn(world, out_dir, timeout=240):
-    """Run _worker in `world` processes; fail (never hang) on timeout or error."""
-    port = free_port()
-    ctx = mp.start_processes(_worker, args=(world, port, out_dir), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.time() + timeout
-    try:
-        while not ctx.join(timeout=2):
-            if time.time() > deadline:
-                raise TimeoutError(f"{world} spawned ranks did not finish in {timeout} s")
-    except Exception as e:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-        errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
-                if f.endswith(".err")]
-        raise AssertionError(f"{e}\n" + "\n".join(errs)) from None
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +252,7 @@ def worlds(tmp_path_factory):
     for world in CASES:
         out = tmp_path_factory.mktemp(f"pp{world}")
         tic = time.time()
-        spawn(world, str(out))
+        spawn(_worker, world, str(out), timeout=240)
         res[world] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
         res[world][0]["seconds"] = time.time() - tic
     return res

@@ -13,13 +13,11 @@ clear line.
 import json
 import os
 import time
-import traceback
 
 import pytest
 import torch
 
-from conftest import free_port, run_cli
-from test_parallel_state import spawn
+from conftest import free_port, rank_guard, run_cli, spawn
 from megalite.config import MODEL_STYLES, Config, ModelConfig
 from megalite.errors import MegaliteError
 
@@ -239,7 +237,7 @@ def _dropout_streams():
 
 def _tp_worker(rank, world, port, out_dir):
     from megalite.parallel import state
-    try:
+    with rank_guard(out_dir, rank):
         _join(rank, world, port)
         results = {"parity": {}, "recompute": {}, "cross_entropy": {}, "dropout": {}}
         refs = {style: _reference(style) for style in STYLES}
@@ -259,12 +257,6 @@ def _tp_worker(rank, world, port, out_dir):
                         results["recompute"][f"{style}-tp{tp}{'-sp' if sp else ''}"] = \
                             _recompute_case(style, sp)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        state.destroy()
 
 
 @pytest.fixture(scope="module")

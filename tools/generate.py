@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from megalite.config import Config  # noqa: E402
 from megalite.errors import MegaliteError, run_main  # noqa: E402
-from megalite.model.gpt import GPTModel, padded_vocab_size  # noqa: E402
+from megalite.model.gpt import GPTModel  # noqa: E402
 from megalite.training.checkpoint import load_full_model_state  # noqa: E402
 
 

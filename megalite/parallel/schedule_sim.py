@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from megalite.parallel.schedules import Backward, Comm, Forward, schedule_ops
+from megalite.parallel.schedules import Comm, Forward, schedule_ops
 
 
 class ScheduleError(AssertionError):
