@@ -2,8 +2,25 @@
 // MEGALITE_REGISTER (see megalite.h), and this adds them all to the module.
 #include "megalite.h"
 
+namespace {
+
+// The ISA clone the kernels run (the same test GCC's ifunc resolvers make; see megalite.h).
+const char* cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2)";
+  return "x86-64 baseline (SSE2)";
+#else
+  return "portable C++ (no ISA clones on this compiler/architecture)";
+#endif
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megalite CPU kernels: fused AdamW, LayerNorm/RMSNorm, gradient bucketing";
+  m.def("cpu_isa", &cpu_isa, "the instruction set level whose kernel clones run on this CPU");
   for (auto registrar : megalite::registrars()) registrar(m);
 }
 

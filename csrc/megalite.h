@@ -45,19 +45,22 @@ inline int add_registrar(Registrar r) {
 // ---------------------------------------------------------------------------------------------
 // Runtime ISA choice. A wheel must run on any x86-64, so nothing is compiled with -march=native;
 // the hot loops are instead compiled three times and the dynamic loader picks the best clone for
-// the CPU it runs on (GCC function multi-versioning, resolved once through an ifunc). The loops
-// are written so the compiler vectorises them (no cross-lane float reductions: those use
-// explicit per-lane accumulators, which also makes results identical across clones).
+// the CPU it runs on (GCC function multi-versioning, resolved once through an ifunc). The clones
+// are the x86-64 micro-architecture levels, which GCC dispatches on CPU *features*
+// (__builtin_cpu_supports("x86-64-v4")): v4 = AVX-512 F/BW/DQ/VL, v3 = AVX2/FMA/F16C. (Not
+// arch=skylake-avx512 and the like: those are dispatched on the CPU *model*, so every newer or
+// virtualised CPU silently gets the baseline clone.) The loops are written so the compiler
+// vectorises them (no cross-lane float reductions: those use explicit per-lane accumulators,
+// which also makes results identical across clones).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MEGALITE_ISA_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MEGALITE_ISA_CLONES
 #endif
 
 // Helpers called from the cloned loops must be inlined into each clone (an out-of-line helper is
-// compiled once, for the baseline ISA). GCC allows always_inline of target-less functions into
-// arch= clones.
+// compiled once, for the baseline ISA). GCC inlines before it clones, so always_inline works.
 #define MEGALITE_INLINE inline __attribute__((always_inline))
 
 // Lanes of the explicit accumulators: one AVX-512 register of fp32, two AVX2 ones.

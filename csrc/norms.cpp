@@ -1,11 +1,12 @@
 // LayerNorm and RMSNorm over the last dimension on the CPU, forward and backward.
 //
 // Input x (and dy) in fp32, bf16 or fp16; every statistic and every accumulation in fp32. A row
-// (hidden <= a few thousand) fits in L1, so each kernel streams a row from memory once and then
+// (hidden <= a few thousand) fits in L1, so each kernel reads a row from memory once and then
 // re-reads it from cache: one pass over x for the forward (write y), one pass over x and dy for
-// the backward (write dx). Weight and bias arrive as fp32 (the Python side converts them; they
-// are tiny) and may be absent. dweight/dbias are reduced per thread, in blocks of rows, then
-// across threads in a fixed order, so results do not depend on timing.
+// the backward (write dx). Large outputs bypass the cache (streaming stores). Weight and bias
+// arrive as fp32 (the Python side converts them; they are tiny) and may be absent.
+// dweight/dbias are reduced per thread, in blocks of rows, then across threads in a fixed
+// order, so results do not depend on timing.
 #include <cmath>
 #include <map>
 #include <mutex>
@@ -31,7 +32,7 @@ template <typename X, bool kRms>
 MEGALITE_ISA_CLONES void norm_fwd_rows(const typename X::T* __restrict x, const float* __restrict w,
                                        const float* __restrict b, typename X::T* __restrict y,
                                        float* __restrict mean_out, float* __restrict rstd_out,
-                                       int64_t rows, int64_t H, float eps) {
+                                       typename X::T* __restrict stage, int64_t rows, int64_t H, float eps) {
   const float inv_h = 1.f / float(H);
   const int64_t body = H / kLanes * kLanes;
   for (int64_t r = 0; r < rows; ++r) {
@@ -57,11 +58,13 @@ MEGALITE_ISA_CLONES void norm_fwd_rows(const typename X::T* __restrict x, const 
       acc[j - body] += d * d;
     }
     const float rstd = 1.f / std::sqrt(reduce_lanes(acc) * inv_h + eps);
+    typename X::T* __restrict out = stage ? stage : yr;
     for (int64_t j = 0; j < H; ++j) {
       float v = (X::load(xr[j]) - mean) * rstd * w[j];
       if (!kRms) v += b[j];
-      yr[j] = X::store(v);
+      out[j] = X::store(v);
     }
+    if (stage) stream_copy(yr, stage, H * sizeof(typename X::T));
     if (!kRms) mean_out[r] = mean;
     rstd_out[r] = rstd;
   }
@@ -90,7 +93,7 @@ MEGALITE_ISA_CLONES void norm_bwd_rows(const typename X::T* __restrict dy, const
                                        const float* __restrict mean_in, const float* __restrict rstd_in,
                                        const float* __restrict w, typename X::T* __restrict dx,
                                        float* __restrict dw_part, float* __restrict db_part,
-                                       int64_t rows, int64_t H) {
+                                       typename X::T* __restrict stage, int64_t rows, int64_t H) {
   const float inv_h = 1.f / float(H);
   const int64_t body = H / kLanes * kLanes;
   for (int64_t r = 0; r < rows; ++r) {
@@ -109,10 +112,12 @@ MEGALITE_ISA_CLONES void norm_bwd_rows(const typename X::T* __restrict dy, const
     const float a = kRms ? 0.f : reduce_lanes(sum_g) * inv_h;
     const float c = reduce_lanes(sum_gx) * inv_h;
     // Pass 2 (from L1): dx.
+    typename X::T* __restrict out = stage ? stage : dxr;
     for (int64_t k = 0; k < H; ++k) {
       const float xh = (X::load(xr[k]) - mean) * rstd;
-      dxr[k] = X::store(rstd * (X::load(dyr[k]) * w[k] - a - xh * c));
+      out[k] = X::store(rstd * (X::load(dyr[k]) * w[k] - a - xh * c));
     }
+    if (stage) stream_copy(dxr, stage, H * sizeof(typename X::T));
   }
 }
 
@@ -122,6 +127,13 @@ MEGALITE_ISA_CLONES void add_into(float* __restrict dst, float* __restrict src, 
     src[j] = 0.f;
   }
 }
+
+// Outputs larger than the caches (y, dx of a training-size batch) are written with streaming
+// stores, one staged row at a time: a normal store reads each destination line first, which
+// for an output the size of the input is a third more memory traffic. Smaller outputs stay in
+// the cache, where the next op finds them.
+constexpr int64_t kStreamingBytes = int64_t(8) << 20;
+bool streams(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamingBytes; }
 
 // Rows per parallel task: about 64K elements, so small inputs stay on one thread.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1)); }
@@ -159,9 +171,12 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const c10::optional<at::Te
     float* mp = mean.data_ptr<float>();
     float* rp = rstd.data_ptr<float>();
     const float *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+    const bool streaming = streams(y);
     at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
+      std::vector<T> stage(streaming ? H : 0);
       norm_fwd_rows<X, kRms>(xp + r0 * H, wp, bp, yp + r0 * H, kRms ? nullptr : mp + r0, rp + r0,
-                             r1 - r0, H, float(eps));
+                             streaming ? stage.data() : nullptr, r1 - r0, H, float(eps));
+      if (streaming) stream_fence();
     });
   });
   if (kRms) return {y, rstd};
@@ -204,15 +219,18 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& x, cons
     const float* mp = kRms ? nullptr : mean.data_ptr<float>();
     const float* rp = rstd.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
+    const bool streaming = streams(dx);
     at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
       at::Tensor total = at::zeros({2, H}, at::kFloat);
       std::vector<float> blk(2 * H, 0.f);
+      std::vector<T> stage(streaming ? H : 0);
       for (int64_t r = r0; r < r1; r += kBlockRows) {
         const int64_t n = std::min(kBlockRows, r1 - r);
         norm_bwd_rows<X, kRms>(dyp + r * H, xp + r * H, kRms ? nullptr : mp + r, rp + r, wp, dxp + r * H,
-                               blk.data(), blk.data() + H, n, H);
+                               blk.data(), blk.data() + H, streaming ? stage.data() : nullptr, n, H);
         add_into(total.data_ptr<float>(), blk.data(), 2 * H);
       }
+      if (streaming) stream_fence();
       std::lock_guard<std::mutex> lock(partials_mutex);
       partials.emplace(r0, total);
     });

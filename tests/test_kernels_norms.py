@@ -182,3 +182,37 @@ def test_compiled_kernels_used(monkeypatch):
 def test_scalar_input_rejected():
     with pytest.raises(ValueError, match="at least one dimension"):
         ops.rms_norm(torch.tensor(1.0), None, 1e-5)
+
+
+def test_best_isa_clone_is_selected():
+    """The kernels' ISA clones are picked by CPU features; on a CPU with AVX-512 (F, BW, DQ, VL)
+    the AVX-512 clone must be the one that runs, on one with AVX2+FMA the AVX2 one."""
+    isa = dispatch.cpu_isa()
+    assert isa is not None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo")
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= set(flags):
+        assert isa.startswith("x86-64-v4"), isa
+    elif {"avx2", "fma", "f16c", "bmi2"} <= set(flags):
+        assert isa.startswith(("x86-64-v3", "x86-64-v4")), isa
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_outputs_streaming_path(dtype):
+    """Outputs of 8 MB and more are written with streaming stores (another code path)."""
+    rows = (8 << 20) // (1027 * torch.finfo(dtype).bits // 8) + 3
+    x, w, b, dy = _inputs((rows, 1027), dtype, seed=11)
+    for rms in (False, True):
+        y = ops.rms_norm(x, w, 1e-5) if rms else ops.layer_norm(x, w, b, 1e-5)
+        got = [y] + _grads(y, dy, x, w)
+        if rms:
+            want = _ref_rms_norm(x, w, 1e-5, dy)
+        else:
+            want = _ref_layer_norm(x, w, b, 1e-5, dy)[:3]
+        for g_, w_ in zip(got[:2], want[:2]):
+            _close(g_, w_, dtype)
+        scale = max(1.0, want[2].abs().max().item())
+        torch.testing.assert_close(got[2].float() / scale, want[2].float() / scale, **TOL[dtype])

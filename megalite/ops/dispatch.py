@@ -73,6 +73,11 @@ def choose(op, device=None):
     return "reference", None, why
 
 
+def cpu_isa():
+    """Which ISA clone of the C++ kernels runs on this CPU (None without megalite._C)."""
+    return _C.cpu_isa() if _C is not None and hasattr(_C, "cpu_isa") else None
+
+
 def kernel_report():
     """One dict per op: {'op', 'impl', 'reason'} for the device a model would use here
     (CUDA when available, else CPU). reason says why a faster implementation is not used."""
@@ -82,5 +87,7 @@ def kernel_report():
         impl, _, reason = choose(op, device)
         if not reason and impl == "cpp" and op not in HOST_ONLY:
             reason = _CUDA_ERROR or "no CUDA device"
+            if cpu_isa():
+                reason += f" (CPU kernels: {cpu_isa()} clones)"
         report.append({"op": op, "impl": impl, "reason": reason})
     return report
