@@ -10,7 +10,7 @@ STAMP := build/.installed
 # then the dependencies and megalite itself, building the kernels against that torch.
 $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	$(PYTHON) -m pip install numpy pyyaml sentencepiece tqdm psutil pytest tensorboard pybind11 ninja setuptools wheel
+	$(PYTHON) -m pip install numpy pyyaml sentencepiece tqdm psutil pytest tensorboard pybind11 ninja "setuptools>=64" wheel
 	$(PYTHON) -m pip install --no-build-isolation -e .
 	$(PYTHON) -m megalite.env
 	@mkdir -p build && touch $(STAMP)

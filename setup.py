@@ -19,7 +19,13 @@ import shutil
 import sys
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    sys.exit("megalite builds its kernels against the torch you have installed, and this build "
+             "environment has none: install torch first, then `pip install "
+             "--no-build-isolation -e .`")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
