@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(PYTHON) tools/bench/preprocess.py
 	$(PYTHON) tools/bench/tensor_parallel.py
 	$(PYTHON) tools/bench/pipeline.py
+	$(PYTHON) tools/bench/data_parallel.py
+	$(PYTHON) tools/bench/pipeline.py
 
 clean:
 	rm -rf build megalite/*.so *.egg-info runs
