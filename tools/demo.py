@@ -75,8 +75,10 @@ def main():
 
     prefix = os.path.join(args.out, "tokenizer")
     print("[2/5] training a tokenizer")
+    # Code: keep newlines and indentation (identity normalisation; byte fallback for "\n").
     run([py, "tools/train_tokenizer.py", "--input", corpus, "--vocab-size", str(args.vocab_size),
-         "--model-type", "bpe", "--output-prefix", prefix])
+         "--model-type", "bpe", "--output-prefix", prefix, "--normalization", "identity",
+         "--no-remove-extra-whitespaces"])
 
     data = os.path.join(args.out, "stdlib")
     print("[3/5] preprocessing into Megatron-format shards")

@@ -61,9 +61,9 @@ class _Executor:
     """Plays one rank's list of operations on its model chunks."""
 
     def __init__(self, chunks, data_iterator, num_microbatches, *, forward_only, loss_scale,
-                 autocast, no_sync, tensor_shape, dtype, trace=None, on_op=None):
+                 no_sync, tensor_shape, dtype, trace=None, on_op=None):
         self.chunks, self.data, self.M = chunks, data_iterator, num_microbatches
-        self.forward_only, self.loss_scale, self.autocast = forward_only, loss_scale, autocast
+        self.forward_only, self.loss_scale = forward_only, loss_scale
         param = next(chunks[0].parameters())
         self.shape = tuple(tensor_shape)
         self.dtype = dtype or param.dtype
@@ -112,9 +112,8 @@ class _Executor:
         batch = next(self.data) if model.pre_process or model.post_process else {}
         grad_mode = torch.no_grad() if self.forward_only else contextlib.nullcontext()
         with grad_mode:
-            with self.autocast():
-                out = model(tokens=batch.get("tokens") if model.pre_process else None,
-                            labels=batch.get("labels"), hidden_states=x)
+            out = model(tokens=batch.get("tokens") if model.pre_process else None,
+                        labels=batch.get("labels"), hidden_states=x)
             if model.post_process:
                 loss = out.float().mean()                                # out: [b, s] losses
                 self.losses.append(loss.detach())
@@ -182,8 +181,7 @@ def _chunks(model):
 
 
 def forward_backward_no_pipelining(model, data_iterator, num_microbatches, *,
-                                   forward_only=False, loss_scale=1.0,
-                                   autocast=contextlib.nullcontext, no_sync=None, **unused):
+                                   forward_only=False, loss_scale=1.0, no_sync=None, **unused):
     """Gradient accumulation over micro-batches on a single pipeline stage.
 
     no_sync: a context manager factory that suppresses data-parallel gradient sync; it wraps
@@ -196,8 +194,7 @@ def forward_backward_no_pipelining(model, data_iterator, num_microbatches, *,
         last = i == num_microbatches - 1
         with (contextlib.nullcontext() if last or forward_only else no_sync()):
             batch = next(data_iterator)
-            with autocast():
-                per_token = model(batch["tokens"], labels=batch["labels"])   # [b, s] fp32
+            per_token = model(batch["tokens"], labels=batch["labels"])   # [b, s] fp32
             loss = per_token.float().mean()
             if not forward_only:
                 (loss * (loss_scale / num_microbatches)).backward()
@@ -206,20 +203,20 @@ def forward_backward_no_pipelining(model, data_iterator, num_microbatches, *,
 
 
 def _pipelined(order, model_chunks, data_iterator, num_microbatches, *, forward_only=False,
-               loss_scale=1.0, autocast=contextlib.nullcontext, no_sync=None, tensor_shape,
+               loss_scale=1.0, no_sync=None, tensor_shape,
                dtype=None, trace=None, on_op=None):
     st = state.get()
     chunks = _chunks(model_chunks)
     ops = order(st.pp, st.pp_rank, num_microbatches, len(chunks), forward_only)
     return _Executor(chunks, data_iterator, num_microbatches, forward_only=forward_only,
-                     loss_scale=loss_scale, autocast=autocast, no_sync=no_sync,
+                     loss_scale=loss_scale, no_sync=no_sync,
                      tensor_shape=tensor_shape, dtype=dtype, trace=trace,
                      on_op=on_op).run(ops)
 
 
 def forward_backward_pipelining_without_interleaving(model_chunks, data_iterator,
                                                      num_microbatches, **kw):
-    """1F1B. kw: forward_only, loss_scale, autocast, no_sync, tensor_shape (required),
+    """1F1B. kw: forward_only, loss_scale, no_sync, tensor_shape (required),
     dtype (default: the parameters'), trace / on_op (instrumentation)."""
     if len(_chunks(model_chunks)) != 1:
         raise MegaliteError("1F1B runs one model chunk per stage; use the interleaved schedule")

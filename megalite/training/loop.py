@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -80,14 +79,8 @@ def build_model(cfg, vocab_size, device, unpadded_vocab_size=None):
     return chunks
 
 
-def _autocast(cfg, device):
-    # --bf16/--fp16 cast the parameters themselves (the fp32 master copy lives in the
-    # optimizer), so forward runs in the model's dtype without autocast; the loss is fp32.
-    return contextlib.nullcontext
-
-
 @torch.no_grad()
-def evaluate(chunks, cfg, valid_ds, vocab_size, device, autocast):
+def evaluate(chunks, cfg, valid_ds, vocab_size, device):
     """Mean loss over the first eval_iters global batches of the validation split (the same
     batches every time, so successive evaluations compare like with like)."""
     st = state.get()
@@ -98,7 +91,7 @@ def evaluate(chunks, cfg, valid_ds, vocab_size, device, autocast):
     forward_backward = get_forward_backward_func(st.pp, len(chunks))
     losses = []
     for _ in range(cfg.training.eval_iters):
-        losses += forward_backward(chunks, it, n_micro, forward_only=True, autocast=autocast,
+        losses += forward_backward(chunks, it, n_micro, forward_only=True,
                                    tensor_shape=p2p_tensor_shape(cfg, st.tp))
     for c in chunks:
         c.train()
@@ -145,7 +138,6 @@ def pretrain(cfg):
     optimizer = build_optimizer(model, cfg, ddp)
     schedule = build_lr_schedule(cfg)
     scaler = optimizer.scaler
-    autocast = _autocast(cfg, device)
     counts = num_parameters(cfg.model, vocab_padded)
     log.print(f"megalite: {counts['total'] / 1e6:.2f}M parameters "
               f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {vocab} "
@@ -216,7 +208,7 @@ def pretrain(cfg):
                 group["lr"] = lr
             loss_scale = optimizer.loss_scale
             losses = forward_backward(chunks, train_iter, n_micro, loss_scale=loss_scale,
-                                      autocast=autocast, tensor_shape=p2p_shape, no_sync=no_sync)
+                                      tensor_shape=p2p_shape, no_sync=no_sync)
             finalize_model_grads(model, ddp)
             # The global norm (over TP, PP and DP shards), the inf/nan check, clipping,
             # unscaling and the fp16 loss-scale update all happen in the optimizer's step.
@@ -268,7 +260,7 @@ def pretrain(cfg):
 
             # -- evaluate, early stop --
             if valid_ds is not None and iteration % t.eval_interval == 0:
-                valid_loss = evaluate(chunks, cfg, valid_ds, vocab, device, autocast)
+                valid_loss = evaluate(chunks, cfg, valid_ds, vocab, device)
                 log.log({"iteration": iteration, "valid_loss": valid_loss,
                          "valid_ppl": math.exp(min(valid_loss, 50))},
                         f"validation at iter {iteration}: loss {valid_loss:.4f} | "
