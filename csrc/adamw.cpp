@@ -215,8 +215,13 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
   });
   if (found.load()) return true;
 
-  // Model copies bigger than the caches are streamed (see kStreamBlock); small ones stay cached.
-  const bool streaming = !model_copies.empty() && total >= (int64_t(4) << 20);
+  // Model copies bigger than the caches are streamed (see kStreamBlock) unless they are freshly
+  // mapped (see worth_streaming); small ones stay cached.
+  bool streaming = false;
+  if (!model_copies.empty() && total >= (int64_t(4) << 20)) {
+    const size_t largest = std::max_element(numels.begin(), numels.end()) - numels.begin();
+    streaming = worth_streaming(model_copies[largest].data_ptr(), 1, 1);
+  }
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     for_each_segment(offsets, begin, end,
                      [&](size_t i, int64_t lo, int64_t hi) { update_segment(args[i], lo, hi, streaming); });

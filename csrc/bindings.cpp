@@ -28,6 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(__x86_64__)
 #include <emmintrin.h>
 #endif
+#include <sys/mman.h>
+#include <unistd.h>
 
 namespace megalite {
 
@@ -56,6 +58,24 @@ void stream_copy(void* dst, const void* src, size_t bytes) {
 #else
   std::memcpy(dst, src, bytes);
 #endif
+}
+
+// Is the page holding p already in memory? A fresh allocation (glibc serves big ones with a new
+// mmap) is not: its first touch makes the kernel zero the page, which leaves the page's lines in
+// the cache, so plain stores then cost no extra read and streaming stores would only push the
+// zeros out first. mincore is one cheap system call.
+static bool page_resident(const char* p) {
+  static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  unsigned char vec = 0;
+  void* base = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) & ~(page - 1));
+  if (mincore(base, 1, &vec) != 0) return true;  // cannot tell: assume the common case
+  return vec & 1;
+}
+
+bool worth_streaming(const void* dst, size_t bytes, size_t threshold) {
+  if (bytes < threshold) return false;
+  const char* d = static_cast<const char*>(dst);
+  return page_resident(d) && page_resident(d + bytes / 2) && page_resident(d + bytes - 1);
 }
 
 void stream_fence() {

@@ -40,7 +40,7 @@ std::vector<std::vector<int64_t>> assign_buckets(const std::vector<int64_t>& num
 
 enum class Direction { kIntoBuffer, kOutOfBuffer };
 
-constexpr int64_t kStreamingBytes = int64_t(16) << 20;  // 16 MB
+constexpr size_t kStreamingBytes = size_t(16) << 20;  // 16 MB
 
 void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer, Direction dir) {
   const char* what = dir == Direction::kIntoBuffer ? "flatten_into" : "unflatten_from";
@@ -76,9 +76,12 @@ void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer,
   }
   const auto offsets = prefix_offsets(bytes);
   constexpr int64_t kGrainBytes = 1 << 18;  // 256 KB: below that one thread is faster
-  // Copies larger than the caches stream past them (see stream_copy); small ones stay cached,
-  // where the all-reduce that follows a flatten will find them.
-  const bool streaming = offsets.back() >= kStreamingBytes;
+  // Copies larger than the caches into memory already in use stream past the caches (see
+  // stream_copy, worth_streaming); small ones stay cached, where the all-reduce that follows a
+  // flatten will find them.
+  const bool streaming =
+      worth_streaming(dir == Direction::kIntoBuffer ? base : (tensor_ptrs.empty() ? base : tensor_ptrs[0]),
+                      size_t(offsets.back()), kStreamingBytes);
   at::parallel_for(0, offsets.back(), kGrainBytes, [&](int64_t begin, int64_t end) {
     for_each_segment(offsets, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
       char* flat = base + buffer_offsets[i] + lo;

@@ -152,8 +152,11 @@ inline void dispatch_float_type(at::ScalarType t, const char* what, Fn&& fn) {
 // x86-64, so this needs no ISA clone; it is a separate function because GCC will not inline
 // intrinsics into a target_clones function. Call stream_fence() before other threads (or the
 // caller) may read what was streamed.
+// worth_streaming: the destination is at least `threshold` bytes and already resident (a freshly
+// mapped destination is better written with plain stores: see page_resident in bindings.cpp).
 void stream_copy(void* dst, const void* src, size_t bytes);
 void stream_fence();
+bool worth_streaming(const void* dst, size_t bytes, size_t threshold);
 
 // ---------------------------------------------------------------------------------------------
 // Multi-tensor loops. A list of tensors is treated as one long index space (tensor i owns

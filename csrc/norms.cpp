@@ -19,6 +19,20 @@ namespace {
 // Row sums use kLanes independent accumulators: the compiler vectorises them without
 // reassociating floats, and every ISA clone adds in the same order. (Plain loops, no lambdas:
 // anything not inlined into a clone runs at the baseline ISA.)
+// Ask for rows ahead while this one is worked on in L1: the first pass over a row otherwise waits
+// on memory (one core keeps only so many misses in flight). Measured: the forward does best
+// asking for the whole next row at once, the backward (two input streams) asking for the row
+// after next into L2, one line per kLanes elements of its last pass. Past the end is harmless.
+template <typename T>
+MEGALITE_INLINE void prefetch_row(const T* row, int64_t H) {  // the next row, at once (forward)
+  const uintptr_t next = reinterpret_cast<uintptr_t>(row) + uintptr_t(H) * sizeof(T);
+  for (uintptr_t k = 0; k < uintptr_t(H) * sizeof(T); k += 64) __builtin_prefetch(reinterpret_cast<const void*>(next + k));
+}
+template <typename T>
+MEGALITE_INLINE void prefetch_ahead(const T* row, int64_t H, int64_t j) {  // spread (backward)
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(row + j) + 2 * H * sizeof(T)), 0, 2);
+}
+
 MEGALITE_INLINE float reduce_lanes(const float* acc) {
   float s = 0.f;
   for (int l = 0; l < kLanes; ++l) s += acc[l];
@@ -38,6 +52,7 @@ MEGALITE_ISA_CLONES void norm_fwd_rows(const typename X::T* __restrict x, const 
   for (int64_t r = 0; r < rows; ++r) {
     const typename X::T* xr = x + r * H;
     typename X::T* yr = y + r * H;
+    prefetch_row(xr, H);
     float mean = 0.f;
     if (!kRms) {
       float acc[kLanes] = {};
@@ -113,7 +128,16 @@ MEGALITE_ISA_CLONES void norm_bwd_rows(const typename X::T* __restrict dy, const
     const float c = reduce_lanes(sum_gx) * inv_h;
     // Pass 2 (from L1): dx.
     typename X::T* __restrict out = stage ? stage : dxr;
-    for (int64_t k = 0; k < H; ++k) {
+    for (int64_t j = 0; j < body; j += kLanes) {
+      prefetch_ahead(xr, H, j);
+      prefetch_ahead(dyr, H, j);
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t k = j + l;
+        const float xh = (X::load(xr[k]) - mean) * rstd;
+        out[k] = X::store(rstd * (X::load(dyr[k]) * w[k] - a - xh * c));
+      }
+    }
+    for (int64_t k = body; k < H; ++k) {
       const float xh = (X::load(xr[k]) - mean) * rstd;
       out[k] = X::store(rstd * (X::load(dyr[k]) * w[k] - a - xh * c));
     }
@@ -128,12 +152,15 @@ MEGALITE_ISA_CLONES void add_into(float* __restrict dst, float* __restrict src, 
   }
 }
 
-// Outputs larger than the caches (y, dx of a training-size batch) are written with streaming
-// stores, one staged row at a time: a normal store reads each destination line first, which
-// for an output the size of the input is a third more memory traffic. Smaller outputs stay in
-// the cache, where the next op finds them.
-constexpr int64_t kStreamingBytes = int64_t(8) << 20;
-bool streams(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamingBytes; }
+// Outputs larger than the caches (y, dx of a training-size batch), when their memory is being
+// reused, are written with streaming stores, one staged row at a time: a normal store reads each
+// destination line first, a third more memory traffic for an output the size of the input.
+// Smaller outputs stay in the cache, where the next op finds them; fresh pages are written with
+// plain stores (see worth_streaming).
+constexpr size_t kStreamingBytes = size_t(8) << 20;
+bool streams(const at::Tensor& out) {
+  return worth_streaming(out.data_ptr(), size_t(out.numel()) * out.element_size(), kStreamingBytes);
+}
 
 // Rows per parallel task: about 64K elements, so small inputs stay on one thread.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1)); }

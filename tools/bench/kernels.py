@@ -6,7 +6,8 @@
 
 Each case times megalite and its baseline alternately (baseline, ours, baseline, ours, ...), so
 load from other processes hits both alike, and reports medians and the ratio
-baseline_time / our_time (> 1: megalite is faster). CPU runs use --threads threads (default 2).
+baseline_time / our_time (> 1: megalite is faster), plus the median of the per-pair ratios
+("paired", steadier on a busy machine). CPU runs use --threads threads (default 2).
 
 Cases and goals (2-core CPU, 2 threads):
   adamw_fp32      FusedAdamW.step() vs torch.optim.AdamW(fused=True).step(), 50M params in 50
@@ -71,8 +72,10 @@ def compare(name, ours, baseline, device, repeats, prepare=None, bytes_moved=Non
         t_base.append(timed(baseline, device, prepare))
         t_ours.append(timed(ours, device, prepare))
     mo, mb = statistics.median(t_ours), statistics.median(t_base)
+    # Also the median of the per-pair ratios: each pair ran back to back, under the same load.
+    paired = statistics.median(b / o for b, o in zip(t_base, t_ours))
     row = {"case": name, "device": device.type, "ours_ms": mo * 1e3, "baseline_ms": mb * 1e3,
-           "ratio": mb / mo, "goal": goal, "note": note,
+           "ratio": mb / mo, "ratio_paired": paired, "goal": goal, "note": note,
            "ours_GBps": bytes_moved / mo / 1e9 if bytes_moved else None,
            "ours_min_ms": min(t_ours) * 1e3, "baseline_min_ms": min(t_base) * 1e3}
     row["meets_goal"] = None if goal is None else row["ratio"] >= goal
@@ -89,7 +92,7 @@ def bench_adamw_fp32(device, numel, tensors, repeats):
     grads = [torch.randn(per, generator=gen) * 1e-3 for _ in range(tensors)]
 
     def params():
-        ps = [torch.nn.Parameter(t.to(device)) for t in init]
+        ps = [torch.nn.Parameter(t.to(device, copy=True)) for t in init]
         for p, g in zip(ps, grads):
             p.grad = g.to(device)
         return ps
@@ -109,7 +112,7 @@ def bench_adamw_mixed(device, numel, tensors, repeats, scale=1024.0):
     grads0 = [(torch.randn(per, generator=gen) * 1e-3 * scale).to(device) for _ in range(tensors)]
 
     def side():
-        p = [torch.nn.Parameter(t.to(device)) for t in init]
+        p = [torch.nn.Parameter(t.to(device, copy=True)) for t in init]
         g = [x.clone() for x in grads0]
         for pi, gi in zip(p, g):
             pi.grad = gi
@@ -269,17 +272,18 @@ def run_all(args):
 
 def print_table(rows, meta):
     print(f"# {meta['device_name']} | torch {meta['torch']} | threads {meta['threads']} | "
-          f"malloc reuse {meta['malloc_reuse']} | kernels: "
+          f"load avg {meta['load_avg'][0]:.1f} | malloc reuse {meta['malloc_reuse']} | kernels: "
           + ", ".join(f"{r['op']}={r['impl']}" for r in meta["kernels"]))
-    header = f"{'case':44s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>6s} {'goal':>5s} {'ok':>3s} {'GB/s':>6s}"
+    header = (f"{'case':44s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>6s} {'paired':>6s} {'goal':>5s} {'ok':>3s} "
+              f"{'GB/s':>6s}")
     print(header)
     print("-" * len(header))
     for r in rows:
         goal = "" if r["goal"] is None else f"{r['goal']:.2f}"
         ok = "" if r["meets_goal"] is None else ("yes" if r["meets_goal"] else "NO")
         gbs = "" if r["ours_GBps"] is None else f"{r['ours_GBps']:.1f}"
-        print(f"{r['case']:44s} {r['ours_ms']:9.2f} {r['baseline_ms']:9.2f} {r['ratio']:6.2f} {goal:>5s} {ok:>3s} "
-              f"{gbs:>6s}")
+        print(f"{r['case']:44s} {r['ours_ms']:9.2f} {r['baseline_ms']:9.2f} {r['ratio']:6.2f} "
+              f"{r['ratio_paired']:6.2f} {goal:>5s} {ok:>3s} {gbs:>6s}")
 
 
 def main(argv=None):
