@@ -160,7 +160,7 @@ void check_tensor(const at::Tensor& t, const char* what, size_t i, int64_t numel
 // Returns true (and writes nothing) if any grad holds an inf or a nan.
 bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                  const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                 const std::vector<at::Tensor>& model_copies, const std::vector<double>& lr,
+                 const std::vector<c10::optional<at::Tensor>>& model_copies, const std::vector<double>& lr,
                  const std::vector<double>& beta1, const std::vector<double>& beta2,
                  const std::vector<double>& eps, const std::vector<double>& weight_decay,
                  const std::vector<double>& step, double inv_scale) {
@@ -168,7 +168,7 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
               "fused_adamw: tensor lists differ in length");
   TORCH_CHECK(model_copies.empty() || model_copies.size() == n,
-              "fused_adamw: model_copies must be empty or one per param");
+              "fused_adamw: model_copies must be empty or one (or None) per param");
   TORCH_CHECK(lr.size() == n && beta1.size() == n && beta2.size() == n && eps.size() == n &&
                   weight_decay.size() == n && step.size() == n,
               "fused_adamw: one hyperparameter value per tensor expected");
@@ -193,10 +193,11 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
     dispatch_float_type(a.g_type, "fused_adamw grad", [](auto) {});
     a.copy = nullptr;
     a.copy_type = at::ScalarType::Undefined;
-    if (!model_copies.empty()) {
-      check_tensor(model_copies[i], "model_copies", i, numel);
-      a.copy = model_copies[i].data_ptr();
-      a.copy_type = model_copies[i].scalar_type();
+    if (!model_copies.empty() && model_copies[i].has_value() && model_copies[i]->defined()) {
+      const at::Tensor& c = *model_copies[i];
+      check_tensor(c, "model_copies", i, numel);
+      a.copy = c.data_ptr();
+      a.copy_type = c.scalar_type();
       dispatch_float_type(a.copy_type, "fused_adamw model copy", [](auto) {});
     }
     a.s = scalars_for(lr[i], beta1[i], beta2[i], eps[i], weight_decay[i], step[i], inv_scale);
@@ -220,7 +221,7 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
   bool streaming = false;
   if (!model_copies.empty() && total >= (int64_t(4) << 20)) {
     const size_t largest = std::max_element(numels.begin(), numels.end()) - numels.begin();
-    streaming = worth_streaming(model_copies[largest].data_ptr(), 1, 1);
+    streaming = args[largest].copy != nullptr && worth_streaming(args[largest].copy, 1, 1);
   }
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     for_each_segment(offsets, begin, end,

@@ -244,3 +244,16 @@ def test_large_step_streams_model_copies(impl):
     for c, a in zip(copies, p):
         assert torch.equal(c, a.bfloat16())
     assert flat[0].item() == 0
+
+
+def test_some_params_without_model_copy(impl):
+    """model_copies may hold None for params that have no low-precision copy (one call for all)."""
+    p, grads, m, v, copies = _functional_inputs(torch.float32, torch.bfloat16)
+    copies[1] = copies[4] = None
+    rp, rm, rv = (copy.deepcopy(t) for t in (p, m, v))
+    assert ops.fused_adamw_(p, grads, m, v, step=2, model_copies=copies, **HYPER) is False
+    reference.fused_adamw_(rp, grads, rm, rv, step=2, **HYPER)
+    for a, b in zip(p, rp):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for c, a in zip(copies, p):
+        assert c is None or torch.equal(c, a.bfloat16())

@@ -56,7 +56,7 @@ const float* opt_f32(const c10::optional<at::Tensor>& t, const at::Tensor& x, in
 // ---- AdamW -------------------------------------------------------------------------------------
 bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                  const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                 const std::vector<at::Tensor>& model_copies, const std::vector<double>& lr,
+                 const std::vector<c10::optional<at::Tensor>>& model_copies, const std::vector<double>& lr,
                  const std::vector<double>& beta1, const std::vector<double>& beta2, const std::vector<double>& eps,
                  const std::vector<double>& weight_decay, const std::vector<double>& step, double inv_scale) {
   const size_t n = params.size();
@@ -84,11 +84,12 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
     a.g_dtype = dtype_code(grads[i].scalar_type(), "fused_adamw grad");
     a.copy = nullptr;
     a.copy_dtype = mc::kNoType;
-    if (!model_copies.empty()) {
-      check_on(model_copies[i], ref, "fused_adamw");
-      TORCH_CHECK(model_copies[i].numel() == numel, "fused_adamw: model copy ", i, " size differs");
-      a.copy = model_copies[i].data_ptr();
-      a.copy_dtype = dtype_code(model_copies[i].scalar_type(), "fused_adamw model copy");
+    if (!model_copies.empty() && model_copies[i].has_value() && model_copies[i]->defined()) {
+      const at::Tensor& c = *model_copies[i];
+      check_on(c, ref, "fused_adamw");
+      TORCH_CHECK(c.numel() == numel, "fused_adamw: model copy ", i, " size differs");
+      a.copy = c.data_ptr();
+      a.copy_dtype = dtype_code(c.scalar_type(), "fused_adamw model copy");
     }
     a.n = numel;
     // The same derivation as the CPU kernel (csrc/adamw.cpp): double, then fp32.

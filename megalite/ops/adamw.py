@@ -21,14 +21,15 @@ _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _compiled_ok(params, grads, exp_avgs, exp_avg_sqs, model_copies):
     device = params[0].device
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        ts = (p, g, m, v) if model_copies is None else (p, g, m, v, model_copies[i])
+        copy = None if model_copies is None else model_copies[i]
+        ts = (p, g, m, v) if copy is None else (p, g, m, v, copy)
         if any(t.device != device or not t.is_contiguous() for t in ts):
             return False
         if p.dtype != torch.float32 or m.dtype != torch.float32 or v.dtype != torch.float32:
             return False
         if g.dtype not in _GRAD_DTYPES:
             return False
-        if model_copies is not None and model_copies[i].dtype not in _GRAD_DTYPES:
+        if copy is not None and copy.dtype not in _GRAD_DTYPES:
             return False
     return True
 
@@ -46,7 +47,7 @@ def _validate(params, grads, exp_avgs, exp_avg_sqs, model_copies, hyper):
             raise ValueError(f"fused_adamw_: {n} params but {len(lst)} values of {name}")
     for i in range(n):
         for name, lst in lists.items():
-            if lst[i].numel() != params[i].numel():
+            if lst[i] is not None and lst[i].numel() != params[i].numel():
                 raise ValueError(f"fused_adamw_: param {i} has {params[i].numel()} elements "
                                  f"but its {name[:-1]} has {lst[i].numel()}")
 
@@ -75,7 +76,8 @@ def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps,
                  grad_scale=1.0, model_copies=None):
     """One AdamW step (decoupled weight decay, bias correction; torch.optim.AdamW's arithmetic)
     over lists of tensors, in place. grads are multiplied by 1/grad_scale. model_copies, if
-    given, receive the updated params in their own dtype (bf16/fp16 model weights).
+    given, receive the updated params in their own dtype (bf16/fp16 model weights); an entry
+    may be None (that param has no copy), so params with and without copies share one call.
 
     Returns True if any grad holds an inf or nan; then nothing at all was updated."""
     n = len(params)

@@ -87,7 +87,7 @@ def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps,
     """One AdamW step over lists of tensors, in place. Returns True (and touches nothing) if any
     grad holds an inf or nan. params/exp_avgs/exp_avg_sqs are fp32; grads fp32, bf16 or fp16 and
     multiplied by 1/grad_scale; model_copies (optional) receive the updated params in their own
-    (low-precision) dtype."""
+    (low-precision) dtype; an entry may be None (no copy for that param)."""
     n = len(params)
     return multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, lr=[lr] * n, beta1=[beta1] * n,
                                beta2=[beta2] * n, eps=[eps] * n, weight_decay=[weight_decay] * n,
@@ -113,7 +113,7 @@ def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta
         v.mul_(beta2[i]).addcmul_(g, g, value=1.0 - beta2[i])
         denom = (v.sqrt() / bc2_sqrt).add_(eps[i])
         p.addcdiv_(m, denom, value=-lr[i] / bc1)
-        if model_copies is not None:
+        if model_copies is not None and model_copies[i] is not None:
             model_copies[i].copy_(p)
     return False
 
