@@ -162,16 +162,8 @@ def read_metadata(root, iteration):
 
 
 def read_shard(root, iteration, tp_rank, pp_rank):
-    path = os.path.join(iter_dir(root, iteration), shard_name(tp_rank, pp_rank))
-    if not os.path.exists(path):
-        raise MegaliteError(f"checkpoint shard {path} is missing; the checkpoint is incomplete: "
-                            f"point {LATEST} at an earlier iteration")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or overwritten file surfaces as many error types
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MegaliteError(f"checkpoint file {path} is corrupt or truncated ({first[:120]}); "
-                            f"point {LATEST} at an earlier iteration")
+    return _load(os.path.join(iter_dir(root, iteration), shard_name(tp_rank, pp_rank)),
+                 "checkpoint shard")
 
 
 def optimizer_shard_reader(root, iteration):
@@ -181,14 +173,14 @@ def optimizer_shard_reader(root, iteration):
     def read(dp_rank):
         path = os.path.join(iter_dir(root, iteration),
                             optim_shard_name(st.tp_rank, st.pp_rank, dp_rank))
-        return _load(path, "the distributed optimizer's shard")
+        return _load(path, "the distributed optimizer's shard", " (or resume with --no-load-optim)")
     return read
 
 
-def _load(path, what):
+def _load(path, what, hint=""):
     if not os.path.exists(path):
         raise MegaliteError(f"{what} {path} is missing; the checkpoint is incomplete: point "
-                            f"{LATEST} at an earlier iteration (or resume with --no-load-optim)")
+                            f"{LATEST} at an earlier iteration{hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or overwritten file surfaces as many error types
