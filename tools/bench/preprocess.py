@@ -14,8 +14,9 @@ Tokenizer: a sentencepiece BPE (vocab 4000) trained on tinyshakespeare by tools/
                writing and renaming included
   cpu ratio    the same two, in tokens per CPU-second (all processes, start-up included): what
                the wall ratio tends to on an idle machine, and far less sensitive to other load
-  memory       peak (and median) over the run of the summed PSS (shared pages counted once) of the
-               preprocess process and its workers, sampled every 20 ms with psutil
+  memory       peak (and median) over a run of the summed PSS (shared pages counted once) of the
+               preprocess process and its workers, sampled every 20 ms with psutil in separate,
+               untimed runs (sampling costs CPU the timed runs must not lose)
   index        GPTDataset index build for 10^9 tokens (500k documents, seq 2048; sparse .bin)
 
 Runs alternate ceiling and end-to-end, so load from other processes hits both alike; medians
@@ -96,7 +97,11 @@ def tree_pss(proc):
     return total
 
 
-def end_to_end(corpus, model, out, workers):
+def end_to_end(corpus, model, out, workers, sample_memory=False):
+    """One preprocess run -> (text tokens, wall s, CPU s of the process tree, PSS samples).
+
+    Memory is sampled only in runs that are not timed: reading /proc/*/smaps_rollup 50 times a
+    second costs CPU that the 2-core machine would take from the run being timed."""
     cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess.py"), "--input", corpus,
            "--tokenizer-model", model, "--append-eod", "--workers", str(workers), "--output-prefix", out]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -113,17 +118,19 @@ def end_to_end(corpus, model, out, workers):
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    if sample_memory:
+        sampler.start()
     stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run's whole process tree, reaped
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     stop.set()
-    sampler.join()
+    if sample_memory:
+        sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"preprocess failed:\n{stderr}")
     ds = IndexedDataset(out + "_text_document")
-    return ds.num_tokens - ds.num_documents, seconds, cpu, max(samples), statistics.median(samples), stdout.strip()
+    return ds.num_tokens - ds.num_documents, seconds, cpu, samples, stdout.strip()
 
 
 def index_build(tmp):
@@ -145,7 +152,8 @@ def index_build(tmp):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each kind (median reported)")
+    p.add_argument("--memory-runs", type=int, default=1, help="extra, untimed runs that sample memory")
     p.add_argument("--scales", type=int, nargs=2, default=[10, 100], metavar=("SMALL", "LARGE"),
                    help="copies of tinyshakespeare in the small and the large input")
     p.add_argument("--json", help="write the results here")
@@ -162,19 +170,22 @@ def main():
             _DOCS[:] = make_corpus(corpus, copies)
             mb = os.path.getsize(corpus) / 2**20
             pool = mp.get_context("fork").Pool(a.workers, initializer=_init_encoder, initargs=(model,))
-            ceil, e2e, mem, mem_median, ceil_cpu, e2e_cpu = [], [], [], [], [], []
+            ceil, e2e, ceil_cpu, e2e_cpu = [], [], [], []
             for _ in range(a.repeats):
                 tokens, sec, cpu = ceiling(pool, a.workers)
                 ceil.append(tokens / sec)
                 ceil_cpu.append(tokens / cpu)
-                t2, sec2, cpu2, peak, typical, summary = end_to_end(corpus, model, os.path.join(tmp, "out"), a.workers)
+                t2, sec2, cpu2, _, summary = end_to_end(corpus, model, os.path.join(tmp, "out"), a.workers)
                 assert t2 == tokens, (t2, tokens)  # both count the same text tokens
                 e2e.append(t2 / sec2)
                 e2e_cpu.append(t2 / cpu2)
-                mem.append(peak / 2**20)
-                mem_median.append(typical / 2**20)
             pool.close()
             pool.join()
+            mem, mem_median = [], []
+            for _ in range(a.memory_runs):
+                *_, samples, _ = end_to_end(corpus, model, os.path.join(tmp, "out"), a.workers, sample_memory=True)
+                mem.append(max(samples) / 2**20)
+                mem_median.append(statistics.median(samples) / 2**20)
             run = {"input_mb": round(mb, 1), "documents": len(_DOCS), "tokens": tokens,
                    "ceiling_tokens_per_s": statistics.median(ceil), "e2e_tokens_per_s": statistics.median(e2e),
                    "ratio": statistics.median(e2e) / statistics.median(ceil),
@@ -192,8 +203,8 @@ def main():
     small, large = (res["runs"][f"{c}x"] for c in a.scales)
     res["memory_growth"] = large["peak_pss_mb"] / small["peak_pss_mb"]
 
-    print(f"preprocess vs raw batch encode, {a.workers} processes, median of {a.repeats} "
-          f"({os.cpu_count()} CPUs)")
+    print(f"preprocess vs raw batch encode, {a.workers} processes, median of {a.repeats} timed runs, "
+          f"memory from {a.memory_runs} more ({os.cpu_count()} CPUs)")
     print(f"{'input':>6} {'MB':>6} {'tokens':>11} {'ceiling tok/s':>14} {'e2e tok/s':>11} {'ratio':>6} "
           f"{'cpu ratio':>9} {'peak PSS MB':>12} {'median PSS MB':>14}")
     for name, r in res["runs"].items():
