@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from megalite.data.gpt_dataset import IndexCache, INDEX_FORMAT
+from megalite.data.gpt_dataset import INDEX_FORMAT, CachedIndices, IndexCache
 from megalite.errors import MegaliteError
 
 logger = logging.getLogger("megalite.data")
@@ -94,7 +94,7 @@ def build_blending_indices(weights, size, kernel=None):
     return dataset_index, dataset_sample_index
 
 
-class BlendedDataset:
+class BlendedDataset(CachedIndices):
     """Item i -> datasets[dataset_index[i]][dataset_sample_index[i]]; len = size exactly."""
 
     KINDS = ("dataset_index", "dataset_sample_index")
@@ -129,20 +129,6 @@ class BlendedDataset:
         for d, (ds, need) in enumerate(zip(self.datasets, counts)):
             if need > len(ds):
                 raise MegaliteError(f"blend needs {need} samples from {ds!r} which has {len(ds)}; build it with more samples")
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        for k in self.KINDS:
-            state.pop(k)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        arrays = self.cache.load()
-        if arrays is None:
-            raise MegaliteError(f"blend cache {self.cache.description} disappeared; rebuild by restarting")
-        for k in self.KINDS:
-            setattr(self, k, arrays[k])
 
     def __len__(self):
         return self.size

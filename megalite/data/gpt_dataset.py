@@ -213,7 +213,29 @@ def _atomic_write(path, write):
 
 
 # ---- the dataset ---------------------------------------------------------------------------
-class GPTDataset:
+class CachedIndices:
+    """Pickles as parameters (data-loader workers re-map the cached `.npy` files, never copy
+    them): a subclass names its index arrays in KINDS and keeps its IndexCache in self.cache."""
+
+    KINDS = ()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for k in self.KINDS:
+            state.pop(k)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        arrays = self.cache.load()
+        if arrays is None:
+            raise MegaliteError(f"index cache {self.cache.description} disappeared; rebuild by "
+                                f"restarting")
+        for k in self.KINDS:
+            setattr(self, k, arrays[k])
+
+
+class GPTDataset(CachedIndices):
     """Item i -> int64[seq_length + 1] (tokens = s[:-1], labels = s[1:]).
 
     indexed: an IndexedDataset or a shard prefix. document_range: [begin, end) documents of the
@@ -294,20 +316,6 @@ class GPTDataset:
             self.split_name, self.indexed.path_prefix, total, self.seq_length, self.num_epochs,
             self.tokens_per_epoch, seconds, self.cache.dir,
         )
-
-    def __getstate__(self):  # pickle as parameters: workers re-map the cache, never copy it
-        state = self.__dict__.copy()
-        for k in self.KINDS:
-            state.pop(k)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        arrays = self.cache.load()
-        if arrays is None:
-            raise MegaliteError(f"index cache {self.cache.description} disappeared; rebuild by restarting")
-        for k in self.KINDS:
-            setattr(self, k, arrays[k])
 
     def __len__(self):
         return len(self.shuffle_index)
