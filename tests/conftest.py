@@ -86,3 +86,14 @@ def rank_guard(out_dir, rank):
         raise
     finally:
         state.destroy()
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def impl(request, monkeypatch):
+    """Run a kernel test through the default dispatch (C++ here, CUDA on a GPU) and through
+    the forced pure-PyTorch reference."""
+    if request.param == "reference":
+        monkeypatch.setenv("MEGALITE_KERNELS", "reference")
+    else:
+        monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
+    return request.param

@@ -87,7 +87,7 @@ def test_shakespeare_end_to_end(tmp_path, spm_model):
 def test_jsonl_keys_gz_and_cleaning(tmp_path, spm_model):
     rng = np.random.default_rng(0)
     words = open(SHAKESPEARE, encoding="utf-8").read().split()
-    rows, kept = [], []
+    rows = []
     for i in range(400):
         body = " ".join(words[j] for j in rng.integers(0, len(words), rng.integers(5, 60)))
         rows.append({"text": f"doc {i}:  {body}\r\n\n\n\tend", "title": f"Title {i}", "id": i})

@@ -16,14 +16,6 @@ SIZES = [(1,), (7,), (0,), (33, 17), (3, 5, 7), (1000,), (100_003,)]
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
 
-@pytest.fixture(params=["compiled", "reference"])
-def impl(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setenv("MEGALITE_KERNELS", "reference")
-    else:
-        monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
-    return request.param
-
 
 def _model(seed):
     g = torch.Generator().manual_seed(seed)

@@ -9,14 +9,6 @@ import megalite.ops as ops
 from megalite.ops import dispatch, reference
 
 
-@pytest.fixture(params=["compiled", "reference"])
-def impl(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setenv("MEGALITE_KERNELS", "reference")
-    else:
-        monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
-    return request.param
-
 
 def test_assign_buckets_example(impl):
     f32, bf16 = torch.float32, torch.bfloat16

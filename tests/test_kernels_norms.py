@@ -13,15 +13,6 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2
        torch.float16: dict(rtol=1e-2, atol=1e-2)}
 
 
-@pytest.fixture(params=["compiled", "reference"])
-def impl(request, monkeypatch):
-    """Run a test through the default dispatch (C++ here) and through the forced reference."""
-    if request.param == "reference":
-        monkeypatch.setenv("MEGALITE_KERNELS", "reference")
-    else:
-        monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
-    return request.param
-
 
 def _inputs(shape, dtype, seed, affine=True, bias=True):
     g = torch.Generator().manual_seed(seed)
