@@ -47,13 +47,14 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank if it is True on any rank (so all ranks stop together)."""
+def any_rank(flags: list[bool], device) -> list[bool]:
+    """Each flag True on every rank if it is True on any rank (so all ranks stop together);
+    one small all-reduce per iteration for all of them."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def build_model(cfg, vocab_size, device, unpadded_vocab_size=None):
@@ -281,9 +282,10 @@ def pretrain(cfg):
             minutes = (time.time() - start_time) / 60
             if t.exit_duration_in_mins and minutes >= t.exit_duration_in_mins:
                 exit_reason = exit_reason or f"--exit-duration-in-mins {t.exit_duration_in_mins}"
-            if any_rank(preemption.requested, device):
+            sigterm, stop = any_rank([preemption.requested, exit_reason is not None], device)
+            if sigterm:
                 exit_reason = "SIGTERM"
-            if any_rank(exit_reason is not None, device):
+            if sigterm or stop:
                 save()
                 log.print(f"exiting at iteration {iteration}: {exit_reason or 'another rank'}")
                 return iteration
