@@ -160,6 +160,43 @@ def test_inf_nan_leaves_everything_untouched(impl, grad_dtype, bad):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_unchecked_step_same_result_and_no_check(impl, grad_dtype):
+    """check_finite=False: with finite grads the very same bytes as the checked step; with a nan
+    it really does not look (the nan reaches that param, as in torch.optim.AdamW), so the
+    caller's guarantee is what keeps the params clean."""
+    p, grads, m, v, copies = _functional_inputs(grad_dtype, torch.bfloat16)
+    q, qm, qv, qc = (copy.deepcopy(t) for t in (p, m, v, copies))
+    for step in (1, 2):
+        assert ops.fused_adamw_(p, grads, m, v, step=step, model_copies=copies, **HYPER) is False
+        assert ops.fused_adamw_(q, grads, qm, qv, step=step, model_copies=qc, check_finite=False,
+                                **HYPER) is False
+    for a, b in zip(p + m + v + copies, q + qm + qv + qc):
+        assert torch.equal(a, b)
+    grads[3].view(-1)[7] = float("nan")
+    assert ops.fused_adamw_(q, grads, qm, qv, step=3, model_copies=qc, check_finite=False, **HYPER) is False
+    assert torch.isnan(q[3].view(-1)[7]) and torch.isfinite(q[3].view(-1)[8])
+    assert torch.isfinite(q[0]).all()
+
+
+def test_fused_adamw_check_finite_false_matches_torch(impl):
+    ours, theirs = _model(5), _model(5)
+    opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, check_finite=False)
+    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
+    for step in range(3):
+        _set_grads(ours, step)
+        _set_grads(theirs, step)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    ours[1].grad[0] = float("inf")   # not looked at: torch's behaviour, found_inf stays False
+    opt.step()
+    assert not opt.found_inf and not torch.isfinite(ours[1]).all()
+    sd = opt.state_dict()           # the flag is not a param-group key: torch's state dict
+    assert "check_finite" not in sd["param_groups"][0]
+
+
 def test_threads_do_not_change_results():
     results = []
     old = torch.get_num_threads()

@@ -155,13 +155,15 @@ ADAM_SIZES = [0, 1, 7, 4095, 4097, 100_003] + [(i * 7919) % 50_000 + 1 for i in 
 @needs_cuda
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("copy_dtype", [None, torch.bfloat16, torch.float16])
-def test_cuda_adamw_matches_reference(grad_dtype, copy_dtype):
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_cuda_adamw_matches_reference(grad_dtype, copy_dtype, check_finite):
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_scale=4.0)
     p, grads, m, v, copies = _adam_inputs(ADAM_SIZES, grad_dtype, copy_dtype, "cuda")
     rp, rgrads, rm, rv, _ = _adam_inputs(ADAM_SIZES, grad_dtype, None, "cpu")
     rgrads = [x.float() for x in rgrads]
     for step in (1, 2, 3):
-        assert ops.fused_adamw_(p, grads, m, v, step=step, model_copies=copies, **hyper) is False
+        assert ops.fused_adamw_(p, grads, m, v, step=step, model_copies=copies, check_finite=check_finite,
+                                **hyper) is False
         reference.fused_adamw_(rp, rgrads, rm, rv, step=step, **hyper)
     for a, b in zip(p + m + v, rp + rm + rv):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)

@@ -4,7 +4,9 @@
 // group of tensors, on one stream: a check of every grad that sets a device flag on inf/nan, then
 // the update, whose blocks return at once when the flag is set. The host reads the flag only
 // after both (one synchronisation, which the bool result needs anyway), so "nothing is updated
-// on an inf" costs one extra read of the grads and no round trip.
+// on an inf" costs one extra read of the grads and no round trip. Unchecked calls
+// (check_finite=False: the caller already knows the grads are finite) launch only the update and
+// do not synchronise at all.
 #include <type_traits>
 #include <vector>
 

@@ -83,23 +83,24 @@ def any_non_finite(tensors):
 
 @torch.no_grad()
 def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay,
-                 step, grad_scale=1.0, model_copies=None):
+                 step, grad_scale=1.0, model_copies=None, check_finite=True):
     """One AdamW step over lists of tensors, in place. Returns True (and touches nothing) if any
-    grad holds an inf or nan. params/exp_avgs/exp_avg_sqs are fp32; grads fp32, bf16 or fp16 and
+    grad holds an inf or nan (check_finite=False: not checked, the caller vouches). params/exp_avgs/exp_avg_sqs are fp32; grads fp32, bf16 or fp16 and
     multiplied by 1/grad_scale; model_copies (optional) receive the updated params in their own
     (low-precision) dtype; an entry may be None (no copy for that param)."""
     n = len(params)
     return multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, lr=[lr] * n, beta1=[beta1] * n,
                                beta2=[beta2] * n, eps=[eps] * n, weight_decay=[weight_decay] * n,
-                               step=[step] * n, grad_scale=grad_scale, model_copies=model_copies)
+                               step=[step] * n, grad_scale=grad_scale, model_copies=model_copies,
+                               check_finite=check_finite)
 
 
 @torch.no_grad()
 def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay,
-                        step, grad_scale=1.0, model_copies=None):
+                        step, grad_scale=1.0, model_copies=None, check_finite=True):
     """fused_adamw_ with per-tensor hyperparameters (lists, one entry per tensor), so that several
     param groups step in one call and one inf check covers all of them."""
-    if any_non_finite(grads):
+    if check_finite and any_non_finite(grads):
         return True
     inv_scale = 1.0 / grad_scale
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):

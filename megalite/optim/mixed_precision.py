@@ -165,7 +165,10 @@ class MixedPrecisionOptimizer:
         return True, norm
 
     def _adamw(self, grad_scale) -> bool:
-        """One fused kernel call per kind of piece (with or without a low-precision copy)."""
+        """One fused kernel call per kind of piece (with or without a low-precision copy).
+        The caller has checked the global grad norm, which is finite only if every grad is
+        (a grad a rank leaves out of the norm, such as a TP-replicated one, is an all-reduced
+        copy of one that counts), so the kernel skips its own read-only check of the grads."""
         found = False
         step = float(self.step_count + 1)
         for pcs, tensors in self._kinds:
@@ -175,7 +178,7 @@ class MixedPrecisionOptimizer:
                 beta1=[float(g["betas"][0]) for g in groups],
                 beta2=[float(g["betas"][1]) for g in groups], eps=[float(g["eps"]) for g in groups],
                 weight_decay=[float(g["weight_decay"]) for g in groups], step=[step] * len(pcs),
-                grad_scale=grad_scale)
+                grad_scale=grad_scale, check_finite=False)
         return found
 
     def _after_step(self):

@@ -10,11 +10,15 @@ baseline_time / our_time (> 1: megalite is faster), plus the median of the per-p
 ("paired", steadier on a busy machine). CPU runs use --threads threads (default 2).
 
 Cases and goals (2-core CPU, 2 threads):
-  adamw_fp32      FusedAdamW.step() vs torch.optim.AdamW(fused=True).step(), 50M params in 50
-                  tensors                                                           goal >= 0.95
+  adamw_fp32      FusedAdamW(check_finite=False).step() vs torch.optim.AdamW(fused=True).step(),
+                  50M params in 50 tensors, neither checking for inf/nan            goal >= 0.95
+                  (and, for information, the default checking FusedAdamW against torch without
+                  and with GradScaler's check)
   adamw_mixed     fused_adamw_ (fp32 main+moments, fp32 grads, unscale + inf check, bf16 copy
                   written in the same call) vs torch's unscale/inf check + fused AdamW + copy to
                   bf16                                                              goal >= 1.5
+                  (and "+ clip": the trainer's step, the global grad norm doubling as the inf
+                  check, against torch with clip_grad_norm_ added)
   layer_norm_*    ops.layer_norm fwd+bwd vs F.layer_norm, 8192x768 and 8192x2048: bf16 >= 1.5,
                   fp32 >= 1.0 (rms_norm_* vs F.rms_norm: no goal, for information)
   adamw_* vs D2D  CUDA only: the AdamW step against a device copy of as many bytes  goal >= 0.85
@@ -28,6 +32,7 @@ mmap disabled (GLIBC_TUNABLES) so freed buffers are reused, which isolates the k
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -44,6 +49,7 @@ if ROOT not in sys.path:
 
 import megalite.ops as ops  # noqa: E402
 from megalite.optim.fused_adamw import FusedAdamW  # noqa: E402
+from megalite.optim.grad_norm import clip_coefficient, global_grad_norm  # noqa: E402
 
 MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
@@ -97,13 +103,19 @@ def bench_adamw_fp32(device, numel, tensors, repeats):
             p.grad = g.to(device)
         return ps
 
-    ours_p, torch_p = params(), params()
-    ours = FusedAdamW(ours_p, lr=1e-4, weight_decay=0.1)
+    name = f"adamw_fp32 {numel / 1e6:g}M/{tensors}"
+    goal = 0.95 if numel >= 50_000_000 else None
+    unchecked = FusedAdamW(params(), lr=1e-4, weight_decay=0.1, check_finite=False)
+    checking = FusedAdamW(params(), lr=1e-4, weight_decay=0.1)
+    torch_p = params()
     base = torch.optim.AdamW(torch_p, lr=1e-4, weight_decay=0.1, fused=True)
-    rows = [compare(f"adamw_fp32 {numel / 1e6:g}M/{tensors}", ours.step, base.step, device, repeats,
-                    bytes_moved=28 * numel, goal=0.95 if numel >= 50_000_000 else None,
-                    note="ours also checks every grad for inf/nan (32 B/param), torch does not (28)")]
-    # For information, like for like: torch with an inf/nan check too (GradScaler's, scale 1).
+    # The goal's case: the same contract on both sides (neither looks for inf/nan), 28 B/param.
+    rows = [compare(name, unchecked.step, base.step, device, repeats, bytes_moved=28 * numel, goal=goal,
+                    note="FusedAdamW(check_finite=False) vs AdamW(fused=True): neither checks for inf/nan")]
+    # The default FusedAdamW reads every grad once more first (32 B/param), against the same torch.
+    rows.append(compare(f"{name} ours checking", checking.step, base.step, device, repeats,
+                        bytes_moved=28 * numel, note="FusedAdamW() checks every grad, torch does not"))
+    # Like for like: torch with an inf/nan check too (GradScaler's, scale 1).
     found_inf = torch.zeros(1, device=device)
     one = torch.ones(1, device=device)
     torch_grads = [p.grad for p in torch_p]
@@ -114,16 +126,20 @@ def bench_adamw_fp32(device, numel, tensors, repeats):
         if found_inf.item() == 0:
             base.step()
 
-    rows.append(compare(f"adamw_fp32 {numel / 1e6:g}M/{tensors} vs checked", ours.step, checked, device, repeats,
+    rows.append(compare(f"{name} both checking", checking.step, checked, device, repeats,
                         bytes_moved=28 * numel, note="baseline: inf/nan check + AdamW(fused)"))
     return rows
 
 
-def bench_adamw_mixed(device, numel, tensors, repeats, scale=1024.0):
+def bench_adamw_mixed(device, numel, tensors, repeats, scale=1024.0, clip=1.0):
+    """The mixed-precision step: fp32 main params and moments, fp32 grads scaled by the loss
+    scale, a bf16 model copy. Two cases: the goal's (unscale + inf check + AdamW + copy), and
+    the step as the trainer runs it, with global-norm clipping (the norm is the inf check)."""
     per = numel // tensors
     gen = torch.Generator(device="cpu").manual_seed(0)
     init = [torch.randn(per, generator=gen) for _ in range(tensors)]
     grads0 = [(torch.randn(per, generator=gen) * 1e-3 * scale).to(device) for _ in range(tensors)]
+    hyper = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
     def side():
         p = [torch.nn.Parameter(t.to(device, copy=True)) for t in init]
@@ -132,16 +148,21 @@ def bench_adamw_mixed(device, numel, tensors, repeats, scale=1024.0):
             pi.grad = gi
         return p, g, [x.to(torch.bfloat16) for x in p]
 
-    # ours: one call does unscale, inf check, AdamW and the bf16 copy.
     op, og, ocopy = side()
     om = [torch.zeros_like(x) for x in op]
     ov = [torch.zeros_like(x) for x in op]
     step = [0]
 
-    def ours():
+    def ours():  # one call: unscale, inf check, AdamW, bf16 copy
         step[0] += 1
-        ops.fused_adamw_(op, og, om, ov, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
-                         step=step[0], grad_scale=scale, model_copies=ocopy)
+        ops.fused_adamw_(op, og, om, ov, step=step[0], grad_scale=scale, model_copies=ocopy, **hyper)
+
+    def ours_clipped():  # MixedPrecisionOptimizer.step: the norm, then one unchecked pass
+        step[0] += 1
+        norm = global_grad_norm(op, og).item() / scale
+        if math.isfinite(norm):
+            ops.fused_adamw_(op, og, om, ov, step=step[0], grad_scale=scale / clip_coefficient(norm, clip),
+                             model_copies=ocopy, check_finite=False, **hyper)
 
     # torch: what GradScaler + AdamW(fused) + a bf16 model copy amounts to.
     tp, tg, tcopy = side()
@@ -149,10 +170,12 @@ def bench_adamw_mixed(device, numel, tensors, repeats, scale=1024.0):
     found_inf = torch.zeros(1, device=device)
     inv_scale = torch.full((1,), 1.0 / scale, device=device)
 
-    def baseline():
+    def baseline(clip_grads=False):
         found_inf.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(tg, found_inf, inv_scale)
         if found_inf.item() == 0:
+            if clip_grads:
+                torch.nn.utils.clip_grad_norm_(tp, clip, foreach=True)
             topt.step()
             torch._foreach_copy_(tcopy, tp)
 
@@ -160,9 +183,13 @@ def bench_adamw_mixed(device, numel, tensors, repeats, scale=1024.0):
         torch._foreach_copy_(og, grads0)
         torch._foreach_copy_(tg, grads0)
 
-    return compare(f"adamw_mixed {numel / 1e6:g}M/{tensors}", ours, baseline, device, repeats, prepare=refresh,
-                   bytes_moved=30 * numel, goal=1.5 if numel >= 50_000_000 else None,
-                   note="baseline: _amp_foreach_non_finite_check_and_unscale_ + AdamW(fused) + _foreach_copy_")
+    name = f"adamw_mixed {numel / 1e6:g}M/{tensors}"
+    return [compare(name, ours, baseline, device, repeats, prepare=refresh,
+                    bytes_moved=30 * numel, goal=1.5 if numel >= 50_000_000 else None,
+                    note="baseline: _amp_foreach_non_finite_check_and_unscale_ + AdamW(fused) + _foreach_copy_"),
+            compare(f"{name} + clip (trainer)", ours_clipped, lambda: baseline(clip_grads=True), device,
+                    repeats, prepare=refresh, bytes_moved=30 * numel,
+                    note="ours: grad norm + one unchecked pass; baseline adds clip_grad_norm_")]
 
 
 def bench_norm(device, kind, rows, hidden, dtype, repeats):
@@ -225,11 +252,12 @@ def bench_adamw_roofline(device, numel, tensors, repeats):
     dst = torch.empty_like(src)
 
     def ours():
-        ops.fused_adamw_(p, g, m, v, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=1)
+        ops.fused_adamw_(p, g, m, v, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=1,
+                         check_finite=False)
 
     row = compare(f"adamw_fp32 {numel / 1e6:g}M vs D2D copy", ours, lambda: dst.copy_(src), device, repeats,
                   bytes_moved=28 * numel, goal=0.85,
-                  note="ratio = copy time / AdamW time for the same bytes moved (32 B/param with the check)")
+                  note="ratio = copy time / AdamW time for the same bytes moved (the trainer's unchecked step)")
     return row
 
 
@@ -269,7 +297,7 @@ def run_all(args):
     rows = []
     adam_n, adam_t = (2_000_000, 10) if q else (50_000_000, 50)
     rows.extend(bench_adamw_fp32(device, adam_n, adam_t, reps))
-    rows.append(bench_adamw_mixed(device, adam_n, adam_t, reps))
+    rows.extend(bench_adamw_mixed(device, adam_n, adam_t, reps))
     if device.type == "cuda":
         rows.append(bench_adamw_roofline(device, adam_n, adam_t, reps))
     norm_rows = 512 if q else 8192
