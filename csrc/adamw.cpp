@@ -36,21 +36,6 @@ struct NoCopy {  // stands in for the model-copy type when there is none
   static MEGALITE_INLINE float store(float f) { return f; }
 };
 
-// Software prefetch for the read-only check. A single read stream per core is latency-bound
-// (one core keeps only so many misses in flight, and the hardware prefetcher is cautious with
-// one stream); asking for the lines a few KB ahead made the check sweep ~1.3x faster here. The
-// update sweep has four read streams and gains nothing from it (measured), so it has none.
-// __builtin_prefetch is a plain builtin, fine inside the ISA clones; prefetching past the end
-// of an array is harmless.
-constexpr int64_t kBlock = 256;  // elements per inner loop of the check; one prefetch burst each
-template <typename T, int kLocality>
-MEGALITE_INLINE void prefetch_ahead(const T* p, int64_t distance_bytes) {
-  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + uintptr_t(distance_bytes);  // may be past the end
-  for (int64_t k = 0; k < kBlock * int64_t(sizeof(T)); k += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(ahead + uintptr_t(k)), 0, kLocality);
-}
-constexpr int64_t kCheckPrefetch = 8192;  // bytes ahead
-
 // The hot loop. Plain scalar code that GCC vectorises for each ISA clone.
 template <typename G, typename C, bool kCopy>
 MEGALITE_ISA_CLONES void adamw_update(float* __restrict p, const typename G::T* __restrict g,
@@ -72,14 +57,15 @@ MEGALITE_ISA_CLONES void adamw_update(float* __restrict p, const typename G::T* 
 }
 
 // The largest |g| as raw bits (sign masked off): an inf or nan is exactly a value at or above
-// the all-ones exponent. max is an integer reduction, so it vectorises.
+// the all-ones exponent. max is an integer reduction, so it vectorises. The update sweep has
+// four read streams and gains nothing from software prefetch (measured), so only this has it.
 template <typename G>
 MEGALITE_ISA_CLONES uint32_t max_abs_bits(const typename G::T* __restrict g, int64_t n) {
   constexpr uint32_t kMask = sizeof(typename G::T) == 4 ? 0x7fffffffu : 0x7fffu;
   uint32_t mx = 0;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    prefetch_ahead<typename G::T, 3>(g + b, kCheckPrefetch);
-    const int64_t e = std::min(n, b + kBlock);
+  for (int64_t b = 0; b < n; b += kSweepBlock) {
+    prefetch_sweep(g + b);
+    const int64_t e = std::min(n, b + kSweepBlock);
     for (int64_t i = b; i < e; ++i) mx = std::max(mx, G::bits(g[i]) & kMask);
   }
   return mx;

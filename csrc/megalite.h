@@ -159,6 +159,22 @@ void stream_fence();
 bool worth_streaming(const void* dst, size_t bytes, size_t threshold);
 
 // ---------------------------------------------------------------------------------------------
+// Software prefetch for read-only sweeps (AdamW's inf check, the sum of squares). A single read
+// stream per core is latency-bound (one core keeps only so many misses in flight, and the
+// hardware prefetcher is cautious with one stream); asking for the lines a few KB ahead made
+// such a sweep ~1.3x faster here. A sweep loop calls prefetch_sweep(p + b) once per kSweepBlock
+// elements. __builtin_prefetch is a plain builtin, fine inside the ISA clones; prefetching past
+// the end of an array is harmless.
+constexpr int64_t kSweepBlock = 256;
+constexpr int64_t kSweepPrefetchBytes = 8192;
+template <typename T>
+MEGALITE_INLINE void prefetch_sweep(const T* p) {
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + uintptr_t(kSweepPrefetchBytes);  // may be past the end
+  for (int64_t k = 0; k < kSweepBlock * int64_t(sizeof(T)); k += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(ahead + uintptr_t(k)), 0, 3);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Multi-tensor loops. A list of tensors is treated as one long index space (tensor i owns
 // [offsets[i], offsets[i+1])) so that at::parallel_for splits the *elements* evenly between the
 // threads, whatever the tensor sizes: 50 tensors of 1M and 1 tensor of 50M both give each

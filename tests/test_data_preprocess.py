@@ -209,6 +209,11 @@ def test_train_tokenizer_errors(tmp_path):
     p = cli("tools/train_tokenizer.py", "--input", str(tmp_path / "t.txt"), "--vocab-size", "5000",
             "--output-prefix", str(tmp_path / "x"), ok=False)
     one_line_error(p, "sentencepiece training failed", "--vocab-size")
+    # A truncated JSONL line: the line's own error, not sentencepiece's report of the iterator.
+    (tmp_path / "t.jsonl").write_text('{"text": "hello world"}\n' * 50 + '{"text": "hel')
+    p = cli("tools/train_tokenizer.py", "--input", str(tmp_path / "t.jsonl"), "--vocab-size", "300",
+            "--output-prefix", str(tmp_path / "y"), ok=False)
+    one_line_error(p, "t.jsonl:51", "fix the line")
 
 
 # ---- tokenizers ----------------------------------------------------------------------------

@@ -104,9 +104,20 @@ def main(argv):
     import sentencepiece as spm
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    # sentencepiece swallows an exception raised by the iterator (it reports only a line of its
+    # traceback), so the iterator's own error, such as a bad JSONL line, is kept here.
+    input_error = []
+
+    def sentences():
+        try:
+            yield from iter_lines(files, args.input_format, args.json_keys)
+        except MegaliteError as e:
+            input_error.append(e)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter_lines(files, args.input_format, args.json_keys),
+            sentence_iterator=sentences(),
             model_prefix=args.output_prefix,
             vocab_size=args.vocab_size,
             model_type=args.model_type,
@@ -121,6 +132,8 @@ def main(argv):
             minloglevel=2,
         )
     except RuntimeError as e:
+        if input_error:
+            raise input_error[0] from None
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise MegaliteError(f"sentencepiece training failed: {first}; adjust --vocab-size or give more text") from None
     sp = spm.SentencePieceProcessor(model_file=args.output_prefix + ".model")

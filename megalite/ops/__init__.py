@@ -7,11 +7,12 @@ Every op dispatches CUDA kernel -> C++ kernel -> pure-PyTorch reference (see dis
 from megalite.ops.adamw import fused_adamw_, multi_tensor_adamw_
 from megalite.ops.bucketing import assign_buckets, flatten_into, unflatten_from
 from megalite.ops.dispatch import kernel_report
+from megalite.ops.reductions import sum_of_squares
 from megalite.ops.norms import FusedLayerNorm, FusedRMSNorm, layer_norm, rms_norm
 
 __all__ = [
     "layer_norm", "rms_norm", "FusedLayerNorm", "FusedRMSNorm",
     "fused_adamw_", "multi_tensor_adamw_",
-    "assign_buckets", "flatten_into", "unflatten_from",
+    "assign_buckets", "flatten_into", "unflatten_from", "sum_of_squares",
     "kernel_report",
 ]

@@ -19,9 +19,12 @@ OPS = {
     "fused_adamw": ("fused_adamw",),
     "flatten": ("flatten_into", "unflatten_from"),
     "assign_buckets": ("assign_buckets",),
+    "sum_of_squares": ("sum_of_squares",),
 }
 # Ops that only exist on the host (bucket assignment is bookkeeping over sizes, not tensors).
 HOST_ONLY = {"assign_buckets"}
+# Ops whose CUDA path is torch's own multi-tensor kernel (already one launch over the list).
+TORCH_ON_CUDA = {"sum_of_squares"}
 
 
 def _try_import(name):
@@ -54,12 +57,15 @@ def _has(module, op):
 
 
 def choose(op, device=None):
-    """Return ('cuda'|'cpp'|'reference', module or None, reason) for `op` on `device`.
+    """Return ('cuda'|'cpp'|'torch'|'reference', module or None, reason) for `op` on `device`
+    ('torch': torch's own kernel is the fast path, run through the reference code).
 
     reason is '' when the fastest implementation for that device is used, otherwise why not."""
     if forced_reference():
         return "reference", None, "MEGALITE_KERNELS=reference"
     device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda" and op in TORCH_ON_CUDA:
+        return "torch", None, ""
     if device.type == "cuda" and op not in HOST_ONLY:
         if _has(_cuda, op):
             return "cuda", _cuda, ""

@@ -73,6 +73,15 @@ def rms_norm_bwd(dy, x, rstd, weight):
 # AdamW (decoupled weight decay, bias correction), torch.optim.AdamW's arithmetic.
 
 
+def sum_of_squares(tensors):
+    """sum(x * x) over every element of every tensor, as a 0-dim fp32 tensor (inf/nan propagate)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
+    return torch.stack(norms).square().sum()
+
+
 def any_non_finite(tensors):
     """True if any tensor holds an inf or a nan."""
     for t in tensors:

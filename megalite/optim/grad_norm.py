@@ -12,6 +12,7 @@ counts once and the squares are summed over DP, then over TP x PP.
 import torch
 import torch.distributed as dist
 
+from megalite.ops import sum_of_squares
 from megalite.parallel import state
 from megalite.parallel.layers import unique_part
 
@@ -34,11 +35,7 @@ def global_grad_norm(params, grads=None) -> torch.Tensor:
     grads = [unique_part(p, g) for p, g in zip(params, grads)
              if g is not None and counts_in_norm(p)]
     device = grads[0].device if grads else st.device
-    if grads:
-        norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
-        sq = torch.stack(norms).square().sum()
-    else:
-        sq = torch.zeros((), device=device)
+    sq = sum_of_squares(grads).to(device)
     if st.mp_group is not None and st.tp * st.pp > 1:
         dist.all_reduce(sq, group=st.mp_group)
     return sq.sqrt()
@@ -70,8 +67,7 @@ def sharded_grad_norm(pieces) -> torch.Tensor:
             if mask is not None:
                 g = g[mask[start:end]]
         grads.append(g)
-    sq = (torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
-          if grads else torch.zeros((), device=st.device))
+    sq = sum_of_squares(grads).to(st.device)
     if st.dp_group is not None and st.dp > 1:
         dist.all_reduce(sq, group=st.dp_group)     # the DP shards of my stage and TP slice
     if st.mp_group is not None and st.tp * st.pp > 1:

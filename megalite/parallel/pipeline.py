@@ -230,15 +230,15 @@ def forward_backward_pipelining_with_interleaving(model_chunks, data_iterator,
     return _pipelined(interleaved_1f1b, model_chunks, data_iterator, num_microbatches, **kw)
 
 
-def get_forward_backward_func(pipeline_parallel_size=None, virtual_pipeline_size=1):
-    """The schedule for a layout: no pipelining at PP = 1, else 1F1B, interleaved with
-    virtual stages. All take (model_chunks, data_iterator, num_microbatches, **kw)."""
+def get_forward_backward_func(pipeline_parallel_size=None, num_model_chunks=1):
+    """The schedule for a layout: no pipelining at PP = 1, else 1F1B, interleaved when each rank
+    holds several model chunks (virtual stages). All take (model_chunks, data_iterator, num_microbatches, **kw)."""
     pp = state.get().pp if pipeline_parallel_size is None else pipeline_parallel_size
     if pp == 1:
-        if virtual_pipeline_size > 1:
+        if num_model_chunks > 1:
             raise MegaliteError("virtual pipeline stages need --pipeline-model-parallel-size >= 2")
         return forward_backward_no_pipelining
-    if virtual_pipeline_size > 1:
+    if num_model_chunks > 1:
         return forward_backward_pipelining_with_interleaving
     return forward_backward_pipelining_without_interleaving
 

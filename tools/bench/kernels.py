@@ -19,6 +19,7 @@ Cases and goals (2-core CPU, 2 threads):
                   bf16                                                              goal >= 1.5
                   (and "+ clip": the trainer's step, the global grad norm doubling as the inf
                   check, against torch with clip_grad_norm_ added)
+  grad sum of sq. ops.sum_of_squares (the grad norm's pass) vs torch._foreach_norm: no goal
   layer_norm_*    ops.layer_norm fwd+bwd vs F.layer_norm, 8192x768 and 8192x2048: bf16 >= 1.5,
                   fp32 >= 1.0 (rms_norm_* vs F.rms_norm: no goal, for information)
   adamw_* vs D2D  CUDA only: the AdamW step against a device copy of as many bytes  goal >= 0.85
@@ -240,6 +241,21 @@ def bench_flatten(device, numel, tensors, repeats):
                    note="baseline: dst.copy_(src) of one contiguous tensor each way")
 
 
+def bench_sum_of_squares(device, numel, tensors, repeats):
+    """For information: the global grad norm's pass against torch._foreach_norm (what
+    clip_grad_norm_ runs), over the same fp32 grads."""
+    per = numel // tensors
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    grads = [torch.randn(per, generator=gen).to(device) for _ in range(tensors)]
+
+    def torch_norm():
+        return torch.stack(torch._foreach_norm(grads)).square().sum().item()
+
+    return compare(f"grad sum of squares {numel / 1e6:g}M/{tensors}", lambda: ops.sum_of_squares(grads).item(),
+                   torch_norm, device, repeats, bytes_moved=4 * numel,
+                   note="ops.sum_of_squares vs torch._foreach_norm, squared and summed")
+
+
 def bench_adamw_roofline(device, numel, tensors, repeats):
     """CUDA only: the fp32 step's bandwidth (28 B/param) against a device-to-device copy of
     the same number of bytes (the goal: >= 85% of the copy's bandwidth)."""
@@ -298,6 +314,7 @@ def run_all(args):
     adam_n, adam_t = (2_000_000, 10) if q else (50_000_000, 50)
     rows.extend(bench_adamw_fp32(device, adam_n, adam_t, reps))
     rows.extend(bench_adamw_mixed(device, adam_n, adam_t, reps))
+    rows.append(bench_sum_of_squares(device, adam_n, adam_t, reps))
     if device.type == "cuda":
         rows.append(bench_adamw_roofline(device, adam_n, adam_t, reps))
     norm_rows = 512 if q else 8192
