@@ -10,6 +10,15 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 
+# glibc maps every buffer above 32 MB afresh and unmaps it on free, so each training step
+# page-faults its large activations and logits in again: on the 2-core CPU test machine the
+# train-step benchmark ran 18-20% faster (both megalite and plain PyTorch) with freed memory kept
+# for reuse, which is what this setting does (as jemalloc/tcmalloc setups do for CPU training).
+# A GLIBC_TUNABLES you set yourself is left alone; MEGALITE_SYSTEM_MALLOC=1 keeps glibc's defaults.
+if [ -z "${GLIBC_TUNABLES:-}" ] && [ -z "${MEGALITE_SYSTEM_MALLOC:-}" ]; then
+  export GLIBC_TUNABLES="glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+fi
+
 if [ "$#" -eq 0 ]; then
   exec "$PYTHON" "$here/tools/demo.py"
 fi
