@@ -34,6 +34,17 @@ def _groups(params):
             {"params": params[1::2], "weight_decay": 0.0, "lr": 3e-3}]
 
 
+def _step_side_by_side(opt, ref, ours, theirs, steps):
+    """The same grads for both optimizers at each step; then their params must agree."""
+    for step in steps:
+        _set_grads(ours, step)
+        _set_grads(theirs, step)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_matches_torch_adamw_10_steps(impl):
     ours, theirs = _model(0), _model(0)
     opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
@@ -64,13 +75,7 @@ def test_state_dict_round_trip_with_torch_adamw():
     ref = torch.optim.AdamW(_groups(theirs), lr=1e-2)
     # deepcopy stands for torch.save/torch.load: state_dict() returns references to live state.
     ref.load_state_dict(copy.deepcopy(opt.state_dict()))
-    for step in range(3, 6):
-        _set_grads(ours, step)
-        _set_grads(theirs, step)
-        opt.step()
-        ref.step()
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    _step_side_by_side(opt, ref, ours, theirs, range(3, 6))
     # torch.optim.AdamW -> FusedAdamW.
     again = _model(2)
     with torch.no_grad():
@@ -183,13 +188,7 @@ def test_fused_adamw_check_finite_false_matches_torch(impl):
     ours, theirs = _model(5), _model(5)
     opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, check_finite=False)
     ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
-    for step in range(3):
-        _set_grads(ours, step)
-        _set_grads(theirs, step)
-        opt.step()
-        ref.step()
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    _step_side_by_side(opt, ref, ours, theirs, range(3))
     ours[1].grad[0] = float("inf")   # not looked at: torch's behaviour, found_inf stays False
     opt.step()
     assert not opt.found_inf and not torch.isfinite(ours[1]).all()
