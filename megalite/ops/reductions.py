@@ -25,7 +25,8 @@ def sum_of_squares(tensors) -> torch.Tensor:
     _, module, _ = choose("sum_of_squares", device)
     if module is None:
         return reference.sum_of_squares(tensors)
-    fast = [t for t in tensors if t.is_contiguous() and t.dtype in _DTYPES and t.device == device]
-    rest = [t for t in tensors if not (t.is_contiguous() and t.dtype in _DTYPES and t.device == device)]
+    fast, rest = [], []
+    for t in tensors:   # the kernel takes contiguous fp32/bf16/fp16; the rest goes to torch
+        (fast if t.is_contiguous() and t.dtype in _DTYPES and t.device == device else rest).append(t)
     total = torch.tensor(module.sum_of_squares(fast), dtype=torch.float32, device=device)
     return total + reference.sum_of_squares(rest).to(device) if rest else total

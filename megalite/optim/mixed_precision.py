@@ -154,8 +154,7 @@ class MixedPrecisionOptimizer:
         norm = self.grad_norm().item() / scale
         found_inf = not math.isfinite(norm)
         if not found_inf:
-            coeff = clip_coefficient(norm, self.clip_grad)
-            found_inf = self._adamw(grad_scale=scale / coeff)
+            self._adamw(grad_scale=scale / clip_coefficient(norm, self.clip_grad))
         if self.scaler is not None:
             self.scaler.update(found_inf)
         if found_inf:
@@ -164,22 +163,20 @@ class MixedPrecisionOptimizer:
         self._after_step()
         return True, norm
 
-    def _adamw(self, grad_scale) -> bool:
+    def _adamw(self, grad_scale) -> None:
         """One fused kernel call per kind of piece (with or without a low-precision copy).
         The caller has checked the global grad norm, which is finite only if every grad is
         (a grad a rank leaves out of the norm, such as a TP-replicated one, is an all-reduced
         copy of one that counts), so the kernel skips its own read-only check of the grads."""
-        found = False
         step = float(self.step_count + 1)
         for pcs, tensors in self._kinds:
             groups = [self.param_groups[pc.group] for pc in pcs]   # lr changes every step
-            found |= multi_tensor_adamw_(
+            multi_tensor_adamw_(
                 **tensors, lr=[float(g["lr"]) for g in groups],
                 beta1=[float(g["betas"][0]) for g in groups],
                 beta2=[float(g["betas"][1]) for g in groups], eps=[float(g["eps"]) for g in groups],
                 weight_decay=[float(g["weight_decay"]) for g in groups], step=[step] * len(pcs),
                 grad_scale=grad_scale, check_finite=False)
-        return found
 
     def _after_step(self):
         pass
