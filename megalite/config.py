@@ -1,13 +1,17 @@
-"""One typed config for a run: dataclasses, a YAML file, and Megatron-style flags.
+"""One typed config for a run: frozen dataclasses, a YAML file, and Megatron-style flags.
 
 Every field of every section is a command-line flag: `num_layers` is `--num-layers`. A YAML
 file (`--config run.yaml`) may set any field, flat (`num_layers: 4`) or under its section
 (`model: {num_layers: 4}`); flags given on the command line override it. Field names are
 unique across sections so that a flag names exactly one field.
 
-Validation that needs only the config lives in `Config.validate`; checks that need the world
-size (a layout that does not factor, a batch that does not divide) take it as an argument so
-they run before any process group is created.
+A Config is a value. `parse_config` (flags + YAML) and `make_config` (a dict) return it
+finished: presets applied, every default that follows from other settings resolved (global
+batch, FFN size, bucket size, device, backend...), and the whole layout checked against the
+world size once, before any process group exists. Nothing changes it afterwards; a variant is
+a new Config (`make_config` again, or `dataclasses.replace` of a section). This module imports
+neither the model nor the parallel code: the layout arithmetic it checks lives in
+`megalite.layout`, shared with the code that builds the model.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import torch
+
 from megalite.errors import MegaliteError
+from megalite.layout import pipeline_layout, virtual_pipeline_size
 
 
 def _f(default, help, **kw):
@@ -31,7 +40,22 @@ def _list(help):
     return field(default_factory=list, metadata={"help": help})
 
 
-@dataclass
+def _set(obj, name, value):
+    object.__setattr__(obj, name, value)   # resolving a default while a frozen value is built
+
+
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    if swiglu:  # keep the MLP's parameter count at that of a 4h GeLU MLP
+        return 64 * math.ceil(8 * hidden_size / 3 / 64)
+    return 4 * hidden_size
+
+
+def default_bucket_size(dp: int) -> int:
+    """Megatron's default: big enough that the per-collective latency does not matter."""
+    return max(40_000_000, 1_000_000 * dp)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_style: Optional[Literal["gpt2", "llama"]] = _f(
         None, "preset: gpt2 = learned positions, LayerNorm, GeLU, tied embeddings, biases; "
@@ -63,8 +87,19 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = _f(
         128, "pad the vocabulary to a multiple of this times the tensor-parallel size")
 
+    def __post_init__(self):
+        # Defaults that follow from other fields are filled in here, so every ModelConfig
+        # (parsed, built by hand, or read from a checkpoint) has them and the model code
+        # never re-derives them.
+        if self.ffn_hidden_size is None:
+            _set(self, "ffn_hidden_size", default_ffn_hidden_size(self.hidden_size, self.swiglu))
+        if self.num_query_groups is None:
+            _set(self, "num_query_groups", self.num_attention_heads)
+        if self.max_position_embeddings is None:
+            _set(self, "max_position_embeddings", self.seq_length)
 
-@dataclass
+
+@dataclass(frozen=True)
 class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, "tensor-parallel size (ranks splitting each layer)")
     pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (stages of layers)")
@@ -98,7 +133,7 @@ class ParallelConfig:
     distributed_timeout_minutes: float = _f(10.0, "timeout of collective operations")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
     micro_batch_size: int = _f(4, "sequences per micro-batch per data-parallel rank")
     global_batch_size: Optional[int] = _f(
@@ -119,8 +154,13 @@ class TrainingConfig:
     device: Optional[Literal["cpu", "cuda"]] = _f(None, "device (default: cuda if available)")
     debug: bool = _f(False, "show full tracebacks for errors")
 
+    @property
+    def params_dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters (and of forward/backward)."""
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
-@dataclass
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     lr: float = _f(3e-4, "peak learning rate")
     min_lr: float = _f(0.0, "learning rate at the end of decay")
@@ -138,7 +178,7 @@ class OptimizerConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     data_path: list = _list(
         "dataset prefixes, optionally weighted: PREFIX or 0.3 PREFIX_A 0.7 PREFIX_B")
@@ -151,7 +191,7 @@ class DataConfig:
     num_workers: int = _f(0, "data loader worker processes")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     save: Optional[str] = _f(None, "directory to save checkpoints in")
     load: Optional[str] = _f(None, "directory to resume from (its latest checkpoint)")
@@ -161,7 +201,7 @@ class CheckpointConfig:
     no_load_rng: bool = _f(False, "do not restore RNG states")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     log_interval: int = _f(10, "log every N iterations")
     metrics_file: Optional[str] = _f(None, "append one JSON object per logged iteration here")
@@ -189,8 +229,9 @@ MODEL_STYLES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """A finished run config. world_size is the number of processes it was checked for."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -198,145 +239,176 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    world_size: int = 1
+
+    def __post_init__(self):
+        _check(self)
+        _resolve(self)
+
+    @property
+    def data_parallel_size(self) -> int:
+        p = self.parallel
+        return self.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per data-parallel rank in one global batch."""
+        t = self.training
+        return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size)
+
+    @property
+    def virtual_pipeline_size(self) -> int:
+        return virtual_pipeline_size(self.model.num_layers,
+                                     self.parallel.pipeline_model_parallel_size,
+                                     self.parallel.num_layers_per_virtual_pipeline_stage)
+
+    def pipeline_layout(self) -> list:
+        """layers[pp_rank][chunk]: the global layer numbers of every model chunk."""
+        p = self.parallel
+        return pipeline_layout(self.model.num_layers, p.pipeline_model_parallel_size,
+                               self.virtual_pipeline_size, p.decoder_first_pipeline_num_layers,
+                               p.decoder_last_pipeline_num_layers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        cfg = cls()
-        _apply(cfg, d, source="checkpoint config")
-        return cfg
+        """The config a checkpoint saved (sections + world_size)."""
+        d = dict(d)
+        world = int(d.pop("world_size", 1))
+        return make_config(d, world_size=world, source="checkpoint config")
 
-    # -- derived values ---------------------------------------------------------------------
-    def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tensor_model_parallel_size
-                              * self.parallel.pipeline_model_parallel_size)
 
-    def num_microbatches(self, world_size: int) -> int:
-        t = self.training
-        return t.global_batch_size // (t.micro_batch_size * self.data_parallel_size(world_size))
-
-    def validate(self, world_size: int = 1) -> None:
-        """Raise a MegaliteError naming the first inconsistent value."""
-        m, p, t, o = self.model, self.parallel, self.training, self.optimizer
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
-                     "make_vocab_size_divisible_by"):
-            _positive(name, getattr(m, name))
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            _positive(name, getattr(p, name))
-        for name in ("micro_batch_size", "train_iters", "eval_interval", "log_interval"):
-            sec = self.training if hasattr(self.training, name) else self.logging
-            _positive(name, getattr(sec, name))
-        if not 0.0 <= m.hidden_dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
-            raise MegaliteError("--hidden-dropout and --attention-dropout must be in [0, 1)")
-        if m.hidden_size % m.num_attention_heads:
-            raise MegaliteError(
-                f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
-                f"{m.num_attention_heads}; choose sizes where it is")
-        groups = m.num_query_groups or m.num_attention_heads
-        if m.num_attention_heads % groups:
-            raise MegaliteError(
-                f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-                f"--num-query-groups {groups}")
-        if m.position_embedding_type == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
-            raise MegaliteError("RoPE needs an even head dimension (hidden / heads)")
-        if m.position_embedding_type == "learned_absolute" and \
-                (m.max_position_embeddings or m.seq_length) < m.seq_length:
-            raise MegaliteError(
-                f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
-                f"{m.max_position_embeddings}")
-        if t.bf16 and t.fp16:
-            raise MegaliteError("--bf16 and --fp16 are exclusive; pick one")
-        if p.overlap_param_gather and not p.use_distributed_optimizer:
-            raise MegaliteError("--overlap-param-gather needs --use-distributed-optimizer (only "
-                                "the distributed optimizer all-gathers params)")
-        if p.ddp_bucket_size is not None and p.ddp_bucket_size <= 0:
-            raise MegaliteError(f"--ddp-bucket-size must be a positive number of elements, got "
-                                f"{p.ddp_bucket_size}")
-        if t.initial_loss_scale <= 0 or t.loss_scale_window <= 0 or t.hysteresis <= 0:
-            raise MegaliteError("--initial-loss-scale, --loss-scale-window and --hysteresis "
-                                "must be positive")
-        if o.min_lr > o.lr:
-            raise MegaliteError(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
-        if o.lr_warmup_iters < 0 or o.clip_grad < 0 or o.weight_decay < 0:
-            raise MegaliteError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
-        if not self.data.data_path and not self.data.mock_data:
-            raise MegaliteError(
-                "no training data: pass --data-path PREFIX (shards written by "
-                "tools/preprocess.py) or --mock-data")
-        if self.checkpoint.save_interval is not None and not self.checkpoint.save:
-            raise MegaliteError("--save-interval needs --save DIR")
-
-        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        if world_size % (tp * pp):
-            raise MegaliteError(
-                f"world size {world_size} is not divisible by tensor-parallel {tp} x "
-                f"pipeline-parallel {pp}; launch a multiple of {tp * pp} processes")
-        self._validate_tensor_parallel(groups)
-        dp = world_size // (tp * pp)
-        if t.global_batch_size is None:
-            t.global_batch_size = t.micro_batch_size * dp
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise MegaliteError(
-                f"--global-batch-size {t.global_batch_size} is not divisible by "
-                f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}; "
-                f"use a multiple of {t.micro_batch_size * dp}")
-        self._validate_pipeline(dp)
-
-    def _validate_pipeline(self, dp: int) -> None:
-        """Stage sizes (even, uneven, virtual) and the interleaved schedule's constraint."""
-        from megalite.parallel.schedules import pipeline_layout, virtual_pipeline_size
-        m, p, t = self.model, self.parallel, self.training
-        pp = p.pipeline_model_parallel_size
-        vp = virtual_pipeline_size(m.num_layers, pp, p.num_layers_per_virtual_pipeline_stage)
-        pipeline_layout(m.num_layers, pp, vp, p.decoder_first_pipeline_num_layers,
-                        p.decoder_last_pipeline_num_layers)
-        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
-        if vp > 1 and n_micro % pp:
-            raise MegaliteError(
-                f"the interleaved schedule needs the number of micro-batches to be a multiple "
-                f"of --pipeline-model-parallel-size {pp}; --global-batch-size "
-                f"{t.global_batch_size} / (--micro-batch-size {t.micro_batch_size} x "
-                f"data-parallel size {dp}) = {n_micro}")
-
-    def _validate_tensor_parallel(self, groups: int) -> None:
-        """What tensor parallelism (and sequence parallelism, recomputation) needs to divide."""
-        m, p = self.model, self.parallel
-        tp = p.tensor_model_parallel_size
-        if m.num_attention_heads % tp:
-            raise MegaliteError(
-                f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-                f"--tensor-model-parallel-size {tp}: each TP rank computes whole heads")
-        if groups % tp and tp % groups:
-            raise MegaliteError(
-                f"--num-query-groups {groups} and --tensor-model-parallel-size {tp}: one "
-                f"must divide the other (key/value heads are split over TP ranks when the "
-                f"groups are a multiple of TP, replicated when TP is a multiple of the groups)")
-        from megalite.model.gpt import ffn_hidden_size   # gpt imports this module
-        ffn = ffn_hidden_size(m)
-        if ffn % tp:
-            raise MegaliteError(
-                f"the MLP hidden size {ffn} (--ffn-hidden-size) is not divisible by "
-                f"--tensor-model-parallel-size {tp}")
-        if p.sequence_parallel and tp > 1 and m.seq_length % tp:
-            raise MegaliteError(
-                f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size "
-                f"{tp}: --sequence-parallel splits the sequence over TP ranks")
-        if p.recompute_num_layers is not None:
-            if p.recompute_granularity != "full":
-                raise MegaliteError("--recompute-num-layers needs --recompute-granularity full "
-                                    "(selective recomputation applies to every layer)")
-            # a stage (or model chunk) with fewer layers recomputes all of them
-            if not 1 <= p.recompute_num_layers <= m.num_layers:
-                raise MegaliteError(
-                    f"--recompute-num-layers {p.recompute_num_layers} must be between 1 and "
-                    f"--num-layers {m.num_layers}")
-
+# -- checks and derived defaults --------------------------------------------------------------
 
 def _positive(name, value):
     if value is None or value <= 0:
         raise MegaliteError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def _check(cfg: Config) -> None:
+    """Raise a MegaliteError naming the first inconsistent value."""
+    m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optimizer
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                 "make_vocab_size_divisible_by"):
+        _positive(name, getattr(m, name))
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        _positive(name, getattr(p, name))
+    for name in ("micro_batch_size", "train_iters", "eval_interval"):
+        _positive(name, getattr(t, name))
+    _positive("log_interval", cfg.logging.log_interval)
+    if not 0.0 <= m.hidden_dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
+        raise MegaliteError("--hidden-dropout and --attention-dropout must be in [0, 1)")
+    if m.hidden_size % m.num_attention_heads:
+        raise MegaliteError(
+            f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+            f"{m.num_attention_heads}; choose sizes where it is")
+    if m.num_attention_heads % m.num_query_groups:
+        raise MegaliteError(
+            f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+            f"--num-query-groups {m.num_query_groups}")
+    if m.position_embedding_type == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
+        raise MegaliteError("RoPE needs an even head dimension (hidden / heads)")
+    if m.position_embedding_type == "learned_absolute" and m.max_position_embeddings < m.seq_length:
+        raise MegaliteError(
+            f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
+            f"{m.max_position_embeddings}")
+    if t.bf16 and t.fp16:
+        raise MegaliteError("--bf16 and --fp16 are exclusive; pick one")
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        raise MegaliteError("--overlap-param-gather needs --use-distributed-optimizer (only "
+                            "the distributed optimizer all-gathers params)")
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size <= 0:
+        raise MegaliteError(f"--ddp-bucket-size must be a positive number of elements, got "
+                            f"{p.ddp_bucket_size}")
+    if t.initial_loss_scale <= 0 or t.loss_scale_window <= 0 or t.hysteresis <= 0:
+        raise MegaliteError("--initial-loss-scale, --loss-scale-window and --hysteresis "
+                            "must be positive")
+    if o.min_lr > o.lr:
+        raise MegaliteError(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
+    if o.lr_warmup_iters < 0 or o.clip_grad < 0 or o.weight_decay < 0:
+        raise MegaliteError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
+    if cfg.checkpoint.save_interval is not None and not cfg.checkpoint.save:
+        raise MegaliteError("--save-interval needs --save DIR")
+    _check_layout(cfg)
+
+
+def _check_layout(cfg: Config) -> None:
+    """TP x PP must divide the world; the batch must divide into micro-batches per DP rank."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp, pp, world = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.world_size
+    if world < 1 or world % (tp * pp):
+        raise MegaliteError(
+            f"world size {world} is not divisible by tensor-parallel {tp} x "
+            f"pipeline-parallel {pp}; launch a multiple of {tp * pp} processes")
+    _check_tensor_parallel(m, p)
+    dp = world // (tp * pp)
+    gbs = t.global_batch_size or t.micro_batch_size * dp
+    if gbs % (t.micro_batch_size * dp):
+        raise MegaliteError(
+            f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp}; use a multiple of "
+            f"{t.micro_batch_size * dp}")
+    vp = cfg.virtual_pipeline_size
+    cfg.pipeline_layout()                          # raises on a stage split that does not fit
+    n_micro = gbs // (t.micro_batch_size * dp)
+    if vp > 1 and n_micro % pp:
+        raise MegaliteError(
+            f"the interleaved schedule needs the number of micro-batches to be a multiple "
+            f"of --pipeline-model-parallel-size {pp}; --global-batch-size {gbs} / "
+            f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}) = {n_micro}")
+
+
+def _check_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+    """What tensor parallelism (and sequence parallelism, recomputation) needs to divide."""
+    tp, groups = p.tensor_model_parallel_size, m.num_query_groups
+    if m.num_attention_heads % tp:
+        raise MegaliteError(
+            f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}: each TP rank computes whole heads")
+    if groups % tp and tp % groups:
+        raise MegaliteError(
+            f"--num-query-groups {groups} and --tensor-model-parallel-size {tp}: one "
+            f"must divide the other (key/value heads are split over TP ranks when the "
+            f"groups are a multiple of TP, replicated when TP is a multiple of the groups)")
+    if m.ffn_hidden_size % tp:
+        raise MegaliteError(
+            f"the MLP hidden size {m.ffn_hidden_size} (--ffn-hidden-size) is not divisible by "
+            f"--tensor-model-parallel-size {tp}")
+    if p.sequence_parallel and tp > 1 and m.seq_length % tp:
+        raise MegaliteError(
+            f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size "
+            f"{tp}: --sequence-parallel splits the sequence over TP ranks")
+    if p.recompute_num_layers is not None:
+        if p.recompute_granularity != "full":
+            raise MegaliteError("--recompute-num-layers needs --recompute-granularity full "
+                                "(selective recomputation applies to every layer)")
+        # a stage (or model chunk) with fewer layers recomputes all of them
+        if not 1 <= p.recompute_num_layers <= m.num_layers:
+            raise MegaliteError(
+                f"--recompute-num-layers {p.recompute_num_layers} must be between 1 and "
+                f"--num-layers {m.num_layers}")
+
+
+def _resolve(cfg: Config) -> None:
+    """Fill in the defaults that depend on the layout or the machine (checked already)."""
+    p, t, o = cfg.parallel, cfg.training, cfg.optimizer
+    dp = cfg.data_parallel_size
+    if t.global_batch_size is None:
+        _set(cfg, "training", dataclasses.replace(t, global_batch_size=t.micro_batch_size * dp))
+    if t.device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _set(cfg, "training", dataclasses.replace(cfg.training, device=device))
+    par = {}
+    if p.ddp_bucket_size is None:
+        par["ddp_bucket_size"] = default_bucket_size(dp)
+    if p.distributed_backend is None:
+        par["distributed_backend"] = "nccl" if cfg.training.device == "cuda" else "gloo"
+    if par:
+        _set(cfg, "parallel", dataclasses.replace(p, **par))
+    if o.lr_decay_iters is None:
+        _set(cfg, "optimizer", dataclasses.replace(o, lr_decay_iters=t.train_iters))
 
 
 # -- flags and YAML ---------------------------------------------------------------------------
@@ -371,7 +443,7 @@ def build_parser(prog="python -m megalite.train") -> argparse.ArgumentParser:
         description="Pretrain a GPT model. Flags follow Megatron-LM's names; a YAML file "
                     "given with --config sets defaults that flags override.")
     parser.add_argument("--config", help="YAML file with any of the fields below")
-    for section, f, tp in _fields():
+    for _section, f, tp in _fields():
         flag = "--" + f.name.replace("_", "-")
         base = _unwrap_optional(tp)
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"])
@@ -390,23 +462,15 @@ def build_parser(prog="python -m megalite.train") -> argparse.ArgumentParser:
     return parser
 
 
-def _apply(cfg: Config, values: dict, source: str) -> None:
-    """Set fields from a flat or sectioned dict, rejecting unknown keys with a suggestion."""
-    by_name = {f.name: (section, f, tp) for section, f, tp in _fields()}
+def _flatten(values: dict) -> dict:
+    """A flat or sectioned dict (YAML, a checkpoint's config) as {field name: value}."""
     flat = {}
     for key, value in values.items():
         if key in SECTIONS and isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value
-    for key, value in flat.items():
-        key_ = key.replace("-", "_")
-        if key_ not in by_name:
-            close = difflib.get_close_matches(key_, list(by_name), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise MegaliteError(f"unknown setting '{key}' in {source}{hint}")
-        section, f, tp = by_name[key_]
-        setattr(getattr(cfg, section), key_, _coerce(key_, value, tp, source))
+    return flat
 
 
 def _coerce(name, value, tp, source):
@@ -435,43 +499,60 @@ def _coerce(name, value, tp, source):
         raise MegaliteError(f"setting '{name}' in {source} must be {want}, got {value!r}")
 
 
-def parse_config(argv=None) -> Config:
-    """Config from (optional) YAML + command-line flags. Unknown flags are errors."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    values = vars(args)
-    cfg = Config()
-    config_file = values.pop("config", None)
-    if config_file:
-        import yaml
-        try:
-            with open(config_file) as fh:
-                data = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise MegaliteError(f"config file {config_file} not found")
-        except yaml.YAMLError as e:
-            raise MegaliteError(f"config file {config_file} is not valid YAML: "
-                                f"{str(e).splitlines()[0]}")
-        if not isinstance(data, dict):
-            raise MegaliteError(f"config file {config_file} must hold a mapping of settings")
-        _apply(cfg, data, source=config_file)
-        style = data.get("model_style") or (data.get("model") or {}).get("model_style")
-    else:
-        style = None
-    style = values.get("model_style", style)
+def _typed(values: dict, source: str) -> dict:
+    """{field: value} checked against the fields' types; unknown keys get a suggestion."""
+    by_name = {f.name: tp for _, f, tp in _fields()}
+    out = {}
+    for key, value in _flatten(values).items():
+        key_ = key.replace("-", "_")
+        if key_ not in by_name:
+            close = difflib.get_close_matches(key_, list(by_name), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise MegaliteError(f"unknown setting '{key}' in {source}{hint}")
+        out[key_] = _coerce(key_, value, by_name[key_], source)
+    return out
+
+
+def make_config(*layers: dict, world_size: int = 1, source: str = "settings") -> Config:
+    """The finished Config from dicts of settings (flat or sectioned; later ones win), for
+    `world_size` processes. A model_style preset fills in the architecture fields that no
+    layer sets explicitly."""
+    values = {}
+    for layer in layers:
+        values.update(_typed(layer, source))
+    style = values.get("model_style")
     if style:
-        # A preset fills in the architecture; anything set explicitly (YAML or flag) wins.
-        explicit = set(values) | set(_flat_keys(data if config_file else {}))
         for k, v in MODEL_STYLES[style].items():
-            if k not in explicit:
-                setattr(cfg.model, k, v)
-    _apply(cfg, values, source="command line")
-    return cfg
+            values.setdefault(k, v)
+    kwargs = {name: {} for name in SECTIONS}
+    for section, f, _ in _fields():
+        if f.name in values:
+            kwargs[section][f.name] = values[f.name]
+    return Config(**{name: SECTIONS[name](**kw) for name, kw in kwargs.items()},
+                  world_size=world_size)
 
 
-def _flat_keys(d: dict):
-    for k, v in d.items():
-        if k in SECTIONS and isinstance(v, dict):
-            yield from v.keys()
-        else:
-            yield k
+def _read_yaml(path: str) -> dict:
+    import yaml
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise MegaliteError(f"config file {path} not found")
+    except yaml.YAMLError as e:
+        raise MegaliteError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise MegaliteError(f"config file {path} must hold a mapping of settings")
+    return data
+
+
+def parse_config(argv=None, world_size: Optional[int] = None) -> Config:
+    """The finished Config from (optional) YAML + command-line flags, for `world_size`
+    processes (default: $WORLD_SIZE, as torchrun sets it, else 1). Unknown flags are errors."""
+    flags = vars(build_parser().parse_args(argv))
+    config_file = flags.pop("config", None)
+    from_file = _typed(_read_yaml(config_file), config_file) if config_file else {}
+    flags = _typed(flags, "command line")
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return make_config(from_file, flags, world_size=world_size, source="command line")

@@ -2,7 +2,9 @@
 
 import pytest
 
-from megalite.config import Config, parse_config
+import dataclasses
+
+from megalite.config import Config, make_config, parse_config
 from megalite.errors import MegaliteError
 
 
@@ -10,7 +12,8 @@ def test_flags_set_fields_of_every_section():
     cfg = parse_config(["--num-layers", "3", "--hidden-size", "96", "--lr", "1e-3",
                         "--micro-batch-size", "2", "--data-path", "0.3", "A", "0.7", "B",
                         "--save", "ck", "--log-interval", "5", "--bf16",
-                        "--tensor-model-parallel-size", "2", "--lr-decay-style", "wsd"])
+                        "--tensor-model-parallel-size", "2", "--lr-decay-style", "wsd"],
+                       world_size=2)
     assert cfg.model.num_layers == 3 and cfg.model.hidden_size == 96
     assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.lr_decay_style == "wsd"
     assert cfg.training.micro_batch_size == 2 and cfg.training.bf16
@@ -59,13 +62,8 @@ def test_yaml_errors_name_the_key(tmp_path):
         parse_config(["--config", str(tmp_path / "missing.yaml")])
 
 
-def _valid(**over):
-    cfg = parse_config(["--mock-data", "--vocab-size", "256"])
-    for k, v in over.items():
-        for section in vars(cfg).values():
-            if hasattr(section, k):
-                setattr(section, k, v)
-    return cfg
+def _config(world=1, **over):
+    return make_config({"mock_data": True, "vocab_size": 256, **over}, world_size=world)
 
 
 @pytest.mark.parametrize("over, world, needle", [
@@ -80,16 +78,40 @@ def _valid(**over):
 ])
 def test_validation_names_the_numbers(over, world, needle):
     with pytest.raises(MegaliteError, match=needle):
-        _valid(**over).validate(world)
+        _config(world, **over)
 
 
-def test_missing_data_is_an_error_and_default_global_batch():
+def test_parsing_checks_the_layout_for_the_world_size():
+    with pytest.raises(MegaliteError, match="world size 3"):
+        parse_config(["--mock-data", "--tensor-model-parallel-size", "2"], world_size=3)
+
+
+def test_missing_data_is_an_error_when_the_data_is_built():
+    from megalite.training.batches import build_datasets
     with pytest.raises(MegaliteError, match="--data-path"):
-        parse_config([]).validate(1)
-    cfg = _valid(micro_batch_size=3)
-    cfg.validate(4)
+        build_datasets(parse_config([]), 256)
+
+
+def test_defaults_are_resolved_once_and_the_config_is_a_value():
+    cfg = _config(4, micro_batch_size=3)
     assert cfg.training.global_batch_size == 12
-    assert cfg.num_microbatches(4) == 1
+    assert cfg.num_microbatches == 1 and cfg.data_parallel_size == 4
+    assert cfg.parallel.ddp_bucket_size == 40_000_000
+    assert cfg.optimizer.lr_decay_iters == cfg.training.train_iters
+    assert cfg.model.ffn_hidden_size == 4 * cfg.model.hidden_size
+    llama = _config(model_style="llama", hidden_size=96)
+    assert llama.model.ffn_hidden_size == 256          # 8h/3 rounded up to 64
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.micro_batch_size = 5
+
+
+def test_config_module_imports_neither_model_nor_parallel_code():
+    import subprocess
+    import sys
+    code = ("import sys, megalite.config; "
+            "bad = [m for m in sys.modules if m.startswith(('megalite.model', "
+            "'megalite.parallel', 'megalite.training'))]; print(bad); sys.exit(bool(bad))")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_round_trip_through_dict():

@@ -76,11 +76,12 @@ def micro_batches(rows):
 def reference_params():
     """The single-process run: plain autograd grads, global-norm clipping, FusedAdamW."""
     from megalite.optim import FusedAdamW, clip_coefficient, global_grad_norm
-    from megalite.parallel.pipeline import forward_backward_no_pipelining
     model = build_model()
     opt = FusedAdamW(param_groups(model), lr=LR, betas=BETAS, eps=EPS)
     for batch in global_batches():
-        forward_backward_no_pipelining(model, micro_batches(batch), GBS // MBS)
+        for mb in micro_batches(batch):          # plain gradient accumulation
+            loss = model(mb["tokens"], labels=mb["labels"]).float().mean()
+            (loss / (GBS // MBS)).backward()
         norm = global_grad_norm(list(model.parameters())).item()
         opt.step(grad_scale=1.0 / clip_coefficient(norm, CLIP))
         opt.zero_grad(set_to_none=True)
@@ -90,8 +91,9 @@ def reference_params():
 # -- what each rank runs ----------------------------------------------------------------------
 
 def make(setting, dtype=torch.float32, bucket_size="setting"):
-    from megalite.optim import DistributedOptimizer, MixedPrecisionOptimizer, cast_params
-    from megalite.parallel.data import DistributedDataParallel
+    from megalite.model.gpt import cast_params
+    from megalite.optim import DistributedOptimizer, MixedPrecisionOptimizer
+    from megalite.parallel.ddp import DistributedDataParallel
     distopt, overlap, gather, bucket = SETTINGS[setting]
     model = build_model()
     cast_params(model, dtype)
@@ -106,15 +108,15 @@ def make(setting, dtype=torch.float32, bucket_size="setting"):
 
 def train(setting):
     from megalite.parallel import state
-    from megalite.parallel.data import finalize_model_grads
-    from megalite.parallel.pipeline import forward_backward_no_pipelining
+    from megalite.parallel.ddp import finalize_model_grads
+    from megalite.parallel.pipeline import forward_backward
     st = state.get()
     model, ddp, opt = make(setting)
     n_micro = GBS // st.dp // MBS
     launched = []
     for batch in global_batches():
         mine = batch[st.dp_rank * GBS // st.dp:(st.dp_rank + 1) * GBS // st.dp]
-        forward_backward_no_pipelining(model, micro_batches(mine), n_micro, no_sync=ddp.no_sync)
+        forward_backward([model], micro_batches(mine), n_micro, no_sync=ddp.no_sync)
         launched.append(ddp._next_launch)      # buckets already in flight when backward ended
         finalize_model_grads(model, ddp)
         stepped, _ = opt.step()

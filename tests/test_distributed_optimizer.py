@@ -106,7 +106,7 @@ def test_foreign_optimizer_state_is_a_clear_error():
     from megalite.errors import MegaliteError
     from megalite.model.gpt import GPTModel
     from megalite.optim import MixedPrecisionOptimizer
-    from megalite.parallel.data import DistributedDataParallel
+    from megalite.parallel.ddp import DistributedDataParallel
     model = GPTModel(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2), 128)
     ddp = DistributedDataParallel(model)
     opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], ddp)
@@ -126,6 +126,5 @@ def test_foreign_optimizer_state_is_a_clear_error():
 def test_bad_flags_are_one_line_errors(flags, needle):
     from megalite.config import parse_config
     from megalite.errors import MegaliteError
-    cfg = parse_config(["--mock-data", "--vocab-size", "64", *flags])
     with pytest.raises(MegaliteError, match=needle):
-        cfg.validate(2)
+        parse_config(["--mock-data", "--vocab-size", "64", *flags], world_size=2)

@@ -26,8 +26,9 @@ def tiny(style="llama"):
 
 
 def setup(dtype, scaler=None, distributed=False):
-    from megalite.optim import DistributedOptimizer, MixedPrecisionOptimizer, cast_params
-    from megalite.parallel.data import DistributedDataParallel
+    from megalite.model.gpt import cast_params
+    from megalite.optim import DistributedOptimizer, MixedPrecisionOptimizer
+    from megalite.parallel.ddp import DistributedDataParallel
     model = tiny()
     fp32 = {n: p.detach().clone() for n, p in model.named_parameters()}
     cast_params(model, dtype)
@@ -39,7 +40,7 @@ def setup(dtype, scaler=None, distributed=False):
 
 
 def backward(model, opt, seed=0):
-    from megalite.parallel.data import finalize_model_grads
+    from megalite.parallel.ddp import finalize_model_grads
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, 128, (2, 33), generator=g)
     loss = model(t[:, :-1], labels=t[:, 1:]).mean()
@@ -87,6 +88,22 @@ def test_fp16_overflow_skips_the_step_untouched_and_backs_off():
     backward(model, opt, seed=1)
     stepped, norm = opt.step()
     assert stepped and 0 < norm < float("inf") and opt.step_count == 1
+
+
+def test_the_loss_scaler_travels_in_the_optimizer_state_dict():
+    from megalite.optim import DynamicLossScaler
+    scaler = DynamicLossScaler(initial_scale=2.0 ** 40, window=1000, hysteresis=2)
+    model, ddp, opt, _ = setup(torch.float16, scaler)
+    backward(model, opt)
+    assert not opt.step()[0]                  # an overflow: hysteresis counts one down
+    opt.zero_grad()
+    saved = opt.state_dict()
+    fresh = DynamicLossScaler(initial_scale=2.0 ** 16, window=1000, hysteresis=2)
+    _, _, opt2, _ = setup(torch.float16, fresh)
+    opt2.load_state_dict(saved)
+    assert fresh.state_dict() == scaler.state_dict()
+    assert fresh.scale == 2.0 ** 40 and fresh.state_dict() != DynamicLossScaler(
+        initial_scale=2.0 ** 40, window=1000, hysteresis=2).state_dict()
 
 
 # -- through the command line -------------------------------------------------------------------

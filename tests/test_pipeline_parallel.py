@@ -48,22 +48,17 @@ ALL_CASES = {name: (world, case) for world, cases in CASES.items() for name, cas
 
 
 def make_config(style, layers, tp, pp, vp, first, last, sp, micro, world):
-    from megalite.config import MODEL_STYLES, Config
-    cfg = Config()
-    for k, v in MODEL_STYLES[style].items():
-        setattr(cfg.model, k, v)
-    m, p, t = cfg.model, cfg.parallel, cfg.training
-    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = layers, HIDDEN, 4, SEQ
-    m.vocab_size = VOCAB
-    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
-    p.sequence_parallel = sp
-    p.num_layers_per_virtual_pipeline_stage = layers // (pp * vp) if vp > 1 else None
-    p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers = first, last
+    from megalite.config import MODEL_STYLES
+    from megalite.config import make_config as finished_config
     dp = world // (tp * pp)
-    t.micro_batch_size, t.global_batch_size = MBS, MBS * micro * dp
-    cfg.data.mock_data = True
-    cfg.validate(world)
-    return cfg
+    return finished_config(MODEL_STYLES[style], dict(
+        num_layers=layers, hidden_size=HIDDEN, num_attention_heads=4, seq_length=SEQ,
+        vocab_size=VOCAB, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        sequence_parallel=sp,
+        num_layers_per_virtual_pipeline_stage=layers // (pp * vp) if vp > 1 else None,
+        decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last,
+        micro_batch_size=MBS, global_batch_size=MBS * micro * dp, mock_data=True),
+        world_size=world)
 
 
 def microbatches(step, n):
@@ -73,28 +68,23 @@ def microbatches(step, n):
              "labels": torch.randint(0, VOCAB, (MBS, SEQ), generator=g)} for _ in range(n)]
 
 
-def train_steps(cfg, chunks, model, dp_rank=0, dp=1, on_step=None):
+def train_steps(cfg, chunks, dp_rank=0, dp=1, on_step=None):
     """STEPS optimizer steps through the schedule of this layout; returns the losses."""
     from megalite.parallel import state
-    from megalite.parallel.data import finalize_model_grads
-    from megalite.parallel.pipeline import (get_forward_backward_func, p2p_tensor_shape,
-                                            pipeline_mean_loss)
+    from megalite.parallel.ddp import finalize_model_grads
+    from megalite.parallel.pipeline import forward_backward, global_mean_loss, p2p_tensor_shape
     st = state.get()
-    micro = cfg.num_microbatches(st.world_size)
-    schedule = get_forward_backward_func(st.pp, len(chunks))
+    micro = cfg.num_microbatches
     # SGD: a rounding-level grad difference stays one (Adam would blow it up to ~lr)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = torch.optim.SGD([p for c in chunks for p in c.parameters()], lr=0.5)
     losses = []
     for step in range(STEPS):
         # DP rank d takes every dp-th micro-batch of the global batch.
         mine = microbatches(step, micro * dp)[dp_rank::dp]
-        out = schedule(chunks, iter(mine), micro, tensor_shape=p2p_tensor_shape(cfg, st.tp))
-        finalize_model_grads(model)
-        loss = pipeline_mean_loss(out)
-        if st.dp > 1:
-            torch.distributed.all_reduce(loss, group=st.dp_group)
-            loss /= st.dp
-        losses.append(loss.item())
+        out = forward_backward(chunks, iter(mine), micro,
+                               tensor_shape=p2p_tensor_shape(cfg, st.tp))
+        finalize_model_grads(chunks)
+        losses.append(global_mean_loss(out).item())
         if on_step:
             on_step(step)
         opt.step()
@@ -104,50 +94,49 @@ def train_steps(cfg, chunks, model, dp_rank=0, dp=1, on_step=None):
 
 def reference(name):
     """Losses, full grads per step and final weights of the single-process model."""
-    from megalite.training.loop import build_model
+    from megalite.model.gpt import build_model
     world, case = ALL_CASES[name]
     style, layers, tp, pp, vp, first, last, sp, micro = case
     dp = world // (tp * pp)
     cfg = make_config(style, layers, 1, 1, 1, None, None, False, micro * dp, 1)
-    (model,) = build_model(cfg, 256, torch.device("cpu"), unpadded_vocab_size=VOCAB)
+    (model,) = build_model(cfg, 256, VOCAB)
     grads = []
-    losses = train_steps(cfg, [model], model, on_step=lambda s: grads.append(
+    losses = train_steps(cfg, [model], on_step=lambda s: grads.append(
         {n: p.grad.clone() for n, p in model.named_parameters()}))
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # -- what each rank runs ----------------------------------------------------------------------
 
-def _gather_full(model, what):
+def _gather_full(chunks, what):
     """name -> full tensor gathered over TP (the param or its grad)."""
     import torch.distributed as dist
     from megalite.parallel import state
-    from megalite.parallel.layers import partition_info, unshard
+    from megalite.parallel.layers import unshard
+    from megalite.parallel.tags import tag_of
     st = state.get()
     full = {}
-    for name, p in model.named_parameters():
+    for name, p in (np for c in chunks for np in c.named_parameters()):
         t = (p if what == "param" else p.grad).detach().contiguous()
         parts = [t]
         if st.tp > 1:
             parts = [torch.empty_like(t) for _ in range(st.tp)]
             dist.all_gather(parts, t, group=st.tp_group)
-        full[name] = unshard(parts, *partition_info(p))
+        full[name] = unshard(parts, *tag_of(p).partition)
     return full
 
 
 def _parity_case(name, world):
+    from megalite.model.gpt import build_model
     from megalite.parallel import state
-    from megalite.parallel.pipeline import stage_module
-    from megalite.training.loop import build_model
     style, layers, tp, pp, vp, first, last, sp, micro = CASES[world][name]
     cfg = make_config(style, layers, tp, pp, vp, first, last, sp, micro, world)
     st = state.initialize(tp, pp, device=torch.device("cpu"))
-    chunks = build_model(cfg, 256, torch.device("cpu"), unpadded_vocab_size=VOCAB)
-    model = stage_module(chunks)
+    chunks = build_model(cfg, 256, VOCAB)
     grads = []
-    losses = train_steps(cfg, chunks, model, st.dp_rank, st.dp,
-                         on_step=lambda s: grads.append(_gather_full(model, "grad")))
-    return {"losses": losses, "grads": grads, "params": _gather_full(model, "param"),
+    losses = train_steps(cfg, chunks, st.dp_rank, st.dp,
+                         on_step=lambda s: grads.append(_gather_full(chunks, "grad")))
+    return {"losses": losses, "grads": grads, "params": _gather_full(chunks, "param"),
             "layers": [sorted(int(k) for k in c.layers) for c in chunks],
             "keep": st.tp_rank == 0 and st.dp_rank == 0, "pp_rank": st.pp_rank}
 
@@ -208,22 +197,21 @@ class ActivationMeter:
 
 def _memory_case():
     """Peak activation bytes per stage for each order and number of micro-batches."""
+    from megalite.model.gpt import build_model
     from megalite.parallel import pipeline, schedules, state
-    from megalite.training.loop import build_model
     out = {}
     for order, vp in (("1f1b", 1), ("interleaved", 2), ("gpipe", 1)):
         cfg = make_config("gpt2", 4, 1, 2, vp, None, None, False, 4, 2)
         st = state.initialize(1, 2, device=torch.device("cpu"))
-        chunks = build_model(cfg, 256, torch.device("cpu"), unpadded_vocab_size=VOCAB)
+        chunks = build_model(cfg, 256, VOCAB)
         for M in (4, 16):
             meter = ActivationMeter([p for c in chunks for p in c.parameters()])
-            fn = {"1f1b": schedules.one_f_one_b,
-                  "interleaved": lambda pp, r, M, fo: schedules.interleaved_1f1b(pp, r, M, 2, fo),
-                  "gpipe": schedules.all_forward_all_backward}[order]
+            ops = {"1f1b": lambda: schedules.one_f_one_b(2, st.pp_rank, M),
+                   "interleaved": lambda: schedules.interleaved_1f1b(2, st.pp_rank, M, 2),
+                   "gpipe": lambda: schedules.all_forward_all_backward(2, st.pp_rank, M)}[order]()
             with meter.hooks():
-                pipeline._pipelined(lambda pp, r, M, vp_, fo: fn(pp, r, M, fo), chunks,
-                                    iter(microbatches(0, M)), M, tensor_shape=(SEQ, MBS, HIDDEN),
-                                    on_op=meter.on_op)
+                pipeline.run_schedule(ops, chunks, iter(microbatches(0, M)), M,
+                                      tensor_shape=(SEQ, MBS, HIDDEN), on_op=meter.on_op)
             out[(order, M)] = meter.peak
             for c in chunks:
                 c.zero_grad(set_to_none=True)
@@ -324,7 +312,7 @@ def test_loss_and_grads_equal_single_process(worlds, references, name):
 
 
 def test_stages_own_the_layers_of_the_layout(worlds):
-    from megalite.parallel.schedules import pipeline_layout
+    from megalite.layout import pipeline_layout
     for name, (world, case) in ALL_CASES.items():
         style, layers, tp, pp, vp, first, last, sp, micro = case
         want = pipeline_layout(layers, pp, vp, first, last)

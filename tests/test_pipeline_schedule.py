@@ -9,8 +9,8 @@ from megalite.errors import MegaliteError
 from megalite.parallel import pipeline
 from megalite.parallel.schedule_sim import (ScheduleError, bubble_fraction, simulate,
                                             theoretical_bubble)
-from megalite.parallel.schedules import (P2P, Backward, Comm, Forward, pipeline_layout,
-                                         schedule_ops, virtual_pipeline_size)
+from megalite.layout import pipeline_layout, virtual_pipeline_size
+from megalite.parallel.schedules import P2P, Backward, Comm, Forward, schedule_ops
 
 GRID = [(pp, vp, M) for pp in (2, 4) for vp in (1, 2) for M in range(1, 9)]
 
@@ -137,24 +137,21 @@ def test_layout_even_uneven_virtual():
      "pipeline stage 0 has 3 layers, not divisible into 2 virtual stages"),
 ])
 def test_bad_pipeline_configs_name_the_numbers(over, world, needle):
-    from megalite.config import parse_config
-    cfg = parse_config(["--mock-data", "--vocab-size", "256"])
-    for k, v in over.items():
-        for section in vars(cfg).values():
-            if hasattr(section, k):
-                setattr(section, k, v)
+    from megalite.config import make_config
     with pytest.raises(MegaliteError, match=needle):
-        cfg.validate(world)
+        make_config({"mock_data": True, "vocab_size": 256, **over}, world_size=world)
 
 
 def test_pipeline_flags_parse():
     from megalite.config import parse_config
     cfg = parse_config(["--mock-data", "--num-layers-per-virtual-pipeline-stage", "2",
-                        "--decoder-first-pipeline-num-layers", "1",
-                        "--decoder-last-pipeline-num-layers", "3"])
+                        "--num-layers", "8", "--pipeline-model-parallel-size", "2",
+                        "--global-batch-size", "8",
+                        "--decoder-first-pipeline-num-layers", "2",
+                        "--decoder-last-pipeline-num-layers", "6"], world_size=2)
     p = cfg.parallel
     assert (p.num_layers_per_virtual_pipeline_stage, p.decoder_first_pipeline_num_layers,
-            p.decoder_last_pipeline_num_layers) == (2, 1, 3)
+            p.decoder_last_pipeline_num_layers) == (2, 2, 6)
 
 
 # -- executor on one process ------------------------------------------------------------------
@@ -177,15 +174,20 @@ def _batches(n):
 
 
 def test_executor_on_one_stage_equals_gradient_accumulation():
-    """The 1F1B executor with PP = 1 (no transfers) against the plain loop, bitwise; the loss
-    scale and 1/M reach the grads, the returned losses are unscaled."""
+    """The one executor with PP = 1 (the 1F1B program with no transfers) against a plain
+    gradient-accumulation loop, bitwise; the loss scale and 1/M reach the grads, the returned
+    losses are unscaled."""
     a, b = _tiny(), _tiny()
-    la = pipeline.forward_backward_no_pipelining(a, iter(_batches(3)), 3, loss_scale=8.0)
-    lb = pipeline.forward_backward_pipelining_without_interleaving(
-        [b], iter(_batches(3)), 3, loss_scale=8.0, tensor_shape=(16, 2, 32))
+    la = []
+    for batch in _batches(3):                  # the reference: what a user would write
+        loss = a(batch["tokens"], labels=batch["labels"]).float().mean()
+        (loss * (8.0 / 3)).backward()
+        la.append(loss.detach())
+    lb = pipeline.forward_backward([b], iter(_batches(3)), 3, loss_scale=8.0)
     assert all(torch.equal(x, y) for x, y in zip(la, lb))
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p.grad, q.grad), n
+    assert [type(op).__name__ for op in schedule_ops(1, 0, 3)] == ["Forward", "Backward"] * 3
 
 
 def test_freed_output_still_drives_backward():
@@ -203,22 +205,18 @@ def test_freed_output_still_drives_backward():
     assert kept.shape == (4, 3)
 
 
-def test_stage_module_has_the_chunks_names_and_weights():
-    from megalite.parallel.pipeline import StageModule, stage_module
+def test_chunks_state_dict_has_global_names_and_loads_back():
+    from megalite.training.checkpoint import _load_model_state, model_state_dict
     first = _tiny(4, post_process=False, layer_numbers=[0])
     second = _tiny(4, pre_process=False, layer_numbers=[2])
-    view = stage_module([first, second])
-    assert isinstance(view, StageModule)
-    names = set(view.state_dict())
-    assert names == set(first.state_dict()) | set(second.state_dict())
-    assert any(n.startswith("layers.2.") for n in names) and not any(
-        n.startswith(("0.", "1.", "chunks")) for n in names)
-    assert {id(p) for p in view.parameters()} == \
-        {id(p) for c in (first, second) for p in c.parameters()}
-    view.eval()
-    assert not first.training and not second.training
-    sd = {k: v + 1 for k, v in view.state_dict().items()}
-    view.load_state_dict(sd)
+    sd = model_state_dict([first, second])
+    assert set(sd) == set(first.state_dict()) | set(second.state_dict())
+    assert any(n.startswith("layers.2.") for n in sd) and not any(
+        n.startswith(("0.", "1.", "chunks")) for n in sd)
+    new = {k: v + 1 for k, v in sd.items()}
+    _load_model_state([first, second], new, "test")
     assert torch.equal(second.layers["2"].mlp.linear_fc1.weight,
-                       sd["layers.2.mlp.linear_fc1.weight"])
-    assert stage_module([first]) is first
+                       new["layers.2.mlp.linear_fc1.weight"])
+    with pytest.raises(MegaliteError, match="lacks layers.2"):
+        _load_model_state([first, second], {k: v for k, v in new.items()
+                                            if not k.startswith("layers.2.")}, "test")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import free_port, rank_guard, run_cli, spawn
-from megalite.config import MODEL_STYLES, Config, ModelConfig
+from megalite.config import MODEL_STYLES, ModelConfig, make_config
 from megalite.errors import MegaliteError
 
 WORLD = 4
@@ -85,7 +85,8 @@ def _gather_full(model, what):
     largest difference between TP ranks' copies of replicated values (must be 0)."""
     import torch.distributed as dist
     from megalite.parallel import state
-    from megalite.parallel.layers import group_replicas, partition_info, unshard
+    from megalite.parallel.layers import group_replicas, unshard
+    from megalite.parallel.tags import tag_of
     st = state.get()
     full, spread = {}, 0.0
     for name, p in model.named_parameters():
@@ -94,7 +95,7 @@ def _gather_full(model, what):
         if st.tp > 1:
             parts = [torch.empty_like(t) for _ in range(st.tp)]
             dist.all_gather(parts, t, group=st.tp_group)
-        dim, stride, layout = partition_info(p)
+        dim, stride, layout = tag_of(p).partition
         if dim is None:
             spread = max(spread, max((q - parts[0]).abs().max().item() for q in parts))
         elif group_replicas(layout, st.tp) > 1:
@@ -124,8 +125,8 @@ def _compare(full, ref, name_rows=None):
 
 
 def _parity_case(style, tp, sp, reference):
-    from megalite.model.gpt import padded_vocab_size
-    from megalite.parallel.data import finalize_model_grads
+    from megalite.layout import padded_vocab_size
+    from megalite.parallel.ddp import finalize_model_grads
     cfg = model_config(style)
     model = _build(cfg, padded_vocab_size(VOCAB, 128, tp), sequence_parallel=sp)
     weights, _ = _gather_full(model, "param")
@@ -163,7 +164,7 @@ def _reference(style):
 def _recompute_case(style, sp):
     """Loss, grads and RNG states after one step, for each recomputation setting, with
     dropout on; every setting must equal no recomputation bitwise."""
-    from megalite.model.gpt import padded_vocab_size
+    from megalite.layout import padded_vocab_size
     from megalite.parallel import random as prandom
     from megalite.parallel import state
     cfg = model_config(style, hidden_dropout=0.1, attention_dropout=0.1)
@@ -330,7 +331,8 @@ def test_dropout_streams(tp_results):
 @pytest.mark.parametrize("style", list(STYLES))
 def test_same_seed_same_full_weights_for_every_tp(style):
     from megalite.parallel import state
-    from megalite.parallel.layers import partition_info, unshard
+    from megalite.parallel.layers import unshard
+    from megalite.parallel.tags import tag_of
     cfg = model_config(style)
 
     def full_weights(tp):
@@ -339,7 +341,7 @@ def test_same_seed_same_full_weights_for_every_tp(style):
             state.set_state(state.ParallelState(tp=tp, rank=r))
             shards.append(dict(_build(cfg, 512).named_parameters()))
         state.set_state(state.ParallelState())
-        return {n: unshard([s[n].detach() for s in shards], *partition_info(p))
+        return {n: unshard([s[n].detach() for s in shards], *tag_of(p).partition)
                 for n, p in shards[0].items()}
 
     ref = full_weights(1)
@@ -356,12 +358,8 @@ def test_same_seed_same_full_weights_for_every_tp(style):
 # -- bad layouts: one clear line ---------------------------------------------------------------
 
 def _cfg(tp=1, **model):
-    cfg = Config()
-    cfg.data.mock_data = True
-    cfg.parallel.tensor_model_parallel_size = tp
-    for k, v in model.items():
-        setattr(cfg.parallel if hasattr(cfg.parallel, k) else cfg.model, k, v)
-    return cfg
+    return make_config({"mock_data": True, "tensor_model_parallel_size": tp, **model},
+                       world_size=tp)
 
 
 @pytest.mark.parametrize("tp, model, needle", [
@@ -381,18 +379,18 @@ def _cfg(tp=1, **model):
 ])
 def test_config_errors(tp, model, needle):
     with pytest.raises(MegaliteError) as e:
-        _cfg(tp, **model).validate(world_size=tp)
+        _cfg(tp, **model)
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_config_accepts_replicated_kv_heads():
-    _cfg(4, num_attention_heads=4, num_query_groups=2).validate(world_size=4)   # replicated
-    _cfg(2, num_attention_heads=4, num_query_groups=2).validate(world_size=2)   # split
+    _cfg(4, num_attention_heads=4, num_query_groups=2)   # replicated
+    _cfg(2, num_attention_heads=4, num_query_groups=2)   # split
 
 
 def test_layer_errors_name_the_numbers():
-    from megalite.model.gpt import padded_vocab_size
+    from megalite.layout import padded_vocab_size
     from megalite.parallel import state
     from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                           VocabParallelEmbedding)

@@ -27,27 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite import ops
-from megalite.config import ModelConfig
+from megalite.config import Config, ModelConfig
 from megalite.parallel import state
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                       VocabParallelEmbedding, column_parallel_linear,
-                                      group_replicas, mark)
+                                      group_replicas, init_parameters)
 from megalite.parallel.random import checkpoint, tracker
+from megalite.parallel.tags import tag
 from megalite.parallel.tensor import gather_from_tp, scatter_to_sp
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
-def ffn_hidden_size(cfg: ModelConfig) -> int:
-    if cfg.ffn_hidden_size:
-        return cfg.ffn_hidden_size
-    if cfg.swiglu:  # keep the MLP's parameter count at that of a 4h GeLU MLP
-        return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
-    return 4 * cfg.hidden_size
 
 
 def make_norm(cfg: ModelConfig, sequence_parallel: bool, dtype=None) -> nn.Module:
@@ -56,8 +44,8 @@ def make_norm(cfg: ModelConfig, sequence_parallel: bool, dtype=None) -> nn.Modul
     else:
         norm = ops.FusedLayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, dtype=dtype)
     for name, p in norm.named_parameters():
-        mark(p, init=("ones",) if name == "weight" else ("zeros",),
-             sequence_parallel=sequence_parallel)
+        tag(p, init=("ones",) if name == "weight" else ("zeros",),
+            sequence_parallel=sequence_parallel)
     return norm
 
 
@@ -100,7 +88,7 @@ class Attention(nn.Module):
     heads, then its key head, then its value head. With TP <= groups a contiguous slice of
     rows is a whole number of groups, so column-parallel splitting needs no reordering. With
     TP > groups (TP a multiple of groups) the TP/groups ranks of one group each take a slice
-    of its query heads and a replica of its key and value heads (`tp_group_layout`).
+    of its query heads and a replica of its key and value heads (the tag's `group_layout`).
     """
 
     def __init__(self, cfg: ModelConfig, sequence_parallel: bool, output_std: float, dtype=None,
@@ -108,7 +96,7 @@ class Attention(nn.Module):
         super().__init__()
         tp = state.get().tp
         self.head_dim = d = cfg.hidden_size // cfg.num_attention_heads
-        groups = cfg.num_query_groups or cfg.num_attention_heads
+        groups = cfg.num_query_groups
         q_per_group = cfg.num_attention_heads // groups
         layout = (groups, q_per_group * d, 2 * d)        # per group: q heads | k, v (rows)
         replicas = group_replicas(layout, tp)
@@ -158,7 +146,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, sequence_parallel: bool, output_std: float, dtype=None):
         super().__init__()
-        ffn = ffn_hidden_size(cfg)
+        ffn = cfg.ffn_hidden_size
         self.swiglu = cfg.swiglu
         bias = not cfg.disable_bias_linear
         self.linear_fc1 = ColumnParallelLinear(
@@ -229,10 +217,12 @@ class GPTModel(nn.Module):
             self.embedding = nn.Module()
             self.embedding.word_embeddings = VocabParallelEmbedding(
                 vocab_size, cfg.hidden_size, sequence_parallel=sp, init_std=std, dtype=dtype)
+            if self.tied:
+                tag(self.embedding.word_embeddings.weight, tied_embedding="input")
             if cfg.position_embedding_type == "learned_absolute":
                 self.embedding.position_embeddings = nn.Embedding(
-                    cfg.max_position_embeddings or cfg.seq_length, cfg.hidden_size, dtype=dtype)
-                mark(self.embedding.position_embeddings.weight, init=("normal", std))
+                    cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype)
+                tag(self.embedding.position_embeddings.weight, init=("normal", std))
         self.rotary = (RotaryEmbedding(cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_base)
                        if cfg.position_embedding_type == "rope" else None)
 
@@ -254,9 +244,8 @@ class GPTModel(nn.Module):
                 if self.tied:
                     # The last pipeline stage's copy of the tied embedding: it starts equal to
                     # the first stage's and their grads are summed over the embedding group.
-                    w = self.output_layer.weight
-                    w.init_name = "embedding.word_embeddings.weight"
-                    w.shared_embedding = True
+                    tag(self.output_layer.weight, tied_embedding="output",
+                        init_name="embedding.word_embeddings.weight")
 
     def output_weight(self):
         if hasattr(self, "output_layer"):
@@ -307,17 +296,17 @@ def num_parameters(cfg: ModelConfig, vocab_size: int) -> dict:
     """Parameter counts of the full (unsharded) model, for FLOPs and logs."""
     h, L = cfg.hidden_size, cfg.num_layers
     heads = cfg.num_attention_heads
-    groups = cfg.num_query_groups or heads
+    groups = cfg.num_query_groups
     d = h // heads
     bias = 0 if cfg.disable_bias_linear else 1
-    ffn = ffn_hidden_size(cfg)
+    ffn = cfg.ffn_hidden_size
     fc1_out = 2 * ffn if cfg.swiglu else ffn
     norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
     qkv_out = groups * (heads // groups + 2) * d
     layer = (h * qkv_out + bias * qkv_out + heads * d * h + bias * h
              + h * fc1_out + bias * fc1_out + ffn * h + bias * h + 2 * norm)
     embedding = vocab_size * h
-    position = h * (cfg.max_position_embeddings or cfg.seq_length) \
+    position = h * cfg.max_position_embeddings \
         if cfg.position_embedding_type == "learned_absolute" else 0
     output = 0 if not cfg.untie_embeddings_and_output_weights else vocab_size * h
     total = L * layer + embedding + position + output + norm
@@ -330,3 +319,35 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
     n = num_parameters(cfg, vocab_size)["non_embedding"]
     attention = 12 * cfg.num_layers * cfg.hidden_size * cfg.seq_length
     return 6 * n + attention + 6 * vocab_size * cfg.hidden_size
+
+
+# -- this rank's model ------------------------------------------------------------------------
+
+def build_model(cfg: Config, vocab_size: int, unpadded_vocab_size: int) -> list:
+    """This rank's model chunks (one per virtual pipeline stage; one without interleaving),
+    built for its pipeline stage and TP slice, each initialised from the seed alone, on the
+    config's device, in fp32 (`cast_params` turns them into the training dtype)."""
+    st = state.get()
+    vp = cfg.virtual_pipeline_size
+    chunks = []
+    for c, layers in enumerate(cfg.pipeline_layout()[st.pp_rank]):
+        # The embedding lives on the first virtual stage, head and loss on the last.
+        model = GPTModel(cfg.model, vocab_size, pre_process=st.is_first_stage and c == 0,
+                         post_process=st.is_last_stage and c == vp - 1, layer_numbers=layers,
+                         sequence_parallel=cfg.parallel.sequence_parallel,
+                         unpadded_vocab_size=unpadded_vocab_size,
+                         recompute_granularity=cfg.parallel.recompute_granularity,
+                         recompute_num_layers=cfg.parallel.recompute_num_layers)
+        init_parameters(model, cfg.training.seed)
+        chunks.append(model.to(st.device))
+    return chunks
+
+
+@torch.no_grad()
+def cast_params(modules, dtype) -> None:
+    """Turn the parameters (not the buffers: RoPE's inverse frequencies stay fp32) into dtype.
+    Do it before the data-parallel grad buffers are built: they take the params as they are."""
+    for module in modules if isinstance(modules, (list, tuple)) else [modules]:
+        for p in module.parameters():
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)

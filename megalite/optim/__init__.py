@@ -4,7 +4,7 @@ from megalite.optim.fused_adamw import FusedAdamW
 from megalite.optim.grad_norm import clip_coefficient, global_grad_norm
 from megalite.optim.loss_scaler import DynamicLossScaler
 from megalite.optim.lr_schedule import LRSchedule
-from megalite.optim.mixed_precision import MixedPrecisionOptimizer, cast_params, model_dtype
+from megalite.optim.mixed_precision import MixedPrecisionOptimizer
 from megalite.optim.distributed import DistributedOptimizer
 
 
@@ -46,4 +46,4 @@ def build_lr_schedule(cfg) -> LRSchedule:
 
 __all__ = ["FusedAdamW", "DynamicLossScaler", "LRSchedule", "build_optimizer",
            "build_lr_schedule", "global_grad_norm", "clip_coefficient", "no_weight_decay",
-           "MixedPrecisionOptimizer", "DistributedOptimizer", "cast_params", "model_dtype"]
+           "MixedPrecisionOptimizer", "DistributedOptimizer"]

@@ -15,15 +15,14 @@ import torch.distributed as dist
 from megalite.ops import sum_of_squares
 from megalite.parallel import state
 from megalite.parallel.layers import unique_part
+from megalite.parallel.tags import tag_of
 
 
 def counts_in_norm(p) -> bool:
-    st = state.get()
-    if getattr(p, "shared_embedding", False):
+    t = tag_of(p)
+    if t.tied_embedding == "output":           # the input embedding on stage 0 counts
         return False
-    if getattr(p, "tp_partition_dim", None) is None and st.tp_rank != 0:
-        return False
-    return True
+    return t.partition_dim is not None or state.get().tp_rank == 0
 
 
 def global_grad_norm(params, grads=None) -> torch.Tensor:
@@ -62,7 +61,7 @@ def sharded_grad_norm(pieces) -> torch.Tensor:
     for p, g, start, end in pieces:
         if not counts_in_norm(p):
             continue
-        if getattr(p, "tp_group_layout", None) is not None:
+        if tag_of(p).group_layout is not None:
             mask = _unique_mask(p)
             if mask is not None:
                 g = g[mask[start:end]]

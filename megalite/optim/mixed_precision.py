@@ -1,7 +1,7 @@
 """AdamW over fp32 main params for a model of any dtype: Megatron's mixed-precision optimizer.
 
     model params   bf16 / fp16 (or fp32)      what forward and backward run in
-    main grads     fp32, in the DDP buffers   param.main_grad (megalite.parallel.data)
+    main grads     fp32, in the DDP buffers   param.main_grad (megalite.parallel.ddp)
     main params    fp32                       the master copy AdamW updates
     exp_avg(_sq)   fp32
 
@@ -28,21 +28,6 @@ from megalite.errors import MegaliteError
 from megalite.ops.adamw import multi_tensor_adamw_
 from megalite.optim.grad_norm import clip_coefficient, global_grad_norm
 from megalite.parallel import state
-
-
-def model_dtype(training_cfg) -> torch.dtype:
-    return (torch.bfloat16 if training_cfg.bf16 else
-            torch.float16 if training_cfg.fp16 else torch.float32)
-
-
-@torch.no_grad()
-def cast_params(modules, dtype) -> None:
-    """Turn the parameters (not the buffers: RoPE's inverse frequencies stay fp32) into dtype.
-    Do it before building DistributedDataParallel, which takes the params as they are then."""
-    for module in modules if isinstance(modules, (list, tuple)) else [modules]:
-        for p in module.parameters():
-            if p.dtype != dtype:
-                p.data = p.data.to(dtype)
 
 
 class Piece:
@@ -197,7 +182,8 @@ class MixedPrecisionOptimizer:
     def state_dict(self):
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         sd = {"step": self.step_count, "param_groups": groups, "sharded": self.sharded,
-              "data_parallel_size": state.get().dp}
+              "data_parallel_size": state.get().dp,
+              "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         if not self.sharded:
             sd["pieces"] = self._pieces_state()
         return sd
@@ -210,6 +196,8 @@ class MixedPrecisionOptimizer:
             raise MegaliteError("the checkpoint's optimizer state is not a megalite "
                                 "mixed-precision optimizer state; resume with --no-load-optim")
         self.step_count = int(sd["step"])
+        if self.scaler is not None and sd.get("loss_scaler"):
+            self.scaler.load_state_dict(sd["loss_scaler"])
         for g, saved in zip(self.param_groups, sd["param_groups"]):
             g.update({k: v for k, v in saved.items() if k in ("lr", "betas", "eps",
                                                               "weight_decay")})

@@ -4,22 +4,11 @@ ColumnParallelLinear splits the weight's output dim, RowParallelLinear its input
 added after the reduction), VocabParallelEmbedding owns a contiguous slice of the vocabulary.
 With one TP rank they are plain nn.Linear / nn.Embedding maths with no communication.
 
-Every parameter carries attributes that the rest of megalite reads:
-  tp_partition_dim     the dim split over TP ranks, or None when every TP rank holds it whole
-  tp_partition_stride  k > 1 when the full tensor is k blocks along that dim (SwiGLU's
-                       [gate; up]) and each rank holds its slice of every block, concatenated
-  tp_group_layout      (groups, split_rows, shared_rows) or None: the full tensor is `groups`
-                       blocks of split_rows + shared_rows along the partition dim (the fused
-                       QKV of grouped-query attention: per group, its query heads, then its
-                       key and value heads). With TP <= groups each rank holds whole groups;
-                       with TP > groups, TP/groups consecutive ranks share one group: each
-                       holds a slice of its split rows and all of its shared rows (key/value
-                       heads replicated), whose grads are summed over those ranks
-  sequence_parallel    True when each TP rank sees only part of the sequence, so its grad is a
-                       partial sum to be all-reduced over TP before the optimizer step
-and an `init` rule. `init_parameters` gives a parameter its full value from the seed and the
-parameter's name alone, then keeps this rank's slice: the same seed gives the same full
-model whatever the layout. `shard_of` and `unshard` go from full to slice and back.
+Every parameter they create carries a `ParamTag` (parallel/tags.py): its partition over TP
+ranks, whether it is sequence-parallel, its init rule. `init_parameters` gives a parameter its
+full value from the seed and the parameter's name alone, then keeps this rank's slice: the
+same seed gives the same full model whatever the layout. `shard_of` and `unshard` go from
+full to slice and back.
 """
 
 import hashlib
@@ -30,18 +19,11 @@ import torch.nn.functional as F
 
 from megalite.errors import MegaliteError
 from megalite.parallel import state
+from megalite.parallel.tags import tag, tag_of
 from megalite.parallel.tensor import (copy_to_tp, copy_to_tp_replicas, gather_from_sp,
                                       gather_from_tp, reduce_from_tp, reduce_scatter_to_sp)
 
 
-def mark(param: nn.Parameter, partition_dim=None, init=("normal", 0.02), sequence_parallel=False,
-         stride=1, group_layout=None):
-    param.tp_partition_dim = partition_dim
-    param.tp_partition_stride = stride
-    param.tp_group_layout = group_layout
-    param.init = init
-    param.sequence_parallel = sequence_parallel
-    return param
 
 
 def _divide(n, tp, what):
@@ -92,13 +74,13 @@ class ColumnParallelLinear(nn.Module):
         rows = _local_rows(out_features, tp, group_layout, "output features")
         # rows [0, split_local) are this rank's own; [split_local, rows) are shared by replicas
         self.split_local = rows - group_layout[2] if self.replicas > 1 else rows
-        self.weight = mark(nn.Parameter(torch.empty(rows, in_features, dtype=dtype)),
-                           partition_dim=0, init=("normal", init_std), stride=stride,
-                           group_layout=group_layout)
+        self.weight = tag(nn.Parameter(torch.empty(rows, in_features, dtype=dtype)),
+                          partition_dim=0, init=("normal", init_std), partition_stride=stride,
+                          group_layout=group_layout)
         self.bias = None
         if bias:
-            self.bias = mark(nn.Parameter(torch.empty(rows, dtype=dtype)), partition_dim=0,
-                             init=("zeros",), stride=stride, group_layout=group_layout)
+            self.bias = tag(nn.Parameter(torch.empty(rows, dtype=dtype)), partition_dim=0,
+                            init=("zeros",), partition_stride=stride, group_layout=group_layout)
 
     def _replicated(self, t):
         # Shared rows get grads from this rank's query heads only: sum them over the replicas.
@@ -131,13 +113,13 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         tp = state.get().tp
         self.sequence_parallel = sequence_parallel and tp > 1
-        self.weight = mark(nn.Parameter(torch.empty(
+        self.weight = tag(nn.Parameter(torch.empty(
             out_features, _divide(in_features, tp, "input features"), dtype=dtype)),
             partition_dim=1, init=("normal", init_std))
         self.bias = None
         if bias:
-            self.bias = mark(nn.Parameter(torch.empty(out_features, dtype=dtype)),
-                             init=("zeros",), sequence_parallel=self.sequence_parallel)
+            self.bias = tag(nn.Parameter(torch.empty(out_features, dtype=dtype)),
+                            init=("zeros",), sequence_parallel=self.sequence_parallel)
 
     def forward(self, x):
         y = F.linear(x, self.weight)
@@ -159,8 +141,8 @@ class VocabParallelEmbedding(nn.Module):
         per_rank = _divide(vocab_size, st.tp, "vocabulary size (padded)")
         self.vocab_start = st.tp_rank * per_rank
         self.vocab_end = self.vocab_start + per_rank
-        self.weight = mark(nn.Parameter(torch.empty(per_rank, hidden_size, dtype=dtype)),
-                           partition_dim=0, init=("normal", init_std))
+        self.weight = tag(nn.Parameter(torch.empty(per_rank, hidden_size, dtype=dtype)),
+                          partition_dim=0, init=("normal", init_std))
 
     def forward(self, ids):
         ids = ids.t()                                               # [s, b]
@@ -182,8 +164,7 @@ def _seed_for(seed: int, name: str) -> int:
 def full_shape(param) -> list:
     """The shape of a parameter's full (unsharded) value under the current TP size."""
     shape = list(param.shape)
-    dim = getattr(param, "tp_partition_dim", None)
-    layout = getattr(param, "tp_group_layout", None)
+    dim, _, layout = tag_of(param).partition
     if dim is not None and layout is not None:
         shape[dim] = layout[0] * (layout[1] + layout[2])
     elif dim is not None:
@@ -195,34 +176,29 @@ def full_shape(param) -> list:
 def init_parameters(module: nn.Module, seed: int) -> None:
     """Give every parameter its full value from (seed, name), then keep this rank's slice.
 
-    A parameter may set `init_name` to be initialised as another (the pipeline's last-stage
+    A parameter's tag may name another (`init_name`) to be initialised as it (the pipeline's last-stage
     copy of a tied embedding starts equal to the first stage's embedding). The full value is
     drawn on the CPU in fp32 whatever the layout, so every TP size slices the same numbers
     (a vocabulary padded further for a larger TP only appends rows: the real rows are equal).
     """
     st = state.get()
     for name, p in module.named_parameters():
-        rule = getattr(p, "init", ("normal", 0.02))
+        t = tag_of(p)
+        rule = t.init
         if rule[0] == "zeros":
             p.zero_()
             continue
         if rule[0] == "ones":
             p.fill_(1.0)
             continue
-        gen = torch.Generator().manual_seed(_seed_for(seed, getattr(p, "init_name", name)))
+        gen = torch.Generator().manual_seed(_seed_for(seed, t.init_name or name))
         full = torch.empty(full_shape(p), dtype=torch.float32).normal_(0.0, rule[1], generator=gen)
         p.copy_(shard_of(full, p, st.tp, st.tp_rank))
 
 
-def partition_info(param) -> tuple:
-    """(dim, stride, group_layout): everything `unshard` needs besides the shards."""
-    return (getattr(param, "tp_partition_dim", None), getattr(param, "tp_partition_stride", 1),
-            getattr(param, "tp_group_layout", None))
-
-
 def shard_of(full: torch.Tensor, param, tp: int, tp_rank: int) -> torch.Tensor:
     """This TP rank's slice of a parameter's full value (inverse of `unshard`)."""
-    dim, stride, layout = partition_info(param)
+    dim, stride, layout = tag_of(param).partition
     if dim is None or tp == 1:
         return full
     if group_replicas(layout, tp) > 1:
@@ -258,9 +234,9 @@ def unique_part(param, t: torch.Tensor) -> torch.Tensor:
     global grad norm, where each value must count once. Whole-replicated params are left to
     the caller (they count on TP rank 0 only); this trims replicated key/value rows."""
     st = state.get()
-    layout = getattr(param, "tp_group_layout", None)
-    r = group_replicas(layout, st.tp)
+    pt = tag_of(param)
+    r = group_replicas(pt.group_layout, st.tp)
     if r == 1 or st.tp_rank % r == 0:
         return t
-    own = layout[1] // r
-    return t.narrow(param.tp_partition_dim, 0, own)
+    own = pt.group_layout[1] // r
+    return t.narrow(pt.partition_dim, 0, own)

@@ -1,10 +1,10 @@
-"""Pipeline parallelism: the schedules that run a global batch's micro-batches through the
-stages, and the executor that plays them on this rank's model chunks.
+"""Pipeline parallelism: the executor that plays a schedule on this rank's model chunks.
 
-    schedules.py  the layout (layers[rank][chunk]) and each schedule's list of operations
+    schedules.py  each schedule's list of operations (megalite.layout: which layers where)
     p2p.py        the transfers between neighbouring stages
-    here          the executor; forward_backward_* (no pipelining, 1F1B, interleaved 1F1B);
-                  get_forward_backward_func; helpers for the training loop
+    here          the executor and `forward_backward`, the one entry point for every layout:
+                  PP = 1 is the 1F1B program with no communication (F0 B0 F1 B1 ...: plain
+                  gradient accumulation), PP > 1 is 1F1B, interleaved with virtual stages
 
 A schedule is data: `schedules.one_f_one_b(pp, rank, M)` is the exact list of Forward,
 Backward and Comm operations rank `rank` performs. The executor plays that list on the model;
@@ -12,9 +12,9 @@ Backward and Comm operations rank `rank` performs. The executor plays that list 
 that each send meets its receive, in order, and that no stage holds more micro-batches than
 the 1F1B bound. Both read the same lists, so the test checks the schedule that runs.
 
-Every schedule takes (model_chunks, data_iterator, num_microbatches) and returns each
-micro-batch's mean loss on the last stage (an empty list elsewhere). A loss is divided by
-num_microbatches before backward, so the accumulated grads are those of the global batch mean.
+`forward_backward(model_chunks, data_iterator, num_microbatches)` returns each micro-batch's
+mean loss on the last stage (an empty list elsewhere). A loss is divided by num_microbatches
+before backward, so the accumulated grads are those of the global batch mean.
 
 Memory: a stage keeps, per micro-batch in flight, what its backward needs: the autograd graph
 and the received input (whose grad is sent back). The output it sent forward is freed at once
@@ -28,13 +28,10 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from megalite.errors import MegaliteError
 from megalite.parallel import p2p, state
-from megalite.parallel.schedules import (  # noqa: F401  (the layout is part of this API)
-    Backward, Comm, Forward, interleaved_1f1b, one_f_one_b, pipeline_layout, schedule_ops,
-    virtual_pipeline_size)
+from megalite.parallel.schedules import Backward, Forward, schedule_ops
 
 
 # -- executor ---------------------------------------------------------------------------------
@@ -65,7 +62,7 @@ class _Executor:
         self.chunks, self.data, self.M = chunks, data_iterator, num_microbatches
         self.forward_only, self.loss_scale = forward_only, loss_scale
         param = next(chunks[0].parameters())
-        self.shape = tuple(tensor_shape)
+        self.shape = None if tensor_shape is None else tuple(tensor_shape)
         self.dtype = dtype or param.dtype
         self.device = param.device
         self.no_sync = no_sync
@@ -77,24 +74,16 @@ class _Executor:
         self.losses = []
 
     def run(self, ops):
-        V = len(self.chunks)
-        # DP gradient sync happens in the last backward only: of each chunk when given one
-        # no_sync per chunk, else of the whole schedule on this rank.
-        if self.no_sync is None:
-            self.sync_factories, self.sync_at = [contextlib.nullcontext] * V, None
-        elif callable(self.no_sync):
-            self.sync_factories = [self.no_sync] * V
-            last = [op for op in ops if isinstance(op, Backward)][-1:]
-            self.sync_at = {(op.chunk, op.mb) for op in last}
-        else:
-            self.sync_factories = list(self.no_sync)
-            self.sync_at = {(c, self.M - 1) for c in range(V)}
+        # DP gradient sync happens in each chunk's last backward only: that is when all of
+        # its grads are in, and its buckets may start reducing while other chunks compute.
+        last = {op.chunk: op for op in ops if isinstance(op, Backward)}
+        self.sync_at = set(last.values())
         for op in ops:
             t0 = time.perf_counter()
             if isinstance(op, Forward):
                 self.forward(op.chunk, op.mb)
             elif isinstance(op, Backward):
-                self.backward(op.chunk, op.mb)
+                self.backward(op)
             else:
                 self.communicate(op)
             if self.trace is not None:
@@ -125,12 +114,13 @@ class _Executor:
         else:
             self.outputs[(c, mb)] = out
 
-    def backward(self, c, mb):
+    def backward(self, op):
+        c, mb = op.chunk, op.mb
         model = self.chunks[c]
         out = self.outputs.pop((c, mb))
         x = self.inputs.pop((c, mb), None)
-        sync = self.sync_at is None or (c, mb) in self.sync_at
-        with contextlib.nullcontext() if sync else self.sync_factories[c]():
+        hold = self.no_sync is not None and op not in self.sync_at
+        with self.no_sync(c) if hold else contextlib.nullcontext():
             if model.post_process:
                 out.backward()
             else:
@@ -174,76 +164,40 @@ class _Executor:
                 for t in d.values() if t is not None]
 
 
-# -- schedules --------------------------------------------------------------------------------
+# -- the entry point ---------------------------------------------------------------------------
 
-def _chunks(model):
-    return list(model) if isinstance(model, (list, tuple)) else [model]
+def forward_backward(model_chunks, data_iterator, num_microbatches, *, forward_only=False,
+                     loss_scale=1.0, no_sync=None, tensor_shape=None, dtype=None, trace=None,
+                     on_op=None):
+    """Run one global batch's micro-batches through this rank's model chunks, under the
+    schedule of the layout (`schedules.schedule_ops`), accumulating grads unless forward_only.
 
-
-def forward_backward_no_pipelining(model, data_iterator, num_microbatches, *,
-                                   forward_only=False, loss_scale=1.0, no_sync=None, **unused):
-    """Gradient accumulation over micro-batches on a single pipeline stage.
-
-    no_sync: a context manager factory that suppresses data-parallel gradient sync; it wraps
-    every micro-batch but the last, so the sync happens once, during the last backward.
-    """
-    (model,) = _chunks(model)
-    no_sync = no_sync or contextlib.nullcontext
-    losses = []
-    for i in range(num_microbatches):
-        last = i == num_microbatches - 1
-        with (contextlib.nullcontext() if last or forward_only else no_sync()):
-            batch = next(data_iterator)
-            per_token = model(batch["tokens"], labels=batch["labels"])   # [b, s] fp32
-            loss = per_token.float().mean()
-            if not forward_only:
-                (loss * (loss_scale / num_microbatches)).backward()
-        losses.append(loss.detach())
-    return losses
-
-
-def _pipelined(order, model_chunks, data_iterator, num_microbatches, *, forward_only=False,
-               loss_scale=1.0, no_sync=None, tensor_shape,
-               dtype=None, trace=None, on_op=None):
+    no_sync: `ddp.no_sync` (called with a chunk index; it holds that chunk's grad sync back
+    around every backward but its last) or None. tensor_shape: of every activation passed
+    between stages (`p2p_tensor_shape`; needed only with PP > 1). dtype: of those transfers
+    (default: the parameters'). trace / on_op: instrumentation for the tests and benchmarks.
+    Returns each micro-batch's mean loss on the last stage, [] elsewhere."""
     st = state.get()
-    chunks = _chunks(model_chunks)
-    ops = order(st.pp, st.pp_rank, num_microbatches, len(chunks), forward_only)
-    return _Executor(chunks, data_iterator, num_microbatches, forward_only=forward_only,
-                     loss_scale=loss_scale, no_sync=no_sync,
-                     tensor_shape=tensor_shape, dtype=dtype, trace=trace,
-                     on_op=on_op).run(ops)
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if st.pp == 1 and len(chunks) > 1:
+        raise MegaliteError("virtual pipeline stages need --pipeline-model-parallel-size >= 2")
+    if st.pp > 1 and tensor_shape is None:
+        raise MegaliteError("a pipeline (PP > 1) needs the tensor_shape of its transfers")
+    ops = schedule_ops(st.pp, st.pp_rank, num_microbatches, len(chunks), forward_only)
+    return run_schedule(ops, chunks, data_iterator, num_microbatches, forward_only=forward_only,
+                        loss_scale=loss_scale, no_sync=no_sync, tensor_shape=tensor_shape,
+                        dtype=dtype, trace=trace, on_op=on_op)
 
 
-def forward_backward_pipelining_without_interleaving(model_chunks, data_iterator,
-                                                     num_microbatches, **kw):
-    """1F1B. kw: forward_only, loss_scale, no_sync, tensor_shape (required),
-    dtype (default: the parameters'), trace / on_op (instrumentation)."""
-    if len(_chunks(model_chunks)) != 1:
-        raise MegaliteError("1F1B runs one model chunk per stage; use the interleaved schedule")
-    order = lambda pp, rank, M, vp, fo: one_f_one_b(pp, rank, M, fo)   # noqa: E731
-    return _pipelined(order, model_chunks, data_iterator, num_microbatches, **kw)
+def run_schedule(ops, chunks, data_iterator, num_microbatches, *, forward_only=False,
+                 loss_scale=1.0, no_sync=None, tensor_shape=None, dtype=None, trace=None,
+                 on_op=None):
+    """Play a given list of operations (a schedule other than the layout's own, such as
+    GPipe's order in the memory test); same keywords as forward_backward."""
+    return _Executor(list(chunks), data_iterator, num_microbatches, forward_only=forward_only,
+                     loss_scale=loss_scale, no_sync=no_sync, tensor_shape=tensor_shape,
+                     dtype=dtype, trace=trace, on_op=on_op).run(ops)
 
-
-def forward_backward_pipelining_with_interleaving(model_chunks, data_iterator,
-                                                  num_microbatches, **kw):
-    """Interleaved 1F1B over this rank's model chunks (same keywords as 1F1B)."""
-    return _pipelined(interleaved_1f1b, model_chunks, data_iterator, num_microbatches, **kw)
-
-
-def get_forward_backward_func(pipeline_parallel_size=None, num_model_chunks=1):
-    """The schedule for a layout: no pipelining at PP = 1, else 1F1B, interleaved when each rank
-    holds several model chunks (virtual stages). All take (model_chunks, data_iterator, num_microbatches, **kw)."""
-    pp = state.get().pp if pipeline_parallel_size is None else pipeline_parallel_size
-    if pp == 1:
-        if num_model_chunks > 1:
-            raise MegaliteError("virtual pipeline stages need --pipeline-model-parallel-size >= 2")
-        return forward_backward_no_pipelining
-    if num_model_chunks > 1:
-        return forward_backward_pipelining_with_interleaving
-    return forward_backward_pipelining_without_interleaving
-
-
-# -- helpers for the training loop ------------------------------------------------------------
 
 def p2p_tensor_shape(cfg, tp: int) -> tuple:
     """The shape of every activation and grad passed between stages."""
@@ -253,45 +207,15 @@ def p2p_tensor_shape(cfg, tp: int) -> tuple:
     return (seq, cfg.training.micro_batch_size, cfg.model.hidden_size)
 
 
-def pipeline_mean_loss(losses) -> torch.Tensor:
-    """The mean micro-batch loss, on every stage (only the last stage computed it)."""
+def global_mean_loss(losses) -> torch.Tensor:
+    """The mean micro-batch loss of the global batch, on every rank: the last stage computed
+    it for its DP rank's micro-batches; it is summed over the pipeline (the other stages add a
+    zero), then averaged over DP. Training and evaluation report through this one function."""
     st = state.get()
     loss = torch.stack(losses).mean() if losses else torch.zeros((), device=st.device)
     if st.pp > 1:
-        dist.all_reduce(loss, group=st.pp_group)   # every other stage adds a zero
+        dist.all_reduce(loss, group=st.pp_group)
+    if st.dp > 1:
+        dist.all_reduce(loss, group=st.dp_group)
+        loss /= st.dp
     return loss
-
-
-class StageModule(nn.Module):
-    """This rank's model chunks seen as one module, for everything but the forward pass:
-    optimizer, checkpoints, gradient sync and norm. It holds the chunks' own submodules (no
-    copies), and since each chunk keys its layers by global number its parameter names are
-    the chunks' own (`layers.5.mlp.linear_fc1.weight`): its state dict is the union of theirs,
-    with the names of any other layout."""
-
-    def __init__(self, chunks):
-        super().__init__()
-        self.chunks = list(chunks)   # a plain list: not registered, so no "0." name prefixes
-        self.cfg = chunks[0].cfg
-        self.layers = nn.ModuleDict()
-        for chunk in chunks:
-            for name, child in chunk.named_children():
-                if name == "layers":
-                    self.layers.update(child)
-                elif name not in self._modules:
-                    self.add_module(name, child)
-                elif any(True for _ in child.parameters()):
-                    raise ValueError(f"two model chunks own parameters under {name!r}")
-
-    def train(self, mode: bool = True):
-        for chunk in self.chunks:   # GPTModel.forward reads its own `training` flag
-            chunk.train(mode)
-        return super().train(mode)
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("run model chunks through a pipeline schedule, not StageModule")
-
-
-def stage_module(chunks) -> nn.Module:
-    """The chunk itself when there is one, else a StageModule over all of them."""
-    return chunks[0] if len(chunks) == 1 else StageModule(chunks)

@@ -1,5 +1,5 @@
-"""Pipeline arithmetic, pure Python: which layers each stage owns, and in which order each
-rank runs its forwards, backwards and transfers under each schedule.
+"""Pipeline schedules, pure Python: in which order each rank runs its forwards, backwards and
+transfers (which layers each stage owns is `megalite.layout`).
 
 A schedule is data. `one_f_one_b(pp, rank, M)` and `interleaved_1f1b(pp, rank, M, vp)` return
 the exact sequence of operations rank `rank` performs: Forward(chunk, mb), Backward(chunk, mb)
@@ -14,76 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megalite.errors import MegaliteError
-
-
-# -- layout -----------------------------------------------------------------------------------
-
-def virtual_pipeline_size(num_layers, pp, layers_per_virtual_stage=None) -> int:
-    """Model chunks per stage: num_layers / (PP x layers per virtual stage), 1 without
-    interleaving."""
-    if not layers_per_virtual_stage:
-        return 1
-    n = layers_per_virtual_stage
-    if n < 1:
-        raise MegaliteError(f"--num-layers-per-virtual-pipeline-stage must be >= 1, got {n}")
-    if pp < 2:
-        raise MegaliteError(
-            f"--num-layers-per-virtual-pipeline-stage {n} needs --pipeline-model-parallel-size "
-            f">= 2 (interleaving splits the stages of a pipeline), got {pp}")
-    if num_layers % (pp * n):
-        raise MegaliteError(
-            f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
-            f"x --num-layers-per-virtual-pipeline-stage {n}")
-    return num_layers // (pp * n)
-
-
-def pipeline_layout(num_layers, pp, vp=1, first=None, last=None) -> list:
-    """layers[rank][chunk] = the global layer numbers of that model chunk.
-
-    The model is cut into PP x V virtual stages of consecutive layers; virtual stage
-    chunk * PP + rank lives on `rank`, so a micro-batch visits every rank V times. Stage sizes
-    are even, or uneven with `first` / `last` layers on the first / last stage and the rest
-    shared evenly by the other stages; a stage's layers are split evenly over its V chunks.
-    """
-    if first is None and last is None:
-        if num_layers % pp:
-            raise MegaliteError(f"--num-layers {num_layers} is not divisible by "
-                                f"--pipeline-model-parallel-size {pp}")
-        sizes = [num_layers // pp] * pp
-    else:
-        if pp < 2:
-            raise MegaliteError("--decoder-first/last-pipeline-num-layers need "
-                                "--pipeline-model-parallel-size >= 2")
-        for flag, n in (("first", first), ("last", last)):
-            if n is not None and not 1 <= n < num_layers:
-                raise MegaliteError(f"--decoder-{flag}-pipeline-num-layers {n} must be between 1 "
-                                    f"and --num-layers {num_layers} - 1")
-        others = pp - (first is not None) - (last is not None)
-        rest = num_layers - (first or 0) - (last or 0)
-        if others == 0 and rest != 0 or others > 0 and (rest < others or rest % others):
-            given = " + ".join(f"{f} {n}" for f, n in (("first", first), ("last", last)) if n)
-            raise MegaliteError(
-                f"uneven pipeline: --num-layers {num_layers} minus {given} leaves {rest} layers "
-                f"for the other {others} of --pipeline-model-parallel-size {pp} stages; they "
-                f"must split evenly, at least one layer each")
-        middle = rest // others if others else 0
-        sizes = [middle] * pp
-        if first is not None:
-            sizes[0] = first
-        if last is not None:
-            sizes[-1] = last
-    for rank, size in enumerate(sizes):
-        if size % vp:
-            raise MegaliteError(
-                f"pipeline stage {rank} has {size} layers, not divisible into {vp} virtual "
-                f"stages (--num-layers-per-virtual-pipeline-stage); change the split")
-    layers, start = [[] for _ in range(pp)], 0
-    for chunk in range(vp):
-        for rank in range(pp):
-            n = sizes[rank] // vp
-            layers[rank].append(list(range(start, start + n)))
-            start += n
-    return layers
 
 
 # -- operations -------------------------------------------------------------------------------
@@ -262,7 +192,8 @@ def all_forward_all_backward(pp, rank, num_microbatches, forward_only=False) -> 
 
 
 def schedule_ops(pp, rank, num_microbatches, vp=1, forward_only=False) -> list:
-    """The operations of the schedule megalite runs for this layout."""
+    """The operations of the schedule megalite runs for this layout (PP = 1: 1F1B with no
+    transfers, i.e. F0 B0 F1 B1 ...)."""
     if vp > 1:
         return interleaved_1f1b(pp, rank, num_microbatches, vp, forward_only)
     return one_f_one_b(pp, rank, num_microbatches, forward_only)

@@ -13,6 +13,10 @@ any point leaves the previous latest checkpoint untouched and pointed to.
 
 Each shard stores, per tensor, the dim and stride along which it is split over TP ranks, so a
 tool can rebuild the full tensor (`load_full_model_state`) and re-split it for another layout.
+
+`save_checkpoint` and `load_checkpoint` are mirror images: what one writes (weights of this
+rank's model chunks, the optimizer's state with its loss scaler, RNG states, the iteration and
+consumed samples) the other puts back. The formats are in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import torch
 import torch.distributed as dist
 
 from megalite.errors import MegaliteError
+from megalite.parallel import random as prandom
 from megalite.parallel import state
-from megalite.parallel import layers
 from megalite.parallel.layers import unshard
+from megalite.parallel.tags import tag_of
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -66,14 +71,34 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def partition_info(model):
-    """name -> (dim, stride, group_layout): what `unshard` needs to rebuild the full tensor."""
-    return {n: layers.partition_info(p) for n, p in model.named_parameters()}
+def _torch_save_fsync(obj, path):
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
-def save_checkpoint(root, iteration, model, optimizer, schedule, loss_scaler, consumed_samples,
-                    cfg, rng_state, keep_last=None):
-    st = state.get()
+def model_state_dict(chunks) -> dict:
+    """This rank's weights: the union of its model chunks' state dicts (their names are
+    global, `layers.5.mlp...`, so they never collide and any layout has the same names)."""
+    return {k: v for chunk in chunks for k, v in chunk.state_dict().items()}
+
+
+def _load_model_state(chunks, saved: dict, where: str) -> None:
+    mine = model_state_dict(chunks)
+    missing = [k for k in mine if k not in saved]
+    extra = [k for k in saved if k not in mine]
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this model lacks"
+        raise MegaliteError(f"checkpoint {where} {what}: it was saved by another model "
+                            f"shape; load it with the settings it was trained with")
+    for chunk in chunks:
+        chunk.load_state_dict({k: saved[k] for k in chunk.state_dict()})
+
+
+def save_checkpoint(cfg, iteration, consumed_samples, chunks, optimizer) -> str:
+    """Write iteration `iteration` under --save (every rank calls it); returns its directory."""
+    st, root = state.get(), cfg.checkpoint.save
     final = iter_dir(root, iteration)
     tmp = final + ".tmp"
     if st.rank == 0:
@@ -81,30 +106,20 @@ def save_checkpoint(root, iteration, model, optimizer, schedule, loss_scaler, co
         os.makedirs(tmp)
     _barrier()
     if st.dp_rank == 0:
-        shard = {
+        _torch_save_fsync({
             "iteration": iteration,
             "consumed_samples": consumed_samples,
-            "model": model.state_dict(),
-            "partition": partition_info(model),
-            "param_names": [n for n, _ in model.named_parameters()],
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "schedule": schedule.state_dict() if schedule is not None else None,
-            "loss_scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
-            "rng": rng_state,
-        }
-        path = os.path.join(tmp, shard_name(st.tp_rank, st.pp_rank))
-        with open(path, "wb") as fh:
-            torch.save(shard, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    if getattr(optimizer, "sharded", False):
+            "model": model_state_dict(chunks),
+            "partition": {n: tag_of(p).partition
+                          for c in chunks for n, p in c.named_parameters()},
+            "optimizer": optimizer.state_dict(),
+            "rng": prandom.get_rng_state(),
+        }, os.path.join(tmp, shard_name(st.tp_rank, st.pp_rank)))
+    if optimizer.sharded:
         # ZeRO-1: no rank holds the whole optimizer state; each saves the pieces it owns
         # (keyed by parameter name and element range, so they can be re-cut on load).
-        path = os.path.join(tmp, optim_shard_name(st.tp_rank, st.pp_rank, st.dp_rank))
-        with open(path, "wb") as fh:
-            torch.save(optimizer.sharded_state_dict(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _torch_save_fsync(optimizer.sharded_state_dict(),
+                          os.path.join(tmp, optim_shard_name(st.tp_rank, st.pp_rank, st.dp_rank)))
     if st.rank == 0:
         meta = {"iteration": iteration, "consumed_samples": consumed_samples,
                 "tensor_model_parallel_size": st.tp, "pipeline_model_parallel_size": st.pp,
@@ -118,10 +133,42 @@ def save_checkpoint(root, iteration, model, optimizer, schedule, loss_scaler, co
         _fsync_dir(root)
         _fsync_write(os.path.join(root, LATEST), f"{iteration}\n".encode())
         _fsync_dir(root)
-        if keep_last:
-            for old in list_iterations(root)[:-keep_last]:
+        if cfg.checkpoint.keep_last:
+            for old in list_iterations(root)[:-cfg.checkpoint.keep_last]:
                 shutil.rmtree(iter_dir(root, old), ignore_errors=True)
     _barrier()
+    return final
+
+
+def load_checkpoint(cfg, chunks, optimizer):
+    """Resume from --load, the mirror of save_checkpoint: weights always; the optimizer (with
+    its loss scaler), iteration and consumed samples unless --no-load-optim; RNG states unless
+    --no-load-rng. Returns (iteration, consumed_samples, directory), or None when --load holds
+    no checkpoint yet and is also --save (a fresh start that will save there)."""
+    st, ck = state.get(), cfg.checkpoint
+    it = latest_iteration(ck.load) if os.path.isdir(ck.load) else None
+    if it is None:
+        if ck.load != ck.save:
+            raise MegaliteError(f"--load {ck.load} holds no checkpoint (no {LATEST}); check the "
+                                f"path, or drop --load to start from scratch")
+        return None
+    meta = read_metadata(ck.load, it)
+    saved = (meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"])
+    if saved != (st.tp, st.pp):
+        raise MegaliteError(
+            f"checkpoint {iter_dir(ck.load, it)} was saved with tensor-parallel {saved[0]} x "
+            f"pipeline-parallel {saved[1]}, this run uses {st.tp} x {st.pp}; run with the "
+            f"saved sizes")
+    shard = read_shard(ck.load, it, st.tp_rank, st.pp_rank)
+    _load_model_state(chunks, shard["model"], iter_dir(ck.load, it))
+    optimizer.reload_model_params()            # fp32 main params <- the loaded weights
+    iteration, consumed = 0, 0
+    if not ck.no_load_optim:
+        iteration, consumed = meta["iteration"], meta["consumed_samples"]
+        optimizer.load_state_dict(shard["optimizer"], optimizer_shard_reader(ck.load, it))
+    if not ck.no_load_rng:
+        prandom.set_rng_state(shard["rng"])
+    return iteration, consumed, iter_dir(ck.load, it)
 
 
 def list_iterations(root):
@@ -187,24 +234,6 @@ def _load(path, what, hint=""):
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MegaliteError(f"checkpoint file {path} is corrupt or truncated ({first[:120]}); "
                             f"point {LATEST} at an earlier iteration")
-
-
-def load_checkpoint(root):
-    """This rank's shard and the metadata of the latest checkpoint in `root`, or None."""
-    st = state.get()
-    if not os.path.isdir(root):
-        return None
-    it = latest_iteration(root)
-    if it is None:
-        return None
-    meta = read_metadata(root, it)
-    saved = (meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"])
-    if saved != (st.tp, st.pp):
-        raise MegaliteError(
-            f"checkpoint {iter_dir(root, it)} was saved with tensor-parallel {saved[0]} x "
-            f"pipeline-parallel {saved[1]}, this run uses {st.tp} x {st.pp}; run with the "
-            f"saved sizes")
-    return meta, read_shard(root, it, st.tp_rank, st.pp_rank)
 
 
 def load_full_model_state(root, iteration=None):

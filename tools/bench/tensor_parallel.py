@@ -57,7 +57,7 @@ def _worker(rank, world, port, out_dir, a, sp, threads):
     from megalite.config import ModelConfig, MODEL_STYLES
     from megalite.model.gpt import GPTModel, padded_vocab_size
     from megalite.parallel import state
-    from megalite.parallel.data import finalize_model_grads
+    from megalite.parallel.ddp import finalize_model_grads
     from megalite.parallel.layers import init_parameters
     from megalite.parallel.tensor import comm_timer
     torch.set_num_threads(threads)

@@ -1,22 +1,29 @@
 """Data parallelism: grads in contiguous fp32 buffers, reduced bucket by bucket during backward.
 
-    ddp = DistributedDataParallel(model, overlap_grad_reduce=True)
+    ddp = DistributedDataParallel(chunks, overlap_grad_reduce=True)
     with ddp.no_sync():                 # every micro-batch but the last: accumulate only
         loss.backward()
     loss.backward()                     # the last: a bucket's all-reduce starts the moment its
                                         # last grad is in, while backward goes on
-    finalize_model_grads(model, ddp)    # wait for the buckets; SP grads over TP; tied embedding
+    finalize_model_grads(chunks, ddp)   # wait for the buckets; SP grads over TP; tied embedding
     optimizer.step()                    # reads param.main_grad
     ddp.zero_grad_buffer()
+
+`no_sync(chunk)` is the one way to say "don't sync yet": the pipeline executor enters it
+around every backward but each model chunk's last.
 
 Layout (Megatron's). Every trainable parameter gets `param.main_grad`, an fp32 view into one
 flat buffer per parameter dtype, laid out in reverse order of registration (roughly the order
 in which backward produces the grads). The buffer is cut into buckets by
-`ops.assign_buckets`. A post-accumulate-grad hook adds the freshly computed grad (any dtype),
+`assign_buckets`. A post-accumulate-grad hook adds the freshly computed grad (any dtype),
 divided by DP, into main_grad, frees it (so a bf16 model holds one fp32 grad per param, not
-two) and,
-on the last micro-batch with --overlap-grad-reduce, marks the param ready; a bucket whose
-params are all ready launches its async collective. Buckets launch in index order only, so
+two) and, on the last micro-batch with --overlap-grad-reduce, marks the param ready; a bucket
+whose params are all ready launches its async collective.
+
+Gradient-accumulation fusion (Megatron's): a linear layer's backward may write its weight
+grad straight into main_grad (`param.accumulate_main_grad`, called by `ops.linear` with a
+function that runs the GEMM with beta 0 on the step's first micro-batch, 1 after), so that
+the grad is never materialised, added or copied; the hook then only marks the param. Buckets launch in index order only, so
 every rank issues the same collectives in the same order (a requirement of gloo and NCCL).
 
 With the distributed optimizer (ZeRO-1) each bucket is padded to a multiple of DP and rank r
@@ -27,7 +34,7 @@ in place. With --overlap-param-gather those all-gathers run in the background an
 waits for its own bucket in a forward pre-hook, so the gather hides behind the next forward.
 
 The object is deliberately not an nn.Module wrapper: the model keeps its own parameter names,
-state dict and attributes, which the checkpoint, the tensor-parallel code and the pipeline
+state dict and tags, which the checkpoint, the tensor-parallel code and the pipeline
 schedules all read. It holds references to the model's parameters and hooks them.
 
 finalize_model_grads is the one place a step's grads are made consistent before the optimizer:
@@ -44,31 +51,42 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from megalite import ops
+from megalite.config import default_bucket_size
 from megalite.errors import MegaliteError
 from megalite.parallel import state
+from megalite.parallel.tags import tag_of
 
 # Older torch names them *_tensor; 2.13 prefers *_single (the old names warn).
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def default_bucket_size(dp: int) -> int:
-    """Megatron's default: big enough that the per-collective latency does not matter."""
-    return max(40_000_000, 1_000_000 * dp)
-
-
 def _chunks(modules):
     return list(modules) if isinstance(modules, (list, tuple)) else [modules]
 
 
-def is_tied_embedding(name, param, module) -> bool:
-    """The copy of a tied embedding that lives on the first or the last pipeline stage."""
-    if getattr(param, "shared_embedding", False):
-        return True
-    cfg = getattr(module, "cfg", None)
-    return (name == "embedding.word_embeddings.weight" and cfg is not None
-            and not cfg.untie_embeddings_and_output_weights)
+def assign_buckets(numels, dtypes, bucket_size_numel):
+    """Group params (given in reverse order of use) into buckets of at least bucket_size_numel
+    elements (the last bucket of each dtype may be smaller); buckets never mix dtypes.
+    Returns a list of buckets, each a list of param indices, ordered by their first index."""
+    numels, dtypes = [int(n) for n in numels], list(dtypes)
+    if len(numels) != len(dtypes):
+        raise ValueError(f"assign_buckets: {len(numels)} numels but {len(dtypes)} dtypes")
+    if bucket_size_numel <= 0:
+        raise ValueError(f"assign_buckets: bucket_size_numel must be positive, got "
+                         f"{bucket_size_numel}")
+    open_bucket, filled, buckets = {}, {}, []
+    for i, (n, dt) in enumerate(zip(numels, dtypes)):
+        if n < 0:
+            raise ValueError(f"assign_buckets: param {i} has negative numel {n}")
+        if dt not in open_bucket:
+            open_bucket[dt], filled[dt] = [], 0
+            buckets.append(open_bucket[dt])
+        open_bucket[dt].append(i)
+        filled[dt] += n
+        if filled[dt] >= bucket_size_numel:      # full: the next param of this dtype opens one
+            del open_bucket[dt]
+    return sorted((b for b in buckets if b), key=lambda b: b[0])
 
 
 class Bucket:
@@ -127,12 +145,15 @@ class DistributedDataParallel:
         self._chunk_sync = {c: True for c in range(len(self.modules))}
         self.names = {p: n for n, p, _ in named}
         self.params = [p for _, p, _ in named][::-1]           # reverse order of use
-        tied = {p for n, p, m in named if is_tied_embedding(n, p, m)}
+        tied = {p for _, p, _ in named if tag_of(p).tied_embedding is not None}
 
         self.buckets = self._make_buckets(tied)
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._next_launch = 0
+        self._fused = set()                   # params whose grad a GEMM wrote into main_grad
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in self.params]
+        for p in self.params:
+            p.accumulate_main_grad = functools.partial(self._accumulate_fused, p)
         if self.overlap_param_gather:
             self._install_forward_pre_hooks()
 
@@ -156,7 +177,7 @@ class DistributedDataParallel:
             groups.append(run)
         index_buckets = []
         for g in groups:
-            assigned = ops.assign_buckets([params[i].numel() for i in g],
+            assigned = assign_buckets([params[i].numel() for i in g],
                                           [params[i].dtype for i in g], self.bucket_size)
             index_buckets += [[g[j] for j in b] for b in assigned if b]
         index_buckets.sort(key=lambda b: b[0])
@@ -201,11 +222,22 @@ class DistributedDataParallel:
         return buckets
 
     # -- backward ---------------------------------------------------------------------------
+    def _accumulate_fused(self, param, wgrad_into):
+        """`ops.linear`'s backward hands over its weight-grad GEMM: out = beta*out + alpha*dW,
+        with beta 0 on the step's first micro-batch (nothing to zero, nothing copied)."""
+        b = self._bucket_of[param]
+        wgrad_into(param.main_grad, 1.0 if param in b.has_grad else 0.0, 1.0 / self.dp)
+        b.has_grad.add(param)
+        self._fused.add(param)
+
     @torch.no_grad()
     def _grad_hook(self, param):
         b = self._bucket_of[param]
         grad, main, s = param.grad, param.main_grad, 1.0 / self.dp
-        if grad is not None:
+        if param in self._fused:               # already in main_grad; grad is a placeholder
+            self._fused.discard(param)
+            param.grad = None
+        elif grad is not None:
             # Each grad goes in divided by DP, so the all-reduced sum is the mean with no
             # extra pass over the buffer (exact for power-of-two DP: the same numbers as
             # dividing the sum). The first micro-batch copies: no zeroing pass either.
@@ -245,10 +277,6 @@ class DistributedDataParallel:
             yield
         finally:
             self._chunk_sync.update(old)
-
-    def no_sync_per_chunk(self):
-        """One no_sync factory per model chunk, for the interleaved schedule."""
-        return [functools.partial(self.no_sync, c) for c in range(len(self.modules))]
 
     def _zero_missing(self, b):
         # A param that got no grad this step (unused) still holds last step's values.
@@ -382,18 +410,18 @@ def finalize_model_grads(model, ddp=None) -> None:
     else:
         def grad(p):
             return p.grad
-    named = [(n, p, m) for m in chunks for n, p in m.named_parameters()
-             if p.requires_grad and (ddp is not None or p.grad is not None)]
+    params = [p for m in chunks for p in m.parameters()
+              if p.requires_grad and (ddp is not None or p.grad is not None)]
     # SP and tied-embedding sums run after the DP sync: all three are sums over disjoint
     # groups, so the order does not change the result. With the distributed optimizer only
     # this rank's shard of main_grad is meaningful, and it is the same shard on every TP rank
     # (same bucket layout) and on both embedding stages (the tied embedding has a bucket of
     # its own), so reducing whole tensors keeps the shards right.
     if st.tp > 1:
-        _all_reduce_coalesced([grad(p) for _, p, _ in named
-                               if getattr(p, "sequence_parallel", False)], st.tp_group)
+        _all_reduce_coalesced([grad(p) for p in params if tag_of(p).sequence_parallel],
+                              st.tp_group)
     if st.pp > 1 and st.embedding_group is not None and len(st.embedding_ranks) > 1:
-        _all_reduce_coalesced([grad(p) for n, p, m in named if is_tied_embedding(n, p, m)],
+        _all_reduce_coalesced([grad(p) for p in params if tag_of(p).tied_embedding],
                               st.embedding_group)
     if ddp is None and st.dp > 1:
-        _all_reduce_coalesced([grad(p) for _, p, _ in named], st.dp_group, scale=1.0 / st.dp)
+        _all_reduce_coalesced([grad(p) for p in params], st.dp_group, scale=1.0 / st.dp)

@@ -1,4 +1,4 @@
-"""From the config to batches on the device: tokenizer, datasets, samplers, loaders."""
+"""From the config to batches on the device: vocabulary, datasets, samplers, loaders."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ def collate(samples):
     return {"tokens": s[:, :-1].contiguous(), "labels": s[:, 1:].contiguous()}
 
 
-def resolve_vocab_size(cfg):
-    """(tokenizer or None, real vocabulary size)."""
+def vocab_size(cfg) -> int:
+    """The real vocabulary size: the tokenizer's (checked against --vocab-size), or
+    --vocab-size alone (mock data, pre-tokenized shards)."""
     if cfg.data.tokenizer_model:
         from megalite.data import build_tokenizer
         tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
@@ -40,9 +41,9 @@ def resolve_vocab_size(cfg):
             raise MegaliteError(
                 f"--vocab-size {cfg.model.vocab_size} differs from the tokenizer's "
                 f"{tok.vocab_size} ({cfg.data.tokenizer_model}); drop --vocab-size")
-        return tok, tok.vocab_size
+        return tok.vocab_size
     if cfg.model.vocab_size:
-        return None, cfg.model.vocab_size
+        return cfg.model.vocab_size
     raise MegaliteError("the vocabulary size is unknown: pass --tokenizer-model (the one the "
                         "data was preprocessed with) or --vocab-size")
 
@@ -57,6 +58,10 @@ def num_samples_needed(cfg):
 def build_datasets(cfg, vocab_size):
     """(train, valid, test) datasets; valid/test may be None."""
     d, m = cfg.data, cfg.model
+    if not d.data_path and not d.mock_data:
+        raise MegaliteError(
+            "no training data: pass --data-path PREFIX (shards written by "
+            "tools/preprocess.py) or --mock-data")
     n = num_samples_needed(cfg)
     if d.mock_data:
         return tuple(MockGPTDataset(vocab_size, m.seq_length, k, cfg.training.seed + i)
