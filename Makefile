@@ -30,7 +30,6 @@ bench: $(STAMP)
 	$(PYTHON) tools/bench/tensor_parallel.py
 	$(PYTHON) tools/bench/pipeline.py
 	$(PYTHON) tools/bench/data_parallel.py
-	$(PYTHON) tools/bench/pipeline.py
 
 clean:
 	rm -rf build megalite/*.so *.egg-info runs

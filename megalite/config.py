@@ -276,8 +276,11 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         """The config a checkpoint saved (sections + world_size)."""
         d = dict(d)
-        world = int(d.pop("world_size", 1))
-        return make_config(d, world_size=world, source="checkpoint config")
+        p = d.get("parallel", {})
+        # A config saved before world_size was recorded: the smallest world of its layout.
+        world = d.pop("world_size", p.get("tensor_model_parallel_size", 1)
+                      * p.get("pipeline_model_parallel_size", 1))
+        return make_config(d, world_size=int(world), source="checkpoint config")
 
 
 # -- checks and derived defaults --------------------------------------------------------------

@@ -39,7 +39,7 @@ def generate(model, ids, max_new_tokens, vocab_size, temperature=0.8, top_k=40,
              eod=None, generator=None):
     """Append up to max_new_tokens ids to `ids` (list of int); stop at `eod`."""
     cfg = model.cfg
-    context = cfg.max_position_embeddings or cfg.seq_length
+    context = cfg.max_position_embeddings
     out = list(ids)
     for _ in range(max_new_tokens):
         x = torch.tensor([out[-context:]], dtype=torch.long)

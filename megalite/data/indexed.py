@@ -98,6 +98,12 @@ class IndexedDataset:
                     f"(e.g. data/shakespeare_text_document), both files must exist; make them "
                     f"with tools/preprocess.py"
                 )
+        n, d = self._read_header(idx_file)
+        self._map_index(idx_file, n, d)
+        self._map_data(idx_file, bin_file)
+
+    def _read_header(self, idx_file):
+        """Check the index header and size; sets the token dtype, returns (sequences, docs)."""
         idx_size = os.path.getsize(idx_file)
         if idx_size < HEADER_SIZE:
             raise MegaliteError(
@@ -135,7 +141,9 @@ class IndexedDataset:
                 f"{idx_file} is {what}: {idx_size} bytes, but its header ({n} sequences, "
                 f"{d} document boundaries) implies {expected}; {REGENERATE}"
             )
+        return n, d
 
+    def _map_index(self, idx_file, n, d):
         self._idx_mmap = np.memmap(idx_file, mode="r", dtype=np.uint8)
         buf = memoryview(self._idx_mmap)
         self.sequence_lengths = np.frombuffer(buf, np.int32, count=n, offset=HEADER_SIZE)
@@ -147,6 +155,8 @@ class IndexedDataset:
                 f"the index is corrupt, {REGENERATE}"
             )
 
+    def _map_data(self, idx_file, bin_file):
+        n = len(self.sequence_lengths)
         # The .bin must hold exactly the tokens the index describes; anything else is a
         # truncated copy or a .bin/.idx pair from two different runs.
         num_tokens = int(self.sequence_lengths.sum(dtype=np.int64))

@@ -158,9 +158,8 @@ class DistributedDataParallel:
             self._install_forward_pre_hooks()
 
     # -- layout -----------------------------------------------------------------------------
-    def _make_buckets(self, tied):
-        """Bucket params (reverse order of use) by size and dtype, then give each dtype one
-        flat fp32 grad buffer (and a flat param buffer with the distributed optimizer)."""
+    def _bucket_indices(self, tied):
+        """Buckets of param indices (reverse order of use), by size and dtype."""
         params = self.params
         # With the distributed optimizer a tied embedding gets a bucket of its own: its grad
         # is summed over the first and last pipeline stage after the DP reduce-scatter, which
@@ -178,14 +177,18 @@ class DistributedDataParallel:
         index_buckets = []
         for g in groups:
             assigned = assign_buckets([params[i].numel() for i in g],
-                                          [params[i].dtype for i in g], self.bucket_size)
+                                      [params[i].dtype for i in g], self.bucket_size)
             index_buckets += [[g[j] for j in b] for b in assigned if b]
-        index_buckets.sort(key=lambda b: b[0])
+        return sorted(index_buckets, key=lambda b: b[0])
 
+    def _make_buckets(self, tied):
+        """Bucket the params, then give each dtype one flat fp32 grad buffer (and a flat
+        param buffer with the distributed optimizer) that the buckets are views of."""
+        params = self.params
         pad = self.dp if self.use_distributed_optimizer else 1
         layout = []              # (dtype, params, {p: (start, end)}, padded numel, offset)
         sizes = {}
-        for idx in index_buckets:
+        for idx in self._bucket_indices(tied):
             bparams = [params[i] for i in idx]
             offsets, n = {}, 0
             for p in bparams:

@@ -100,6 +100,9 @@ def interleaved_1f1b(pp, rank, num_microbatches, vp, forward_only=False) -> list
     Virtual micro-batch k (0 .. M*vp - 1) runs chunk (k mod PP*vp) // PP on micro-batch
     (k // PP*vp) * PP + k mod PP: groups of PP micro-batches go through chunk 0, then chunk 1,
     ... (backwards through the chunks in reverse). Hence M must be a multiple of PP.
+
+    One function on purpose (~80 lines): warmup, steady state and cooldown read top to
+    bottom against Megatron's order; the simulator (schedule_sim) checks every (PP, vp, M).
     """
     M, V = num_microbatches, vp
     if M % pp:

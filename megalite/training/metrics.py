@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import sys
 
 import torch
 
@@ -96,6 +95,3 @@ class MetricsWriter:
         if self.tb:
             self.tb.close()
 
-
-def warn(msg):
-    print(f"warning: {msg}", file=sys.stderr, flush=True)

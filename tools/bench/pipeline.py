@@ -81,8 +81,8 @@ def _chunks(kind, pp_rank, pp, vp, t_f):
                 for c in range(vp)]
     from megalite.config import ModelConfig
     from megalite.model.gpt import GPTModel
+    from megalite.layout import pipeline_layout
     from megalite.parallel.layers import init_parameters
-    from megalite.parallel.schedules import pipeline_layout
     cfg = ModelConfig(num_layers=8, hidden_size=HIDDEN, num_attention_heads=4, seq_length=SEQ)
     out = []
     for c, layers in enumerate(pipeline_layout(8, pp, vp)[pp_rank]):
@@ -127,17 +127,16 @@ def _measure(kind, vp, M, iters, t_f):
     st = state.get()
     chunks = _chunks(kind, st.pp_rank, st.pp, vp, t_f)
     if kind == "gpipe":
-        order = lambda pp, r, M, vp_, fo: schedules.all_forward_all_backward(pp, r, M, fo)  # noqa
+        program = schedules.all_forward_all_backward(st.pp, st.pp_rank, M)
     else:
-        order = schedules.interleaved_1f1b if vp > 1 else \
-            (lambda pp, r, M, vp_, fo: schedules.one_f_one_b(pp, r, M, fo))
+        program = schedules.schedule_ops(st.pp, st.pp_rank, M, vp)
     bubbles, times, ops = [], [], {}
     for it in range(iters + 1):       # the first iteration warms up (allocations, gloo pairs)
         trace = []
         dist.barrier(group=st.pp_group)
         t0 = time.perf_counter()
-        pipeline._pipelined(order, chunks, _batches(M), M, tensor_shape=(SEQ, MBS, HIDDEN),
-                            trace=trace)
+        pipeline.run_schedule(program, chunks, _batches(M), M, tensor_shape=(SEQ, MBS, HIDDEN),
+                              trace=trace)
         span = torch.tensor([time.perf_counter() - t0])
         busy = sum(t1 - t0_ for op, t0_, t1 in trace if isinstance(op, (Forward, Backward)))
         dist.all_reduce(span, op=dist.ReduceOp.MAX, group=st.pp_group)   # the makespan

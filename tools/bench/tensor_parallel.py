@@ -55,7 +55,8 @@ def _sync(device):
 
 def _worker(rank, world, port, out_dir, a, sp, threads):
     from megalite.config import ModelConfig, MODEL_STYLES
-    from megalite.model.gpt import GPTModel, padded_vocab_size
+    from megalite.layout import padded_vocab_size
+    from megalite.model.gpt import GPTModel
     from megalite.parallel import state
     from megalite.parallel.ddp import finalize_model_grads
     from megalite.parallel.layers import init_parameters
