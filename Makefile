@@ -4,7 +4,7 @@ TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 STAMP := build/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test bench lint format clean
 
 # Installs torch only when none is importable (an existing CUDA build is never replaced),
 # then the dependencies and megalite itself, building the kernels against that torch.
@@ -30,6 +30,20 @@ bench: $(STAMP)
 	$(PYTHON) tools/bench/tensor_parallel.py
 	$(PYTHON) tools/bench/pipeline.py
 	$(PYTHON) tools/bench/data_parallel.py
+
+# What CI checks besides the tests (ruff and clang-format come from PyPI, pinned).
+LINT_TOOLS := ruff==0.17.6 clang-format==23.1.3
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
+
+lint:
+	@$(PYTHON) -m ruff --version >/dev/null 2>&1 && clang-format --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q $(LINT_TOOLS)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	clang-format --style=file:csrc/.clang-format --dry-run --Werror $(CSRC)
+
+format:
+	$(PYTHON) -m ruff format .
+	clang-format --style=file:csrc/.clang-format -i $(CSRC)
 
 clean:
 	rm -rf build megalite/*.so *.egg-info runs

@@ -1,4 +1,5 @@
-"""The .bin/.idx format (DESIGN.md "Data on disk"): exact bytes, round trips, corrupt inputs."""
+"""The .bin/.idx format (docs/ARCHITECTURE.md, "Token shards"): exact bytes, round trips,
+corrupt inputs."""
 
 import os
 import struct
@@ -15,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def spec_idx(dtype_code, itemsize, lengths, doc_index):
-    """The .idx bytes straight from the table in DESIGN.md (no megalite code involved)."""
+    """The .idx bytes straight from the table in docs/ARCHITECTURE.md, "Token shards" (no
+    megalite code involved)."""
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * itemsize
     n, d = len(lengths), len(doc_index)
     return (

@@ -59,8 +59,8 @@ def build_model(style="llama"):
 
 def param_groups(model):
     from megalite.optim import no_weight_decay
-    decay = [p for n, p in model.named_parameters() if not no_weight_decay(n, p)]
-    no_decay = [p for n, p in model.named_parameters() if no_weight_decay(n, p)]
+    decay = [p for n, p in model.named_parameters() if not no_weight_decay(p)]
+    no_decay = [p for n, p in model.named_parameters() if no_weight_decay(p)]
     return [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -1,4 +1,4 @@
-"""Process groups from the rank grid (DESIGN.md, "Ranks and process groups").
+"""Process groups from the rank grid (docs/ARCHITECTURE.md, "Ranks and process groups").
 
     rank = tp_rank + TP * (dp_rank + DP * pp_rank)
 

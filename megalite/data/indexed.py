@@ -1,7 +1,7 @@
 """Megatron-compatible indexed token shards: `{prefix}.bin` + `{prefix}.idx`.
 
 `.bin` holds the token ids of every sequence back to back (no header, no padding).
-`.idx` (little-endian, no padding) is laid out as in DESIGN.md, "Data on disk":
+`.idx` (little-endian, no padding) is laid out as in docs/ARCHITECTURE.md, "Token shards":
 
     offset     size       content
     0          9 bytes    magic b"MMIDIDX\\x00\\x00"

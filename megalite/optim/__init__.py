@@ -8,9 +8,9 @@ from megalite.optim.mixed_precision import MixedPrecisionOptimizer
 from megalite.optim.distributed import DistributedOptimizer
 
 
-def no_weight_decay(name: str, param) -> bool:
+def no_weight_decay(param) -> bool:
     """Biases, norm weights and other 1-D parameters are not decayed (GPT-2, Megatron)."""
-    return param.ndim < 2 or name.endswith(".bias")
+    return param.ndim < 2
 
 
 def build_optimizer(model, cfg, ddp=None):
@@ -24,7 +24,7 @@ def build_optimizer(model, cfg, ddp=None):
     for chunk in model if isinstance(model, (list, tuple)) else [model]:
         for name, p in chunk.named_parameters():
             if p.requires_grad:
-                (no_decay if no_weight_decay(name, p) else decay).append(p)
+                (no_decay if no_weight_decay(p) else decay).append(p)
     o, t = cfg.optimizer, cfg.training
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
@@ -40,7 +40,7 @@ def build_optimizer(model, cfg, ddp=None):
 def build_lr_schedule(cfg) -> LRSchedule:
     o = cfg.optimizer
     return LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters,
-                      o.lr_decay_iters or cfg.training.train_iters, o.lr_decay_style,
+                      o.lr_decay_iters, o.lr_decay_style,
                       o.lr_wsd_decay_iters, o.lr_wsd_decay_style)
 
 

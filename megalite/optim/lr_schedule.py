@@ -1,7 +1,7 @@
 """Learning-rate schedule: linear warmup, then cosine / linear / constant / WSD decay to min_lr.
 
-A pure function of the iteration, so resuming needs only the iteration number; the scheduler
-still has a state_dict (its settings) so a checkpoint records what it was trained with.
+A pure function of the iteration, so resuming needs only the iteration number (its settings
+are in the checkpoint's config).
 """
 
 import math
@@ -49,9 +49,3 @@ class LRSchedule:
         else:
             raise ValueError(f"unknown decay style {style}")
         return self.min_lr + coeff * (self.lr - self.min_lr)
-
-    def state_dict(self):
-        return dict(vars(self))
-
-    def load_state_dict(self, sd):
-        vars(self).update(sd)

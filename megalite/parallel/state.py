@@ -156,10 +156,7 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
             g = dist.new_group(ranks)
             if me in ranks:
                 mine[kind] = (g, tuple(ranks))
-    # The middle stages of a pipeline (PP > 2) hold no embedding: they are in no such group.
-    mine.setdefault("embedding", (None, ()))
-
-    # A middle pipeline stage holds no embedding copy: it is in no embedding group.
+    # A middle pipeline stage (PP > 2) holds no embedding copy: it is in no embedding group.
     embedding_group, embedding_ranks = mine.get("embedding", (None, ()))
     _STATE = ParallelState(
         tp=tp, pp=pp, dp=dp, rank=me, device=device,

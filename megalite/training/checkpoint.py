@@ -247,8 +247,8 @@ def load_full_model_state(root, iteration=None):
     for pp_rank in range(pp):
         shards = [read_shard(root, it, t, pp_rank) for t in range(tp)]
         for name in shards[0]["model"]:
+            # (The last stage's copy of a tied embedding is `output_layer.weight`: kept, so a
+            # reader of a tied model decides what to do with it, as tools/generate.py does.)
             info = shards[0]["partition"].get(name, (None, 1))
-            if name in full:  # the last stage's copy of a tied embedding
-                continue
             full[name] = unshard([s["model"][name] for s in shards], *info)
     return full, meta
