@@ -1,42 +1,15 @@
-// Gradient bucketing on the CPU: bucket assignment, and multi-tensor flatten/unflatten.
+// Gradient bucketing on the CPU: multi-tensor flatten/unflatten (which params share a bucket is
+// bookkeeping over sizes, done in Python: megalite/parallel/ddp.py, assign_buckets).
 //
 // flatten_into copies a list of tensors back to back into one flat buffer (unflatten_from the
 // other way). It is a memcpy of the concatenation, split evenly by *bytes* between the threads,
 // so a list of 100 small tensors and a list of 2 big ones both keep every thread busy, and there
 // is one parallel region instead of one torch copy (with its dispatch and thread wake-up) per
 // tensor. Large copies use streaming stores, which skip reading the destination first.
-#include <map>
-
 #include "megalite.h"
 
 namespace megalite {
 namespace {
-
-// Params arrive in reverse order of use. A bucket closes as soon as it holds bucket_size
-// elements, so the first bucket (the last layers' grads) fills, and its all-reduce starts, as
-// early as possible. Each dtype has its own open bucket (its own flat buffer): buckets never
-// mix dtypes. Buckets are returned in the order of their first param.
-std::vector<std::vector<int64_t>> assign_buckets(const std::vector<int64_t>& numels,
-                                                 const std::vector<int64_t>& dtype_ids,
-                                                 int64_t bucket_size) {
-  TORCH_CHECK(numels.size() == dtype_ids.size(), "assign_buckets: ", numels.size(), " numels but ",
-              dtype_ids.size(), " dtypes");
-  TORCH_CHECK(bucket_size > 0, "assign_buckets: bucket_size_numel must be positive, got ", bucket_size);
-  std::vector<std::vector<int64_t>> buckets;
-  std::map<int64_t, std::pair<size_t, int64_t>> open;  // dtype id -> (bucket index, elements)
-  for (size_t i = 0; i < numels.size(); ++i) {
-    TORCH_CHECK(numels[i] >= 0, "assign_buckets: param ", i, " has negative numel ", numels[i]);
-    auto it = open.find(dtype_ids[i]);
-    if (it == open.end()) {
-      it = open.emplace(dtype_ids[i], std::make_pair(buckets.size(), int64_t(0))).first;
-      buckets.emplace_back();
-    }
-    buckets[it->second.first].push_back(int64_t(i));
-    it->second.second += numels[i];
-    if (it->second.second >= bucket_size) open.erase(it);
-  }
-  return buckets;
-}
 
 enum class Direction { kIntoBuffer, kOutOfBuffer };
 
@@ -98,9 +71,6 @@ void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer,
 }
 
 void register_bucketing(pybind11::module_& m) {
-  m.def("assign_buckets", &assign_buckets,
-        "Bucket params (reverse order of use) by size; buckets never mix dtypes (dtype given as ids)",
-        py::arg("numels"), py::arg("dtype_ids"), py::arg("bucket_size_numel"));
   m.def("flatten_into",
         [](const std::vector<at::Tensor>& tensors, const at::Tensor& buffer) {
           flat_copy(tensors, buffer, Direction::kIntoBuffer);

@@ -2,18 +2,19 @@
 torch.optim.AdamW and the pure-PyTorch reference, on awkward sizes; the inf/nan contract."""
 
 import copy
+import pickle
 
 import pytest
 import torch
 
-import megalite.ops as ops
+from megalite import ops
 from megalite.ops import dispatch, reference
 from megalite.optim.fused_adamw import FusedAdamW
 
 # Not multiples of any vector width, a single element, empty, and one big enough to be split
 # between threads (the C++ kernel's grain is 32K elements).
 SIZES = [(1,), (7,), (0,), (33, 17), (3, 5, 7), (1000,), (100_003,)]
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
 
 
 
@@ -48,7 +49,8 @@ def _step_side_by_side(opt, ref, ours, theirs, steps):
 def test_matches_torch_adamw_10_steps(impl):
     ours, theirs = _model(0), _model(0)
     opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
-    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
+    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=0.05)
     for step in range(10):
         _set_grads(ours, step)
         _set_grads(theirs, step)
@@ -93,7 +95,23 @@ def test_state_dict_round_trip_with_torch_adamw():
         assert opt2.state[p]["step"].item() == 7
 
 
-def test_grad_scale_and_skip_on_inf(impl):
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def _assert_untouched(opt, params, snapshot):
+    before, state_before = snapshot
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    after = opt.state_dict()
+    for k, s in state_before["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(after["state"][k][key], s[key])
+
+
+def test_grad_scale_is_checked_and_skips_on_inf(impl):
+    """A step given a grad scale is checked (torch's fused AdamW under a GradScaler): an
+    overflowed grad skips the whole step and sets found_inf; the default optimizer does this."""
     params = _model(3)
     opt = FusedAdamW(params, lr=1e-2)
     twin = copy.deepcopy(params)
@@ -102,24 +120,78 @@ def test_grad_scale_and_skip_on_inf(impl):
     _set_grads(twin, 0)
     opt.step(grad_scale=1024.0)
     opt_twin.step()
+    assert not opt.found_inf
     for p, q in zip(params, twin):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    # An overflowed grad: the step is skipped entirely, and reported.
-    before = [p.detach().clone() for p in params]
-    state_before = copy.deepcopy(opt.state_dict())
-    _set_grads(params, 1)
+    snapshot = _snapshot(opt, params)
+    _set_grads(params, 1, scale=1024.0)
     params[-1].grad[5] = float("inf")
+    opt.step(grad_scale=1024.0)
+    assert opt.found_inf
+    _assert_untouched(opt, params, snapshot)
+    # grad_scale=1.0 given explicitly is a scaled step too (a GradScaler at scale 1).
+    params[-1].grad[5] = float("nan")
+    opt.step(grad_scale=1.0)
+    assert opt.found_inf
+    _assert_untouched(opt, params, snapshot)
+    _set_grads(params, 1, scale=1024.0)
+    opt.step(grad_scale=1024.0)
+    assert not opt.found_inf and opt.state[params[0]]["step"].item() == 2
+
+
+def test_default_does_not_check_like_torch(impl):
+    """FusedAdamW() without a grad scale follows torch.optim.AdamW: no inf/nan pass, an inf grad
+    propagates into the weights exactly where torch's does, and found_inf stays False."""
+    ours, theirs = _model(4), _model(4)
+    opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
+    assert opt.check_finite is None
+    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
+    _step_side_by_side(opt, ref, ours, theirs, range(2))
+    _set_grads(ours, 2)
+    _set_grads(theirs, 2)
+    for ps in (ours, theirs):
+        ps[3].grad.view(-1)[10] = float("inf")
+        ps[5].grad.view(-1)[0] = float("nan")
+    opt.step()
+    ref.step()
+    assert not opt.found_inf
+    assert opt.state[ours[0]]["step"].item() == 3
+    for p, q in zip(ours, theirs):
+        assert torch.equal(torch.isfinite(p), torch.isfinite(q))
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert not torch.isfinite(ours[3]).all() and not torch.isfinite(ours[5]).all()
+    assert torch.isfinite(ours[0]).all()
+
+
+def test_check_finite_true_checks_every_step(impl):
+    """check_finite=True: every step is checked, with or without a grad scale."""
+    params = _model(6)
+    opt = FusedAdamW(params, lr=1e-2, check_finite=True)
+    _set_grads(params, 0)
+    opt.step()
+    assert not opt.found_inf
+    snapshot = _snapshot(opt, params)
+    _set_grads(params, 1)
+    params[0].grad[0] = float("-inf")
     opt.step()
     assert opt.found_inf
-    for p, b in zip(params, before):
-        assert torch.equal(p, b)
-    after = opt.state_dict()
-    for k, s in state_before["state"].items():
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(after["state"][k][key], s[key])
+    _assert_untouched(opt, params, snapshot)
     _set_grads(params, 1)
     opt.step()
     assert not opt.found_inf and opt.state[params[0]]["step"].item() == 2
+
+
+def test_check_finite_false_never_checks_even_scaled(impl):
+    """check_finite=False: the caller vouches, even for a scaled step (the grads are divided
+    by the scale, nothing is looked for)."""
+    params = _model(7)
+    opt = FusedAdamW(params, lr=1e-2, check_finite=False)
+    _set_grads(params, 0, scale=8.0)
+    params[3].grad.view(-1)[2] = float("nan")
+    opt.step(grad_scale=8.0)
+    assert not opt.found_inf
+    assert torch.isnan(params[3].view(-1)[2]) and torch.isfinite(params[3].view(-1)[3])
+    assert opt.state[params[0]]["step"].item() == 1
 
 
 def _functional_inputs(grad_dtype, copy_dtype, seed=0):
@@ -141,7 +213,8 @@ def test_mixed_precision_matches_fp32_reference(impl, grad_dtype, copy_dtype):
     rp, rm, rv = (copy.deepcopy(t) for t in (p, m, v))
     rgrads = [g.float() for g in grads]
     for step in (1, 2, 3):
-        found = ops.fused_adamw_(p, grads, m, v, step=step, grad_scale=8.0, model_copies=copies, **HYPER)
+        found = ops.fused_adamw_(p, grads, m, v, step=step, grad_scale=8.0, model_copies=copies,
+                                 **HYPER)
         rfound = reference.fused_adamw_(rp, rgrads, rm, rv, step=step, grad_scale=8.0, **HYPER)
         assert found is False and rfound is False
     for a, b in zip(p + m + v, rp + rm + rv):
@@ -179,14 +252,16 @@ def test_unchecked_step_same_result_and_no_check(impl, grad_dtype):
     for a, b in zip(p + m + v + copies, q + qm + qv + qc):
         assert torch.equal(a, b)
     grads[3].view(-1)[7] = float("nan")
-    assert ops.fused_adamw_(q, grads, qm, qv, step=3, model_copies=qc, check_finite=False, **HYPER) is False
+    assert ops.fused_adamw_(q, grads, qm, qv, step=3, model_copies=qc, check_finite=False,
+                            **HYPER) is False
     assert torch.isnan(q[3].view(-1)[7]) and torch.isfinite(q[3].view(-1)[8])
     assert torch.isfinite(q[0]).all()
 
 
 def test_fused_adamw_check_finite_false_matches_torch(impl):
     ours, theirs = _model(5), _model(5)
-    opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, check_finite=False)
+    opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05,
+                     check_finite=False)
     ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
     _step_side_by_side(opt, ref, ours, theirs, range(3))
     ours[1].grad[0] = float("inf")   # not looked at: torch's behaviour, found_inf stays False
@@ -194,6 +269,21 @@ def test_fused_adamw_check_finite_false_matches_torch(impl):
     assert not opt.found_inf and not torch.isfinite(ours[1]).all()
     sd = opt.state_dict()           # the flag is not a param-group key: torch's state dict
     assert "check_finite" not in sd["param_groups"][0]
+
+
+def test_pickled_optimizer_keeps_its_contract():
+    """check_finite survives pickling and deepcopy; a pickle without it (older megalite) gets
+    today's default."""
+    params = _model(8)
+    for flag in (True, False, None):
+        opt = FusedAdamW(params, lr=1e-2, check_finite=flag)
+        assert copy.deepcopy(opt).check_finite is flag
+        assert pickle.loads(pickle.dumps(opt)).check_finite is flag
+    state = opt.__getstate__()
+    state.pop("check_finite")
+    old = FusedAdamW.__new__(FusedAdamW)
+    old.__setstate__(state)
+    assert old.check_finite is None
 
 
 def test_threads_do_not_change_results():

@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 
 import megalite.ops as ops
-from megalite.ops import dispatch, reference
+from megalite.ops import dispatch, norms, reference
 
 SHAPES = [(0, 8), (1, 1), (1, 7), (3, 17), (2, 3, 31), (5, 100), (4, 1000), (9, 768), (2, 2053)]
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
-       torch.float16: dict(rtol=1e-2, atol=1e-2)}
-
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+}
 
 
 def _inputs(shape, dtype, seed, affine=True, bias=True):
@@ -93,7 +95,7 @@ def test_rms_norm_fwd_bwd(impl, shape, dtype):
             torch.testing.assert_close(dw.float() / scale, rdw.float() / scale, **TOL[dtype])
 
 
-@pytest.mark.parametrize("shape", [(1, 2), (3, 17), (4, 5, 64), (7, 1000)])  # hidden 1 is degenerate
+@pytest.mark.parametrize("shape", [(1, 2), (3, 17), (4, 5, 64), (7, 1000)])  # hidden 1: degenerate
 def test_reference_matches_torch(shape):
     """The oracle itself against torch's layer_norm / rms_norm autograd (fp32)."""
     x, w, b, dy = _inputs(shape, torch.float32, seed=3)
@@ -110,7 +112,7 @@ def test_reference_matches_torch(shape):
 
 
 def test_gradcheck_float64():
-    """float64 runs the reference (no compiled kernel for it): its backward is the exact gradient."""
+    """float64 runs the reference (no compiled kernel for it): its backward is the exact one."""
     x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
     w = torch.randn(9, dtype=torch.float64, requires_grad=True)
     b = torch.randn(9, dtype=torch.float64, requires_grad=True)
@@ -148,8 +150,12 @@ def test_modules(impl):
 def test_non_contiguous_input(impl):
     x = torch.randn(33, 6).t()  # [6, 33], not contiguous
     w = torch.randn(33)
-    torch.testing.assert_close(ops.layer_norm(x, w, None, 1e-5), F.layer_norm(x, (33,), w, None, 1e-5),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ops.layer_norm(x, w, None, 1e-5),
+        F.layer_norm(x, (33,), w, None, 1e-5),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_bad_weight_shape():
@@ -163,6 +169,10 @@ def test_compiled_kernels_used(monkeypatch):
     for op in ("layer_norm", "rms_norm"):
         impl, _, reason = dispatch.choose(op, "cpu")
         assert impl == "cpp", reason
+    x = torch.randn(3, 8, requires_grad=True)  # the C++ autograd node, not the Python Function
+    assert norms._CPP_NODES
+    assert "_LayerNormFn" not in type(ops.layer_norm(x, None, None, 1e-5).grad_fn).__name__
+    assert "_RMSNormFn" not in type(ops.rms_norm(x, None, 1e-5).grad_fn).__name__
     monkeypatch.setenv("MEGALITE_KERNELS", "reference")
     assert dispatch.choose("layer_norm", "cpu")[0] == "reference"
     report = {r["op"]: r for r in ops.kernel_report()}
@@ -207,3 +217,67 @@ def test_large_outputs_streaming_path(dtype):
             _close(g_, w_, dtype)
         scale = max(1.0, want[2].abs().max().item())
         torch.testing.assert_close(got[2].float() / scale, want[2].float() / scale, **TOL[dtype])
+
+
+def _fwd_bwd(fn, x, w, b, dy):
+    ts = [t for t in (x, w, b) if t is not None]
+    y = fn(x, w, b)
+    return [y, *torch.autograd.grad(y, ts, dy)]
+
+
+def test_same_bits_for_any_thread_count(monkeypatch):
+    """y, dx, dweight and dbias do not depend on the thread count: rows go to threads in
+    contiguous ranges, dweight/dbias are summed per fixed block of rows, then in block order."""
+    monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
+    threads = torch.get_num_threads()
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, b, dy = _inputs((1500, 257), dtype, seed=12)
+        out = []
+        try:
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                out.append(
+                    _fwd_bwd(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), x, w, b, dy)
+                    + _fwd_bwd(lambda x, w, b: ops.rms_norm(x, w, 1e-5), x, w, None, dy)
+                )
+        finally:
+            torch.set_num_threads(threads)
+        for other in out[1:]:
+            for a, c in zip(out[0], other):
+                assert torch.equal(a, c)
+
+
+def test_python_function_path(monkeypatch):
+    """The autograd Functions (the CUDA path, and the CPU's under functorch) on the C++ kernels
+    give the C++ autograd node's bits."""
+    monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
+    if not norms._CPP_NODES:
+        pytest.skip("megalite._C not built")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, b, dy = _inputs((5, 3, 100), dtype, seed=13)
+        node = _fwd_bwd(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), x, w, b, dy)
+        node_rms = _fwd_bwd(lambda x, w, b: ops.rms_norm(x, w, 1e-5), x, w, None, dy)
+        monkeypatch.setattr(norms, "_CPP_NODES", False)
+        fn = _fwd_bwd(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), x, w, b, dy)
+        fn_rms = _fwd_bwd(lambda x, w, b: ops.rms_norm(x, w, 1e-5), x, w, None, dy)
+        assert "_LayerNormFn" in type(ops.layer_norm(x, w, b, 1e-5).grad_fn).__name__
+        monkeypatch.setattr(norms, "_CPP_NODES", True)
+        for a, c in zip(node + node_rms, fn + fn_rms):
+            assert torch.equal(a, c)
+
+
+def test_frozen_params_and_inputs(impl):
+    """Grads only for what requires them (the C++ node skips dweight/dbias when not needed)."""
+    x, w, b, dy = _inputs((6, 40), torch.float32, seed=14)
+    w.requires_grad_(False)
+    y = ops.layer_norm(x, w, b, 1e-5)
+    dx, db = torch.autograd.grad(y, (x, b), dy)
+    ry, rdx, _, rdb = _ref_layer_norm(x, w, b, 1e-5, dy)
+    _close(dx, rdx, torch.float32)
+    _close(db, rdb, torch.float32)
+    x2 = x.detach()
+    w.requires_grad_(True)
+    (dw,) = torch.autograd.grad(ops.rms_norm(x2, w, 1e-5), (w,), dy)
+    _close(dw, _ref_rms_norm(x2, w, 1e-5, dy)[2], torch.float32)
+    with torch.no_grad():
+        _close(ops.layer_norm(x, w, b, 1e-5), ry, torch.float32)

@@ -119,9 +119,11 @@ class Attention(nn.Module):
         qkv = self.linear_qkv(x)                          # [s, b, g*(q+2)*d] (g local groups)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_groups, self.q_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.q_per_group].reshape(s, b, -1, self.head_dim)  # [s, b, n, d]
-        k = qkv[:, :, :, self.q_per_group]                # [s, b, g, d]
-        v = qkv[:, :, :, self.q_per_group + 1]            # [s, b, g, d]
+        # One split (its backward is one cat) rather than three slices (each of which would
+        # backpropagate through a zero-filled tensor of qkv's size).
+        q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)
+        q = q.reshape(s, b, -1, self.head_dim)            # [s, b, n, d]
+        k, v = k.squeeze(3), v.squeeze(3)                 # [s, b, g, d]
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -159,11 +161,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.linear_fc1(x)                            # [s, b, ffn/tp] (x2 for SwiGLU)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
+        # fused kernels: silu(gate) * up, gelu_tanh, each one pass fwd and one bwd
+        h = ops.swiglu(h) if self.swiglu else ops.gelu_tanh(h)
         return self.linear_fc2(h)                         # [s, b, h]
 
 

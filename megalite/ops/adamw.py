@@ -1,12 +1,16 @@
-"""Functional fused AdamW over lists of tensors (the distributed optimizer steps its shards with it).
+"""Functional fused AdamW over lists of tensors (the distributed optimizer steps its shards
+with it).
 
 One call reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq (and the
-low-precision model copy when given), unscaling the grad by 1/grad_scale on the way. Before any
-write every grad is checked for inf/nan: if one is found the call returns True and NOTHING was
-updated, so a dynamic loss scaler can simply skip the step. That check is a read of every grad
-before the update reads them again (32 bytes per fp32 param instead of 28, and on CUDA a host
-synchronisation): a caller that has already established that the grads are finite, as the
-trainer has through its global grad norm, passes check_finite=False.
+low-precision model copy when given), unscaling the grad by 1/grad_scale on the way. By default
+(check_finite=True: these functions exist for loss-scaled steps, and their return value is the
+answer) every grad is checked for inf/nan before any write: if one is found the call returns True
+and NOTHING was updated, so a dynamic loss scaler can simply skip the step. That check is a read of
+every grad before the update reads them again (32 bytes per fp32 param instead of 28, and on CUDA
+a host synchronisation): a caller that has already established that the grads are finite, as the
+trainer has through its global grad norm, passes check_finite=False and gets torch's single
+sweep. (The optimizer class, megalite.optim.FusedAdamW, follows torch.optim.AdamW's contract
+instead: it passes check_finite=True only for steps given a grad scale, or when asked.)
 
 The compiled kernels take fp32 params and moments, contiguous tensors, grads in fp32/bf16/fp16
 and model copies in bf16/fp16/fp32; anything else (for example bf16 params without fp32 master
@@ -55,25 +59,27 @@ def _validate(params, grads, exp_avgs, exp_avg_sqs, model_copies, hyper):
                                  f"but its {name[:-1]} has {lst[i].numel()}")
 
 
-def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay,
-                        step, grad_scale=1.0, model_copies=None, check_finite=True):
+def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps,
+                        weight_decay, step, grad_scale=1.0, model_copies=None, check_finite=True):
     """AdamW with one hyperparameter value per tensor (lists); see fused_adamw_."""
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
+             "step": step}
     _validate(params, grads, exp_avgs, exp_avg_sqs, model_copies, hyper)
     if not params:
         return False
     if not (grad_scale > 0 and grad_scale != float("inf")):
         raise ValueError(f"fused_adamw_: grad_scale must be positive and finite, got {grad_scale}")
-    kind, module, _ = choose("fused_adamw", params[0].device)
+    _, module, _ = choose("fused_adamw", params[0].device)
     if module is not None and _compiled_ok(params, grads, exp_avgs, exp_avg_sqs, model_copies):
         hyper = {k: [float(x) for x in v] for k, v in hyper.items()}
         return bool(module.fused_adamw(params, grads, exp_avgs, exp_avg_sqs,
                                        [] if model_copies is None else list(model_copies),
                                        hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
-                                       hyper["weight_decay"], hyper["step"], 1.0 / float(grad_scale),
-                                       bool(check_finite)))
-    return reference.multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, grad_scale=grad_scale,
-                                         model_copies=model_copies, check_finite=check_finite, **hyper)
+                                       hyper["weight_decay"], hyper["step"],
+                                       1.0 / float(grad_scale), bool(check_finite)))
+    return reference.multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs,
+                                         grad_scale=grad_scale, model_copies=model_copies,
+                                         check_finite=check_finite, **hyper)
 
 
 def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step,

@@ -18,13 +18,13 @@ OPS = {
     "rms_norm": ("rms_norm_fwd", "rms_norm_bwd"),
     "fused_adamw": ("fused_adamw",),
     "flatten": ("flatten_into", "unflatten_from"),
-    "assign_buckets": ("assign_buckets",),
     "sum_of_squares": ("sum_of_squares",),
+    "gelu_tanh": ("gelu_tanh_fwd", "gelu_tanh_bwd"),
+    "swiglu": ("swiglu_fwd", "swiglu_bwd"),
 }
-# Ops that only exist on the host (bucket assignment is bookkeeping over sizes, not tensors).
-HOST_ONLY = {"assign_buckets"}
-# Ops whose CUDA path is torch's own multi-tensor kernel (already one launch over the list).
-TORCH_ON_CUDA = {"sum_of_squares"}
+# Ops whose CUDA path is torch's own kernel: sum_of_squares' multi-tensor _foreach_norm (already
+# one launch over the list); the activations' F.gelu / F.silu * up (megalite has no CUDA kernel).
+TORCH_ON_CUDA = {"sum_of_squares", "gelu_tanh", "swiglu"}
 
 
 def _try_import(name):
@@ -37,7 +37,8 @@ def _try_import(name):
 
 _C, _C_ERROR = _try_import("_C")
 if _C is None:
-    _C_ERROR = "C++ kernels not built: " + _C_ERROR + "; run `pip install --no-build-isolation -e .`"
+    _C_ERROR = ("C++ kernels not built: " + _C_ERROR
+                + "; run `pip install --no-build-isolation -e .`")
 
 if not torch.cuda.is_available() and torch.version.cuda is None:
     _cuda, _CUDA_ERROR = None, "CUDA kernels not built: torch has no CUDA"
@@ -66,12 +67,12 @@ def choose(op, device=None):
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type == "cuda" and op in TORCH_ON_CUDA:
         return "torch", None, ""
-    if device.type == "cuda" and op not in HOST_ONLY:
+    if device.type == "cuda":
         if _has(_cuda, op):
             return "cuda", _cuda, ""
         why = _CUDA_ERROR or f"megalite._cuda has no {op} kernel (rebuild the extension)"
         return "reference", None, why
-    if device.type != "cpu" and op not in HOST_ONLY:
+    if device.type != "cpu":
         return "reference", None, f"no compiled kernel for device type {device.type}"
     if _has(_C, op):
         return "cpp", _C, ""
@@ -91,9 +92,13 @@ def kernel_report():
     report = []
     for op in OPS:
         impl, _, reason = choose(op, device)
-        if not reason and impl == "cpp" and op not in HOST_ONLY:
+        if not reason and impl == "cpp":
             reason = _CUDA_ERROR or "no CUDA device"
             if cpu_isa():
                 reason += f" (CPU kernels: {cpu_isa()} clones)"
         report.append({"op": op, "impl": impl, "reason": reason})
+    # linear is no compiled kernel: oneDNN's GEMM or torch's F.linear (megalite/ops/linear.py).
+    from megalite.ops.linear import impl_report
+    impl, reason = impl_report()
+    report.append({"op": "linear", "impl": impl, "reason": reason})
     return report

@@ -6,24 +6,61 @@ per-row statistics (mean and rstd, fp32) are saved for the backward instead of b
 recomputed. Weight and bias are cast to fp32 here (they are only `hidden` elements) so the
 kernels need not be compiled for every weight-dtype/input-dtype pair; their grads are cast
 back to the parameter's dtype.
+
+On the CPU the whole op is one C++ autograd node instead (`megalite._C.layer_norm` /
+`rms_norm`, csrc/norms.cpp): the same kernels, the parameters taken in their own dtype, and no
+Python around them (the autograd Functions below remain the path of CUDA, of the reference and
+of functorch transforms). At a small model's sizes ([512, 256] fp32) the Python Function's own
+cost per call (its forward and backward, dispatch, the casts and reshapes of weight, bias and
+dy: ~100 us) was larger than the kernels' (~45 us) and made megalite's LayerNorm fwd+bwd 1.5x
+slower than torch's; see tools/bench/kernels.py (cases layer_norm 512x256 and the like).
 """
 
 import torch
 import torch.nn as nn
 
 from megalite.ops import reference
-from megalite.ops.dispatch import choose
+from megalite.ops.dispatch import _C, choose, forced_reference
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+_MODULES = {}  # (op, device type) -> compiled module or None (fixed once the extensions load)
+_UNSET = object()
+# megalite._C's C++ autograd nodes (absent from an extension built before they existed).
+_CPP_NODES = _C is not None and hasattr(_C, "layer_norm") and hasattr(_C, "rms_norm")
 
 
 def _impl(op, x):
     """The compiled module for x's device, or the reference (also for dtypes such as fp64 that
     no kernel is compiled for)."""
-    _, module, _ = choose(op, x.device)
-    if x.dtype not in _DTYPES or module is None:
+    if x.dtype not in _DTYPES or forced_reference():
         return reference
-    return module
+    key = (op, x.device.type)
+    module = _MODULES.get(key, _UNSET)
+    if module is _UNSET:
+        module = _MODULES[key] = choose(op, x.device)[1]
+    return reference if module is None else module
+
+
+def _cpu_param(p):
+    return p is None or (p.is_cpu and p.dtype in _DTYPES)
+
+
+def _cpp_node(x, weight, bias=None):
+    """Whether the op runs as megalite._C's C++ autograd node: CPU tensors in the kernels' dtypes
+    (the parameters too, in any of them), no MEGALITE_KERNELS=reference, no functorch transform
+    (C++ autograd nodes do not support them). Kept cheap: it runs on every call."""
+    return (
+        _CPP_NODES
+        and x.is_cpu
+        and x.dtype in _DTYPES
+        and _cpu_param(weight)
+        and _cpu_param(bias)
+        and not forced_reference()
+        and not _functorch_active()
+    )
 
 
 def _param(t, x):
@@ -35,9 +72,14 @@ def _check(name, x, weight, bias=None):
     if x.dim() == 0:
         raise ValueError(f"{name}: input must have at least one dimension")
     n = x.shape[-1]
-    for what, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dim() != 1 or t.shape[0] != n):
-            raise ValueError(f"{name}: {what} has shape {tuple(t.shape)} but the input's last dim is {n}")
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != n):
+        _bad_shape(name, "weight", weight, n)
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        _bad_shape(name, "bias", bias, n)
+
+
+def _bad_shape(name, what, t, n):
+    raise ValueError(f"{name}: {what} has shape {tuple(t.shape)} but the input's last dim is {n}")
 
 
 class _LayerNormFn(torch.autograd.Function):
@@ -91,12 +133,16 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last dim of x (fp32/bf16/fp16), fp32 statistics; weight/bias may be
     None. Output has x's dtype. Differentiable in x, weight and bias."""
     _check("layer_norm", x, weight, bias)
+    if _cpp_node(x, weight, bias):
+        return _C.layer_norm(x, weight, bias, float(eps))
     return _LayerNormFn.apply(x, weight, bias, eps)
 
 
 def rms_norm(x, weight=None, eps=1e-5):
     """RMSNorm over the last dim of x: x / sqrt(mean(x^2) + eps) * weight."""
     _check("rms_norm", x, weight)
+    if _cpp_node(x, weight):
+        return _C.rms_norm(x, weight, float(eps))
     return _RMSNormFn.apply(x, weight, eps)
 
 
@@ -108,7 +154,11 @@ class FusedLayerNorm(nn.Module):
         self.hidden_size = int(hidden_size)
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(self.hidden_size, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(self.hidden_size, device=device, dtype=dtype)) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(self.hidden_size, device=device, dtype=dtype))
+            if bias
+            else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self):

@@ -9,6 +9,7 @@ functional API promises.
 import math
 
 import torch
+import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # LayerNorm / RMSNorm over the last dimension. Forward returns the output plus the per-row
@@ -42,9 +43,12 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, need_bias_grad=True):
     xhat = (xf - mean[:, None]) * rstd[:, None]
     g = dyf * weight.to(xf.dtype) if weight is not None else dyf
     # d/dx of (x - mean) * rstd, contracted with g: the two mean terms come from mean and var.
-    dx = rstd[:, None] * (g - g.mean(dim=1, keepdim=True) - xhat * (g * xhat).mean(dim=1, keepdim=True))
+    dx = rstd[:, None] * (g - g.mean(dim=1, keepdim=True)
+                          - xhat * (g * xhat).mean(dim=1, keepdim=True))
     dw = (dyf * xhat).sum(dim=0).to(weight.dtype) if weight is not None else None
-    db = dyf.sum(dim=0).to(weight.dtype if weight is not None else x.dtype) if need_bias_grad else None
+    db = None
+    if need_bias_grad:
+        db = dyf.sum(dim=0).to(weight.dtype if weight is not None else x.dtype)
     return dx.to(x.dtype).reshape(x.shape), dw, db
 
 
@@ -67,6 +71,46 @@ def rms_norm_bwd(dy, x, rstd, weight):
     dx = rstd[:, None] * (g - xhat * (g * xhat).mean(dim=1, keepdim=True))
     dw = (dyf * xhat).sum(dim=0).to(weight.dtype) if weight is not None else None
     return dx.to(x.dtype).reshape(x.shape), dw
+
+
+# ----------------------------------------------------------------------------------------------
+# MLP activations. gelu_tanh / swiglu are the expressions themselves (differentiable by torch's
+# autograd: the fallback, and what MEGALITE_KERNELS=reference runs); the _fwd/_bwd pairs are the
+# kernels' interface, computed in fp32 (fp64 for fp64 input) and rounded once to the input's dtype.
+
+
+def gelu_tanh(x):
+    """GeLU with the tanh approximation (GPT-2's)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def swiglu(h):
+    """silu(gate) * up with h = [gate | up] along the last dim (Llama's MLP)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gelu_tanh_fwd(x):
+    return F.gelu(x.to(_acc(x)), approximate="tanh").to(x.dtype)
+
+
+def gelu_tanh_bwd(dy, x):
+    xf = x.to(_acc(x))
+    return torch.ops.aten.gelu_backward(dy.to(xf.dtype), xf, approximate="tanh").to(x.dtype)
+
+
+def swiglu_fwd(h):
+    gate, up = h.to(_acc(h)).chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(h.dtype)
+
+
+def swiglu_bwd(dy, h):
+    gate, up = h.to(_acc(h)).chunk(2, dim=-1)
+    dyf = dy.to(gate.dtype)
+    s = torch.sigmoid(gate)
+    dgate = dyf * up * s * (1 + gate * (1 - s))   # d silu(g)/dg = s (1 + g (1 - s))
+    dup = dyf * F.silu(gate)
+    return torch.cat([dgate, dup], dim=-1).to(h.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,30 +176,6 @@ def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta
 # Gradient bucketing.
 
 
-def assign_buckets(numels, dtypes, bucket_size_numel):
-    """Cut params (given in reverse order of use) into buckets of about bucket_size_numel
-    elements. A bucket is closed once it holds at least bucket_size_numel elements, so a big
-    param gets a bucket of its own and the all-reduce of the first bucket starts as early as
-    possible. Buckets never mix dtypes: a param of a new dtype starts a new bucket of that dtype
-    while the open bucket of the other dtype stays open (each dtype has its own flat buffer).
-    Returns lists of param indices; buckets are ordered by the index of their first param."""
-    if len(numels) != len(dtypes):
-        raise ValueError(f"assign_buckets: {len(numels)} numels but {len(dtypes)} dtypes")
-    if bucket_size_numel <= 0:
-        raise ValueError(f"assign_buckets: bucket_size_numel must be positive, got {bucket_size_numel}")
-    buckets, open_bucket, open_size = [], {}, {}
-    for i, (n, dt) in enumerate(zip(numels, dtypes)):
-        if n < 0:
-            raise ValueError(f"assign_buckets: param {i} has negative numel {n}")
-        if dt not in open_bucket:
-            open_bucket[dt] = len(buckets)
-            open_size[dt] = 0
-            buckets.append([])
-        buckets[open_bucket[dt]].append(i)
-        open_size[dt] += n
-        if open_size[dt] >= bucket_size_numel:
-            del open_bucket[dt], open_size[dt]
-    return buckets
 
 
 def _check_flat(tensors, buffer, what):

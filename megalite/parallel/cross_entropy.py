@@ -84,7 +84,9 @@ def vocab_parallel_cross_entropy(logits, target, label_smoothing: float = 0.0,
     vocab_size = padded if vocab_size is None else vocab_size
     if tp == 1:
         s, b, _ = logits.shape
-        logits = logits[..., :vocab_size].float().reshape(s * b, vocab_size)
+        if vocab_size < padded:   # (a slice's backward zero-fills a logits-sized tensor)
+            logits = logits[..., :vocab_size]
+        logits = logits.float().reshape(s * b, vocab_size)
         return F.cross_entropy(logits, target.reshape(s * b), reduction="none",
                                label_smoothing=label_smoothing).view(s, b)
     return _VocabParallelCrossEntropy.apply(logits, target, label_smoothing, vocab_size)

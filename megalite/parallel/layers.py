@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megalite import ops
 from megalite.errors import MegaliteError
 from megalite.parallel import state
 from megalite.parallel.tags import tag, tag_of
@@ -96,9 +97,14 @@ class ColumnParallelLinear(nn.Module):
 
 
 def column_parallel_linear(x, weight, bias=None, sequence_parallel=False):
-    """The maths of ColumnParallelLinear for a weight owned elsewhere (a tied LM head)."""
+    """The maths of ColumnParallelLinear, also for a weight owned elsewhere (a tied LM head).
+
+    The weight grad goes straight into the DDP buffer (gradient-accumulation fusion,
+    ops.linear) unless the weight is also used elsewhere in the same backward: the input
+    embedding that a tied head reuses gets its two grads summed by autograd first."""
     x = gather_from_sp(x) if sequence_parallel else copy_to_tp(x)   # [s, b, in]
-    return F.linear(x, weight, bias)                                # [s, b, out/tp]
+    fuse = tag_of(weight).tied_embedding != "input"
+    return ops.linear(x, weight, bias, fuse_wgrad_accumulation=fuse)   # [s, b, out/tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -122,7 +128,9 @@ class RowParallelLinear(nn.Module):
                             init=("zeros",), sequence_parallel=self.sequence_parallel)
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        if state.get().tp == 1:             # no reduction: the bias joins the GEMM
+            return ops.linear(x, self.weight, self.bias, fuse_wgrad_accumulation=True)
+        y = ops.linear(x, self.weight, fuse_wgrad_accumulation=True)
         y = reduce_scatter_to_sp(y) if self.sequence_parallel else reduce_from_tp(y)
         return y + self.bias if self.bias is not None else y
 

@@ -10,9 +10,9 @@ baseline_time / our_time (> 1: megalite is faster), plus the median of the per-p
 ("paired", steadier on a busy machine). CPU runs use --threads threads (default 2).
 
 Cases and goals (2-core CPU, 2 threads):
-  adamw_fp32      FusedAdamW(check_finite=False).step() vs torch.optim.AdamW(fused=True).step(),
-                  50M params in 50 tensors, neither checking for inf/nan            goal >= 0.95
-                  (and, for information, the default checking FusedAdamW against torch without
+  adamw_fp32      FusedAdamW().step() (default arguments: torch's contract, no inf/nan pass)
+                  vs torch.optim.AdamW(fused=True).step(), 50M params in 50 tensors goal >= 0.95
+                  (and, for information, FusedAdamW(check_finite=True) against torch without
                   and with GradScaler's check)
   adamw_mixed     fused_adamw_ (fp32 main+moments, fp32 grads, unscale + inf check, bf16 copy
                   written in the same call) vs torch's unscale/inf check + fused AdamW + copy to
@@ -21,10 +21,20 @@ Cases and goals (2-core CPU, 2 threads):
                   check, against torch with clip_grad_norm_ added)
   grad sum of sq. ops.sum_of_squares (the grad norm's pass) vs torch._foreach_norm: no goal
   layer_norm_*    ops.layer_norm fwd+bwd vs F.layer_norm, 8192x768 and 8192x2048: bf16 >= 1.5,
-                  fp32 >= 1.0 (rms_norm_* vs F.rms_norm: no goal, for information)
+                  fp32 >= 1.0 (rms_norm_* vs F.rms_norm: no goal, for information); and at a
+                  small model's sizes, 512x256, 2048x256, 512x1024, fp32 and bf16: >= 1.1
+  gelu_tanh_*     ops.gelu_tanh fwd+bwd vs F.gelu(approximate="tanh"), 512x1024 and 2048x4096:
+                  fp32 >= 2.0 (bf16: for information)
+  swiglu_*        ops.swiglu fwd+bwd vs gate, up = h.chunk(2, -1); F.silu(gate) * up, h
+                  512x2048 and 2048x8192: fp32 >= 2.0 (bf16: for information)
   adamw_* vs D2D  CUDA only: the AdamW step against a device copy of as many bytes  goal >= 0.85
   flatten         flatten_into + unflatten_from of 100 tensors (25M elements) vs one memcpy-
                   like copy of the same bytes each way (dst.copy_(src))            goal >= 0.8
+  linear          ops.linear fwd+bwd vs F.linear, x [512, 256] w [1024, 256] (512x256->1024)
+                  and x [512, 1024] w [256, 1024], fp32; "fused": ops.linear with the weight
+                  grad GEMM accumulating into an fp32 main grad (beta 1) vs F.linear +
+                  main_grad.add_(grad); "bf16 oneDNN": the oneDNN path ops.linear does not
+                  take for bf16: no goal, for information
 
 Large CPU buffers: glibc serves allocations above 32 MB with a fresh mmap, so every LayerNorm
 call (and every training step) page-faults its outputs in, on both sides; on this VM that costs
@@ -52,6 +62,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import megalite.ops as ops  # noqa: E402
+from megalite.ops.linear import linear_onednn  # noqa: E402
 from megalite.optim.fused_adamw import FusedAdamW  # noqa: E402
 from megalite.optim.grad_norm import clip_coefficient, global_grad_norm  # noqa: E402
 
@@ -109,16 +120,17 @@ def bench_adamw_fp32(device, numel, tensors, repeats):
 
     name = f"adamw_fp32 {numel / 1e6:g}M/{tensors}"
     goal = 0.95 if numel >= 50_000_000 else None
-    unchecked = FusedAdamW(params(), lr=1e-4, weight_decay=0.1, check_finite=False)
-    checking = FusedAdamW(params(), lr=1e-4, weight_decay=0.1)
+    default = FusedAdamW(params(), lr=1e-4, weight_decay=0.1)
+    checking = FusedAdamW(params(), lr=1e-4, weight_decay=0.1, check_finite=True)
     torch_p = params()
     base = torch.optim.AdamW(torch_p, lr=1e-4, weight_decay=0.1, fused=True)
-    # The goal's case: the same contract on both sides (neither looks for inf/nan), 28 B/param.
-    rows = [compare(name, unchecked.step, base.step, device, repeats, bytes_moved=28 * numel, goal=goal,
-                    note="FusedAdamW(check_finite=False) vs AdamW(fused=True): neither checks for inf/nan")]
-    # The default FusedAdamW reads every grad once more first (32 B/param), against the same torch.
+    # The goal's case: default arguments on both sides, the same contract (no inf/nan pass).
+    rows = [compare(name, default.step, base.step, device, repeats, bytes_moved=28 * numel,
+                    goal=goal, note="FusedAdamW() vs AdamW(fused=True): neither checks for inf/nan")]
+    # Checking every grad first (32 B/param), against the same torch.
     rows.append(compare(f"{name} ours checking", checking.step, base.step, device, repeats,
-                        bytes_moved=28 * numel, note="FusedAdamW() checks every grad, torch does not"))
+                        bytes_moved=28 * numel,
+                        note="FusedAdamW(check_finite=True), torch does not check"))
     # Like for like: torch with an inf/nan check too (GradScaler's, scale 1).
     found_inf = torch.zeros(1, device=device)
     one = torch.ones(1, device=device)
@@ -223,6 +235,79 @@ def bench_norm(device, kind, rows, hidden, dtype, repeats):
                    bytes_moved=5 * rows * hidden * esize, goal=goal)
 
 
+def _per_call(row, calls, bytes_moved=None):
+    """A row timed over `calls` calls per sample, as times per call."""
+    for key in ("ours_ms", "baseline_ms", "ours_min_ms", "baseline_min_ms"):
+        row[key] /= calls
+    if bytes_moved:
+        row["ours_GBps"] = bytes_moved / (row["ours_ms"] * 1e-3) / 1e9
+    return row
+
+
+def _calls(numel):
+    """Calls per timed sample for a small op: ~1M elements (a few ms) per sample at least."""
+    return max(1, 1_000_000 // numel)
+
+
+def bench_norm_small(device, rows, hidden, dtype, repeats):
+    """ops.layer_norm fwd+bwd vs F.layer_norm at a small model's sizes, where per-call costs
+    (autograd, dispatch, threading) weigh as much as the kernels: several calls per sample."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    w = torch.randn(hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype)
+    calls = _calls(rows * hidden)
+
+    def run(f):
+        def go():
+            for _ in range(calls):
+                torch.autograd.grad(f(x, w, b), (x, w, b), dy)
+        return go
+
+    esize = torch.finfo(dtype).bits // 8
+    dt = str(dtype).replace("torch.", "")
+    ours = run(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5))
+    base = run(lambda x, w, b: F.layer_norm(x, (hidden,), w, b, 1e-5))
+    row = compare(f"layer_norm {rows}x{hidden} {dt} fwd+bwd", ours, base, device, repeats, goal=1.1,
+                  note=f"{calls} calls per sample")
+    return _per_call(row, calls, 5 * rows * hidden * esize)
+
+
+def bench_activation(device, kind, rows, n, dtype, repeats):
+    """ops.gelu_tanh / ops.swiglu fwd+bwd vs the PyTorch expressions they replace (autograd of
+    F.gelu(approximate="tanh"), or of h.chunk(2, -1) -> F.silu(gate) * up). n: output columns
+    (SwiGLU's h has 2n)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    cols = 2 * n if kind == "swiglu" else n
+    x = (torch.randn(rows, cols, generator=gen) * 2).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(rows, n, generator=gen).to(device=device, dtype=dtype)
+    if kind == "gelu_tanh":
+        ours_f, base_f = ops.gelu_tanh, lambda t: F.gelu(t, approximate="tanh")
+        bytes_moved = 5 * rows * n   # x, y; dy, x, dx (elements)
+    else:
+        def base_f(h):
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        ours_f = ops.swiglu
+        bytes_moved = 8 * rows * n   # h, y; dy, h, dh
+    calls = _calls(rows * cols)
+
+    def run(f):
+        def go():
+            for _ in range(calls):
+                torch.autograd.grad(f(x), x, dy)
+        return go
+
+    esize = torch.finfo(dtype).bits // 8
+    dt = str(dtype).replace("torch.", "")
+    goal = 2.0 if dtype == torch.float32 and (rows, n) in ((512, 1024), (2048, 4096)) else None
+    shape = f"{rows}x{cols}"
+    row = compare(f"{kind} {shape} {dt} fwd+bwd", run(ours_f), run(base_f), device, repeats,
+                  goal=goal, note=f"{calls} calls per sample" if calls > 1 else "")
+    return _per_call(row, calls, bytes_moved * esize)
+
+
 def bench_flatten(device, numel, tensors, repeats):
     per = numel // tensors
     src = [torch.randn(per, device=device) for _ in range(tensors)]
@@ -280,6 +365,64 @@ def bench_adamw_roofline(device, numel, tensors, repeats):
     return row
 
 
+def bench_linear(device, rows, in_features, out_features, dtype, repeats, force_onednn=False):
+    """ops.linear fwd+bwd (x, weight and bias grads) vs F.linear's autograd, same tensors.
+    force_onednn: the oneDNN path even where ops.linear does not take it (bf16), to re-check
+    that choice."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(out_features, in_features, generator=gen) * 0.02
+    x.requires_grad_()
+    w = w.to(device=device, dtype=dtype).requires_grad_()
+    b = torch.zeros(out_features, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(rows, out_features, generator=gen).to(device=device, dtype=dtype)
+
+    def run(f):
+        return lambda: torch.autograd.grad(f(x, w, b), (x, w, b), dy)
+
+    dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+    ours = linear_onednn if force_onednn else ops.linear
+    return compare(f"linear {rows}x{in_features}->{out_features} {dt}"
+                   + (" oneDNN" if force_onednn else "") + " fwd+bwd",
+                   run(ours), run(F.linear), device, repeats,
+                   note="oneDNN fwd/dgrad forced (not what ops.linear runs for this dtype)"
+                   if force_onednn else "ops.linear (oneDNN fwd/dgrad for fp32 on CPU) vs F.linear")
+
+
+def bench_linear_fused(device, rows, in_features, out_features, repeats, alpha=0.5):
+    """Gradient-accumulation fusion, fp32, a micro-batch after the first (beta 1): ops.linear's
+    weight-grad GEMM adds into main_grad vs F.linear, then main_grad.add_(grad, alpha) (what the
+    DDP hook does with a materialised grad)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(rows, in_features, generator=gen).to(device).requires_grad_()
+    w0 = (torch.randn(out_features, in_features, generator=gen) * 0.02).to(device)
+    dy = torch.randn(rows, out_features, generator=gen).to(device)
+    b0 = torch.zeros(out_features, device=device)
+    sides = {}
+    for side in ("ours", "torch"):
+        w = w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_()
+        main = torch.zeros_like(w0)
+        if side == "ours":
+            w.accumulate_main_grad = lambda wgrad_into, main=main: wgrad_into(main, 1.0, alpha)
+        sides[side] = (w, b, main)
+
+    def ours():
+        w, b, _ = sides["ours"]
+        ops.linear(x, w, b, fuse_wgrad_accumulation=True).backward(dy)
+        x.grad = w.grad = b.grad = None          # w.grad: the placeholder, dropped
+
+    def baseline():
+        w, b, main = sides["torch"]
+        F.linear(x, w, b).backward(dy)
+        main.add_(w.grad, alpha=alpha)
+        x.grad = w.grad = b.grad = None
+
+    return compare(f"linear {rows}x{in_features}->{out_features} fp32 fused wgrad acc.",
+                   ours, baseline, device, repeats,
+                   note="ops.linear(fuse_wgrad_accumulation=True) vs F.linear + main_grad.add_()")
+
+
 def bench_flatten_loop(device, numel, tensors, repeats):
     """For information: our flatten against the per-tensor copy loop a user would write."""
     per = numel // tensors
@@ -326,9 +469,22 @@ def run_all(args):
             rows.append(bench_norm(device, "layer_norm", norm_rows, hidden, dtype, reps))
     for dtype in (torch.bfloat16, torch.float32):
         rows.append(bench_norm(device, "rms_norm", norm_rows, 2048, dtype, reps))
+    for dtype in (torch.float32, torch.bfloat16):   # a small model's LayerNorms (the same in --quick)
+        for shape in ((512, 256), (2048, 256), (512, 1024)):
+            rows.append(bench_norm_small(device, *shape, dtype, 3 * reps))
+    for kind in ("gelu_tanh", "swiglu"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for shape in ((512, 1024),) if q else ((512, 1024), (2048, 4096)):
+                rows.append(bench_activation(device, kind, *shape, dtype, 3 * reps))
     flat_n = 1_000_000 if q else 25_000_000
     rows.append(bench_flatten(device, flat_n, 100, reps))
     rows.append(bench_flatten_loop(device, flat_n, 100, reps))
+    for in_f, out_f in ((256, 1024), (1024, 256)):
+        rows.append(bench_linear(device, 512, in_f, out_f, torch.float32, 3 * reps))
+        rows.append(bench_linear_fused(device, 512, in_f, out_f, 3 * reps))
+        if device.type == "cpu":   # bf16 runs F.linear (see megalite/ops/linear.py): re-check
+            rows.append(bench_linear(device, 512, in_f, out_f, torch.bfloat16, 3 * reps,
+                                     force_onednn=True))
     return rows
 
 

@@ -140,6 +140,10 @@ def main():
             print(f"iter {it}/{a.train_iters} | loss {loss:.4f} | {tokens_per_iter / dt:,.0f} "
                   f"tok/s | {dt * 1000:.0f} ms/it", flush=True)
     if world > 1:
+        # Drop DDP's reducer before its process group: destroyed the other way round (or left
+        # to interpreter teardown) gloo's threads can abort a run that succeeded.
+        dist.barrier()
+        del ddp, fwd
         dist.destroy_process_group()
 
 
