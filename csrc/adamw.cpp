@@ -22,13 +22,13 @@ namespace {
 
 // Per-tensor constants, derived in double (as torch does) from the group's hyperparameters.
 struct AdamwScalars {
-  float lr_wd;          // lr * weight_decay: p -= p * lr_wd (decoupled weight decay)
-  float one_minus_b1;   // exp_avg = lerp(exp_avg, g, 1 - beta1)
+  float lr_wd;         // lr * weight_decay: p -= p * lr_wd (decoupled weight decay)
+  float one_minus_b1;  // exp_avg = lerp(exp_avg, g, 1 - beta1)
   float beta2, one_minus_b2;
-  float step_size;      // lr / (1 - beta1^step)
-  float inv_bc2_sqrt;   // 1 / sqrt(1 - beta2^step)
+  float step_size;     // lr / (1 - beta1^step)
+  float inv_bc2_sqrt;  // 1 / sqrt(1 - beta2^step)
   float eps;
-  float inv_scale;      // 1 / loss scale
+  float inv_scale;  // 1 / loss scale
 };
 
 struct NoCopy {  // stands in for the model-copy type when there is none
@@ -88,7 +88,8 @@ void update_range(const TensorArgs& t, int64_t lo, int64_t hi, bool streaming) {
   auto* g = static_cast<const typename G::T*>(t.g);
   auto* c = static_cast<typename C::T*>(t.copy);
   if (!kCopy || !streaming) {
-    adamw_update<G, C, kCopy>(t.p + lo, g + lo, t.m + lo, t.v + lo, kCopy ? c + lo : nullptr, hi - lo, t.s);
+    adamw_update<G, C, kCopy>(t.p + lo, g + lo, t.m + lo, t.v + lo, kCopy ? c + lo : nullptr,
+                              hi - lo, t.s);
     return;
   }
   alignas(64) typename C::T staged[kStreamBlock];
@@ -148,11 +149,13 @@ void check_tensor(const at::Tensor& t, const char* what, size_t i, int64_t numel
 // Returns true (and writes nothing) if any grad holds an inf or a nan. With check_finite=false
 // the grads are not checked (the caller vouches for them) and the result is always false.
 bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                 const std::vector<c10::optional<at::Tensor>>& model_copies, const std::vector<double>& lr,
-                 const std::vector<double>& beta1, const std::vector<double>& beta2,
-                 const std::vector<double>& eps, const std::vector<double>& weight_decay,
-                 const std::vector<double>& step, double inv_scale, bool check_finite) {
+                 const std::vector<at::Tensor>& exp_avgs,
+                 const std::vector<at::Tensor>& exp_avg_sqs,
+                 const std::vector<c10::optional<at::Tensor>>& model_copies,
+                 const std::vector<double>& lr, const std::vector<double>& beta1,
+                 const std::vector<double>& beta2, const std::vector<double>& eps,
+                 const std::vector<double>& weight_decay, const std::vector<double>& step,
+                 double inv_scale, bool check_finite) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
               "fused_adamw: tensor lists differ in length");
@@ -172,7 +175,8 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
     check_tensor(exp_avgs[i], "exp_avgs", i, numel);
     check_tensor(exp_avg_sqs[i], "exp_avg_sqs", i, numel);
     for (const auto* t : {&params[i], &exp_avgs[i], &exp_avg_sqs[i]})
-      TORCH_CHECK(t->scalar_type() == at::kFloat, "fused_adamw: params and moments must be float32");
+      TORCH_CHECK(t->scalar_type() == at::kFloat,
+                  "fused_adamw: params and moments must be float32");
     TensorArgs& a = args[i];
     a.p = params[i].data_ptr<float>();
     a.m = exp_avgs[i].data_ptr<float>();
@@ -215,8 +219,9 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
     streaming = args[largest].copy != nullptr && worth_streaming(args[largest].copy, 1, 1);
   }
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-    for_each_segment(offsets, begin, end,
-                     [&](size_t i, int64_t lo, int64_t hi) { update_segment(args[i], lo, hi, streaming); });
+    for_each_segment(offsets, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
+      update_segment(args[i], lo, hi, streaming);
+    });
     if (streaming) stream_fence();
   });
   return false;
@@ -228,7 +233,8 @@ void register_adamw(pybind11::module_& m) {
         "updates nothing) if a grad holds an inf or nan; check_finite=False skips that check",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("model_copies"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-        py::arg("weight_decay"), py::arg("step"), py::arg("inv_scale"), py::arg("check_finite") = true);
+        py::arg("weight_decay"), py::arg("step"), py::arg("inv_scale"),
+        py::arg("check_finite") = true);
 }
 
 }  // namespace

@@ -18,22 +18,23 @@ constexpr size_t kStreamingBytes = size_t(16) << 20;  // 16 MB
 void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer, Direction dir) {
   const char* what = dir == Direction::kIntoBuffer ? "flatten_into" : "unflatten_from";
   TORCH_CHECK(buffer.device().is_cpu(), what, ": buffer must be on the CPU");
-  TORCH_CHECK(buffer.dim() == 1 && buffer.is_contiguous(), what, ": buffer must be a contiguous 1-D tensor");
+  TORCH_CHECK(buffer.dim() == 1 && buffer.is_contiguous(), what,
+              ": buffer must be a contiguous 1-D tensor");
   const int64_t item = buffer.element_size();
   auto* base = static_cast<char*>(buffer.data_ptr());
 
-  std::vector<int64_t> bytes;       // contiguous tensors: one memcpy range each
+  std::vector<int64_t> bytes;  // contiguous tensors: one memcpy range each
   std::vector<char*> tensor_ptrs;
   std::vector<int64_t> buffer_offsets;
   int64_t offset = 0;  // in elements
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.scalar_type() == buffer.scalar_type(), what, ": tensor ", i, " has dtype ", t.scalar_type(),
-                ", the buffer ", buffer.scalar_type());
+    TORCH_CHECK(t.scalar_type() == buffer.scalar_type(), what, ": tensor ", i, " has dtype ",
+                t.scalar_type(), ", the buffer ", buffer.scalar_type());
     TORCH_CHECK(t.device().is_cpu(), what, ": tensor ", i, " is not on the CPU");
     const int64_t n = t.numel();
-    TORCH_CHECK(offset + n <= buffer.numel(), what, ": tensors need more than the buffer's ", buffer.numel(),
-                " elements");
+    TORCH_CHECK(offset + n <= buffer.numel(), what, ": tensors need more than the buffer's ",
+                buffer.numel(), " elements");
     if (t.is_contiguous()) {
       bytes.push_back(n * item);
       tensor_ptrs.push_back(static_cast<char*>(t.data_ptr()));
@@ -52,9 +53,9 @@ void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer,
   // Copies larger than the caches into memory already in use stream past the caches (see
   // stream_copy, worth_streaming); small ones stay cached, where the all-reduce that follows a
   // flatten will find them.
-  const bool streaming =
-      worth_streaming(dir == Direction::kIntoBuffer ? base : (tensor_ptrs.empty() ? base : tensor_ptrs[0]),
-                      size_t(offsets.back()), kStreamingBytes);
+  const bool streaming = worth_streaming(
+      dir == Direction::kIntoBuffer ? base : (tensor_ptrs.empty() ? base : tensor_ptrs[0]),
+      size_t(offsets.back()), kStreamingBytes);
   at::parallel_for(0, offsets.back(), kGrainBytes, [&](int64_t begin, int64_t end) {
     for_each_segment(offsets, begin, end, [&](size_t i, int64_t lo, int64_t hi) {
       char* flat = base + buffer_offsets[i] + lo;
@@ -71,16 +72,18 @@ void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer,
 }
 
 void register_bucketing(pybind11::module_& m) {
-  m.def("flatten_into",
-        [](const std::vector<at::Tensor>& tensors, const at::Tensor& buffer) {
-          flat_copy(tensors, buffer, Direction::kIntoBuffer);
-        },
-        "Copy tensors back to back into a flat buffer", py::arg("tensors"), py::arg("buffer"));
-  m.def("unflatten_from",
-        [](const at::Tensor& buffer, const std::vector<at::Tensor>& tensors) {
-          flat_copy(tensors, buffer, Direction::kOutOfBuffer);
-        },
-        "Copy a flat buffer back out into tensors", py::arg("buffer"), py::arg("tensors"));
+  m.def(
+      "flatten_into",
+      [](const std::vector<at::Tensor>& tensors, const at::Tensor& buffer) {
+        flat_copy(tensors, buffer, Direction::kIntoBuffer);
+      },
+      "Copy tensors back to back into a flat buffer", py::arg("tensors"), py::arg("buffer"));
+  m.def(
+      "unflatten_from",
+      [](const at::Tensor& buffer, const std::vector<at::Tensor>& tensors) {
+        flat_copy(tensors, buffer, Direction::kOutOfBuffer);
+      },
+      "Copy a flat buffer back out into tensors", py::arg("buffer"), py::arg("tensors"));
 }
 
 }  // namespace

@@ -14,9 +14,9 @@
 #include <cstdint>
 #include <vector>
 
-extern "C" __attribute__((visibility("default"), optimize("fp-contract=off")))
-int64_t megalite_build_blending_indices(const double* weights, int64_t num_datasets, int64_t size,
-                                        int16_t* dataset_index, int64_t* dataset_sample_index) {
+extern "C" __attribute__((visibility("default"), optimize("fp-contract=off"))) int64_t
+megalite_build_blending_indices(const double* weights, int64_t num_datasets, int64_t size,
+                                int16_t* dataset_index, int64_t* dataset_sample_index) {
   if (num_datasets < 1 || num_datasets > 32767 || size < 0) return 1;
   const double delta = num_datasets > 1 ? 1.0 / static_cast<double>(2 * num_datasets - 2) : 0.5;
   std::vector<int64_t> counts(num_datasets, 0);

@@ -54,19 +54,22 @@ double sum_of_squares(const std::vector<at::Tensor>& tensors) {
   const auto offsets = prefix_offsets(numels);
   const int64_t blocks = (offsets.back() + kNormBlock - 1) / kNormBlock;
   std::vector<double> block_sums(blocks, 0.0);
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {  // 4 blocks: small lists stay on one thread
-    for (int64_t b = b0; b < b1; ++b) {
-      double s = 0.0;
-      for_each_segment(offsets, b * kNormBlock, std::min(offsets.back(), (b + 1) * kNormBlock),
-                       [&](size_t i, int64_t lo, int64_t hi) {
-                         dispatch_float_type(tensors[i].scalar_type(), "sum_of_squares", [&](auto xt) {
-                           using X = decltype(xt);
-                           s += sum_sq<X>(static_cast<const typename X::T*>(tensors[i].data_ptr()) + lo, hi - lo);
-                         });
-                       });
-      block_sums[b] = s;
-    }
-  });
+  at::parallel_for(
+      0, blocks, 4, [&](int64_t b0, int64_t b1) {  // 4 blocks: small lists stay on one thread
+        for (int64_t b = b0; b < b1; ++b) {
+          double s = 0.0;
+          for_each_segment(
+              offsets, b * kNormBlock, std::min(offsets.back(), (b + 1) * kNormBlock),
+              [&](size_t i, int64_t lo, int64_t hi) {
+                dispatch_float_type(tensors[i].scalar_type(), "sum_of_squares", [&](auto xt) {
+                  using X = decltype(xt);
+                  s += sum_sq<X>(static_cast<const typename X::T*>(tensors[i].data_ptr()) + lo,
+                                 hi - lo);
+                });
+              });
+          block_sums[b] = s;
+        }
+      });
   double total = 0.0;
   for (double s : block_sums) total += s;
   return total;

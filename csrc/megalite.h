@@ -67,9 +67,9 @@ inline int add_registrar(Registrar r) {
 constexpr int kLanes = 16;
 
 // ---------------------------------------------------------------------------------------------
-// Element types (storage formats). Kernels are templates over a storage type with load (to fp32) and store (from
-// fp32); bf16 and fp16 are carried as raw uint16 bits so that the code is plain integer and
-// float arithmetic the vectoriser understands.
+// Element types (storage formats). Kernels are templates over a storage type with load (to fp32)
+// and store (from fp32); bf16 and fp16 are carried as raw uint16 bits so that the code is plain
+// integer and float arithmetic the vectoriser understands.
 MEGALITE_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
@@ -138,10 +138,17 @@ struct F16 {
 template <typename Fn>
 inline void dispatch_float_type(at::ScalarType t, const char* what, Fn&& fn) {
   switch (t) {
-    case at::kFloat: fn(F32{}); break;
-    case at::kBFloat16: fn(BF16{}); break;
-    case at::kHalf: fn(F16{}); break;
-    default: TORCH_CHECK(false, what, ": unsupported dtype ", t, " (float32, bfloat16, float16)");
+    case at::kFloat:
+      fn(F32{});
+      break;
+    case at::kBFloat16:
+      fn(BF16{});
+      break;
+    case at::kHalf:
+      fn(F16{});
+      break;
+    default:
+      TORCH_CHECK(false, what, ": unsupported dtype ", t, " (float32, bfloat16, float16)");
   }
 }
 
@@ -169,7 +176,8 @@ constexpr int64_t kSweepBlock = 256;
 constexpr int64_t kSweepPrefetchBytes = 8192;
 template <typename T>
 MEGALITE_INLINE void prefetch_sweep(const T* p) {
-  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + uintptr_t(kSweepPrefetchBytes);  // may be past the end
+  const uintptr_t ahead =
+      reinterpret_cast<uintptr_t>(p) + uintptr_t(kSweepPrefetchBytes);  // may be past the end
   for (int64_t k = 0; k < kSweepBlock * int64_t(sizeof(T)); k += 64)
     __builtin_prefetch(reinterpret_cast<const void*>(ahead + uintptr_t(k)), 0, 3);
 }
@@ -186,7 +194,8 @@ inline std::vector<int64_t> prefix_offsets(const std::vector<int64_t>& numels) {
 }
 
 template <typename Fn>
-inline void for_each_segment(const std::vector<int64_t>& offsets, int64_t begin, int64_t end, Fn&& fn) {
+inline void for_each_segment(const std::vector<int64_t>& offsets, int64_t begin, int64_t end,
+                             Fn&& fn) {
   // First tensor whose range ends after `begin` (empty tensors are skipped naturally).
   size_t i = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin();
   i = i == 0 ? 0 : i - 1;

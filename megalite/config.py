@@ -41,7 +41,7 @@ def _list(help):
 
 
 def _set(obj, name, value):
-    object.__setattr__(obj, name, value)   # resolving a default while a frozen value is built
+    object.__setattr__(obj, name, value)  # resolving a default while a frozen value is built
 
 
 def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
@@ -58,34 +58,43 @@ def default_bucket_size(dp: int) -> int:
 @dataclass(frozen=True)
 class ModelConfig:
     model_style: Optional[Literal["gpt2", "llama"]] = _f(
-        None, "preset: gpt2 = learned positions, LayerNorm, GeLU, tied embeddings, biases; "
-        "llama = RoPE, RMSNorm, SwiGLU, untied, no biases. Explicit flags override the preset")
+        None,
+        "preset: gpt2 = learned positions, LayerNorm, GeLU, tied embeddings, biases; "
+        "llama = RoPE, RMSNorm, SwiGLU, untied, no biases. Explicit flags override the preset",
+    )
     num_layers: int = _f(2, "number of transformer layers")
     hidden_size: int = _f(64, "transformer hidden size")
     ffn_hidden_size: Optional[int] = _f(
-        None, "MLP hidden size (default 4*hidden, or 8/3*hidden rounded up to 64 with SwiGLU)")
+        None, "MLP hidden size (default 4*hidden, or 8/3*hidden rounded up to 64 with SwiGLU)"
+    )
     num_attention_heads: int = _f(4, "number of attention heads")
     num_query_groups: Optional[int] = _f(
-        None, "key/value heads for grouped-query attention (default: one per attention head)")
+        None, "key/value heads for grouped-query attention (default: one per attention head)"
+    )
     seq_length: int = _f(128, "training sequence length")
     max_position_embeddings: Optional[int] = _f(
-        None, "size of the learned position table (default: --seq-length)")
+        None, "size of the learned position table (default: --seq-length)"
+    )
     position_embedding_type: Literal["learned_absolute", "rope"] = _f(
-        "learned_absolute", "position encoding")
+        "learned_absolute", "position encoding"
+    )
     rotary_base: float = _f(10000.0, "RoPE base")
     normalization: Literal["LayerNorm", "RMSNorm"] = _f("LayerNorm", "normalization layer")
     norm_epsilon: float = _f(1e-5, "epsilon of the normalization layers")
     swiglu: bool = _f(False, "SwiGLU MLP instead of GeLU")
     untie_embeddings_and_output_weights: bool = _f(
-        False, "separate output-layer weight instead of reusing the input embedding")
+        False, "separate output-layer weight instead of reusing the input embedding"
+    )
     disable_bias_linear: bool = _f(False, "no biases in the linear layers")
     hidden_dropout: float = _f(0.0, "dropout on the residual branches and embeddings")
     attention_dropout: float = _f(0.0, "dropout on the attention probabilities")
     init_method_std: float = _f(0.02, "std of the normal initialisation")
     vocab_size: Optional[int] = _f(
-        None, "vocabulary size (default: the tokenizer's); padded up for efficiency")
+        None, "vocabulary size (default: the tokenizer's); padded up for efficiency"
+    )
     make_vocab_size_divisible_by: int = _f(
-        128, "pad the vocabulary to a multiple of this times the tensor-parallel size")
+        128, "pad the vocabulary to a multiple of this times the tensor-parallel size"
+    )
 
     def __post_init__(self):
         # Defaults that follow from other fields are filled in here, so every ModelConfig
@@ -104,32 +113,48 @@ class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, "tensor-parallel size (ranks splitting each layer)")
     pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (stages of layers)")
     num_layers_per_virtual_pipeline_stage: Optional[int] = _f(
-        None, "interleaved 1F1B: layers per model chunk; each stage holds num_layers / (PP x "
-        "this) chunks, which cuts the pipeline bubble by that factor")
+        None,
+        "interleaved 1F1B: layers per model chunk; each stage holds num_layers / (PP x "
+        "this) chunks, which cuts the pipeline bubble by that factor",
+    )
     decoder_first_pipeline_num_layers: Optional[int] = _f(
-        None, "uneven pipeline: layers on the first stage (the other stages share the rest "
-        "evenly); it also holds the embedding")
+        None,
+        "uneven pipeline: layers on the first stage (the other stages share the rest "
+        "evenly); it also holds the embedding",
+    )
     decoder_last_pipeline_num_layers: Optional[int] = _f(
-        None, "uneven pipeline: layers on the last stage (which also holds the head and loss)")
+        None, "uneven pipeline: layers on the last stage (which also holds the head and loss)"
+    )
     sequence_parallel: bool = _f(
-        False, "split norms, dropout and residuals along the sequence over TP ranks")
+        False, "split norms, dropout and residuals along the sequence over TP ranks"
+    )
     recompute_granularity: Optional[Literal["full", "selective"]] = _f(
-        None, "recompute activations in backward: full layers, or only attention's core")
+        None, "recompute activations in backward: full layers, or only attention's core"
+    )
     recompute_num_layers: Optional[int] = _f(
-        None, "full recompute: how many layers of each stage recompute (default: all)")
+        None, "full recompute: how many layers of each stage recompute (default: all)"
+    )
     use_distributed_optimizer: bool = _f(
-        False, "ZeRO-1: shard the fp32 main params and AdamW moments over data-parallel ranks "
-        "(each steps 1/DP of every grad bucket, then the params are all-gathered)")
+        False,
+        "ZeRO-1: shard the fp32 main params and AdamW moments over data-parallel ranks "
+        "(each steps 1/DP of every grad bucket, then the params are all-gathered)",
+    )
     overlap_grad_reduce: bool = _f(
-        False, "start each grad bucket's all-reduce (reduce-scatter with the distributed "
-        "optimizer) during backward, as soon as the bucket's last grad is in")
+        False,
+        "start each grad bucket's all-reduce (reduce-scatter with the distributed "
+        "optimizer) during backward, as soon as the bucket's last grad is in",
+    )
     overlap_param_gather: bool = _f(
-        False, "distributed optimizer: all-gather the updated params in the background; each "
-        "module waits for its bucket in the next forward")
+        False,
+        "distributed optimizer: all-gather the updated params in the background; each "
+        "module waits for its bucket in the next forward",
+    )
     ddp_bucket_size: Optional[int] = _f(
-        None, "elements per data-parallel grad bucket (default: max(40M, 1M x DP), Megatron's)")
+        None, "elements per data-parallel grad bucket (default: max(40M, 1M x DP), Megatron's)"
+    )
     distributed_backend: Optional[Literal["nccl", "gloo"]] = _f(
-        None, "torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
+        None, "torch.distributed backend (default: nccl on CUDA, gloo on CPU)"
+    )
     distributed_timeout_minutes: float = _f(10.0, "timeout of collective operations")
 
 
@@ -137,18 +162,20 @@ class ParallelConfig:
 class TrainingConfig:
     micro_batch_size: int = _f(4, "sequences per micro-batch per data-parallel rank")
     global_batch_size: Optional[int] = _f(
-        None, "sequences per optimizer step (default: micro-batch * data-parallel size)")
+        None, "sequences per optimizer step (default: micro-batch * data-parallel size)"
+    )
     train_iters: int = _f(100, "number of optimizer steps")
     seed: int = _f(1234, "random seed: weights, data order and dropout depend only on it")
     bf16: bool = _f(False, "bfloat16 mixed precision")
     fp16: bool = _f(False, "float16 mixed precision with a dynamic loss scaler")
-    initial_loss_scale: float = _f(2.0 ** 16, "fp16: starting loss scale")
+    initial_loss_scale: float = _f(2.0**16, "fp16: starting loss scale")
     loss_scale_window: int = _f(1000, "fp16: steps without overflow before the scale doubles")
     hysteresis: int = _f(2, "fp16: overflows tolerated before the scale is halved")
     eval_interval: int = _f(1000, "evaluate on the validation split every N iterations")
     eval_iters: int = _f(10, "validation batches per evaluation")
     early_stop_patience: Optional[int] = _f(
-        None, "stop after N evaluations without a better validation loss")
+        None, "stop after N evaluations without a better validation loss"
+    )
     exit_interval: Optional[int] = _f(None, "save and exit when the iteration is a multiple of N")
     exit_duration_in_mins: Optional[float] = _f(None, "save and exit after this many minutes")
     device: Optional[Literal["cpu", "cuda"]] = _f(None, "device (default: cuda if available)")
@@ -165,12 +192,16 @@ class OptimizerConfig:
     lr: float = _f(3e-4, "peak learning rate")
     min_lr: float = _f(0.0, "learning rate at the end of decay")
     lr_warmup_iters: int = _f(0, "linear warmup iterations")
-    lr_decay_iters: Optional[int] = _f(None, "iterations over which to decay (default: train iters)")
+    lr_decay_iters: Optional[int] = _f(
+        None, "iterations over which to decay (default: train iters)"
+    )
     lr_decay_style: Literal["cosine", "linear", "constant", "wsd"] = _f("cosine", "decay shape")
     lr_wsd_decay_iters: Optional[int] = _f(
-        None, "wsd: length of the final decay phase (default: 20%% of the decay iterations)")
+        None, "wsd: length of the final decay phase (default: 20%% of the decay iterations)"
+    )
     lr_wsd_decay_style: Literal["linear", "cosine", "exponential"] = _f(
-        "linear", "wsd: shape of the final decay phase")
+        "linear", "wsd: shape of the final decay phase"
+    )
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
     clip_grad: float = _f(1.0, "clip the global gradient norm to this (0 disables)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
@@ -181,10 +212,12 @@ class OptimizerConfig:
 @dataclass(frozen=True)
 class DataConfig:
     data_path: list = _list(
-        "dataset prefixes, optionally weighted: PREFIX or 0.3 PREFIX_A 0.7 PREFIX_B")
+        "dataset prefixes, optionally weighted: PREFIX or 0.3 PREFIX_A 0.7 PREFIX_B"
+    )
     split: str = _f("969,30,1", "train,valid,test weights over the documents")
     tokenizer_type: Optional[Literal["sentencepiece", "huggingface"]] = _f(
-        None, "tokenizer kind (default: from the model file's suffix)")
+        None, "tokenizer kind (default: from the model file's suffix)"
+    )
     tokenizer_model: Optional[str] = _f(None, "tokenizer model file (.model or tokenizer.json)")
     data_cache_path: Optional[str] = _f(None, "where sample indices are cached")
     mock_data: bool = _f(False, "random tokens instead of --data-path (benchmarks, smoke tests)")
@@ -207,7 +240,8 @@ class LoggingConfig:
     metrics_file: Optional[str] = _f(None, "append one JSON object per logged iteration here")
     tensorboard_dir: Optional[str] = _f(None, "write TensorBoard scalars here")
     peak_tflops: Optional[float] = _f(
-        None, "peak TFLOP/s of one device, for MFU (default: from a table of known GPUs)")
+        None, "peak TFLOP/s of one device, for MFU (default: from a table of known GPUs)"
+    )
 
 
 SECTIONS = {
@@ -221,17 +255,27 @@ SECTIONS = {
 }
 
 MODEL_STYLES = {
-    "gpt2": dict(position_embedding_type="learned_absolute", normalization="LayerNorm",
-                 swiglu=False, untie_embeddings_and_output_weights=False,
-                 disable_bias_linear=False),
-    "llama": dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
-                  untie_embeddings_and_output_weights=True, disable_bias_linear=True),
+    "gpt2": dict(
+        position_embedding_type="learned_absolute",
+        normalization="LayerNorm",
+        swiglu=False,
+        untie_embeddings_and_output_weights=False,
+        disable_bias_linear=False,
+    ),
+    "llama": dict(
+        position_embedding_type="rope",
+        normalization="RMSNorm",
+        swiglu=True,
+        untie_embeddings_and_output_weights=True,
+        disable_bias_linear=True,
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Config:
     """A finished run config. world_size is the number of processes it was checked for."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -258,16 +302,22 @@ class Config:
 
     @property
     def virtual_pipeline_size(self) -> int:
-        return virtual_pipeline_size(self.model.num_layers,
-                                     self.parallel.pipeline_model_parallel_size,
-                                     self.parallel.num_layers_per_virtual_pipeline_stage)
+        return virtual_pipeline_size(
+            self.model.num_layers,
+            self.parallel.pipeline_model_parallel_size,
+            self.parallel.num_layers_per_virtual_pipeline_stage,
+        )
 
     def pipeline_layout(self) -> list:
         """layers[pp_rank][chunk]: the global layer numbers of every model chunk."""
         p = self.parallel
-        return pipeline_layout(self.model.num_layers, p.pipeline_model_parallel_size,
-                               self.virtual_pipeline_size, p.decoder_first_pipeline_num_layers,
-                               p.decoder_last_pipeline_num_layers)
+        return pipeline_layout(
+            self.model.num_layers,
+            p.pipeline_model_parallel_size,
+            self.virtual_pipeline_size,
+            p.decoder_first_pipeline_num_layers,
+            p.decoder_last_pipeline_num_layers,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -278,12 +328,15 @@ class Config:
         d = dict(d)
         p = d.get("parallel", {})
         # A config saved before world_size was recorded: the smallest world of its layout.
-        world = d.pop("world_size", p.get("tensor_model_parallel_size", 1)
-                      * p.get("pipeline_model_parallel_size", 1))
+        world = d.pop(
+            "world_size",
+            p.get("tensor_model_parallel_size", 1) * p.get("pipeline_model_parallel_size", 1),
+        )
         return make_config(d, world_size=int(world), source="checkpoint config")
 
 
 # -- checks and derived defaults --------------------------------------------------------------
+
 
 def _positive(name, value):
     if value is None or value <= 0:
@@ -293,8 +346,13 @@ def _positive(name, value):
 def _check(cfg: Config) -> None:
     """Raise a MegaliteError naming the first inconsistent value."""
     m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optimizer
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
-                 "make_vocab_size_divisible_by"):
+    for name in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "seq_length",
+        "make_vocab_size_divisible_by",
+    ):
         _positive(name, getattr(m, name))
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         _positive(name, getattr(p, name))
@@ -306,28 +364,35 @@ def _check(cfg: Config) -> None:
     if m.hidden_size % m.num_attention_heads:
         raise MegaliteError(
             f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
-            f"{m.num_attention_heads}; choose sizes where it is")
+            f"{m.num_attention_heads}; choose sizes where it is"
+        )
     if m.num_attention_heads % m.num_query_groups:
         raise MegaliteError(
             f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-            f"--num-query-groups {m.num_query_groups}")
+            f"--num-query-groups {m.num_query_groups}"
+        )
     if m.position_embedding_type == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
         raise MegaliteError("RoPE needs an even head dimension (hidden / heads)")
     if m.position_embedding_type == "learned_absolute" and m.max_position_embeddings < m.seq_length:
         raise MegaliteError(
             f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
-            f"{m.max_position_embeddings}")
+            f"{m.max_position_embeddings}"
+        )
     if t.bf16 and t.fp16:
         raise MegaliteError("--bf16 and --fp16 are exclusive; pick one")
     if p.overlap_param_gather and not p.use_distributed_optimizer:
-        raise MegaliteError("--overlap-param-gather needs --use-distributed-optimizer (only "
-                            "the distributed optimizer all-gathers params)")
+        raise MegaliteError(
+            "--overlap-param-gather needs --use-distributed-optimizer (only "
+            "the distributed optimizer all-gathers params)"
+        )
     if p.ddp_bucket_size is not None and p.ddp_bucket_size <= 0:
-        raise MegaliteError(f"--ddp-bucket-size must be a positive number of elements, got "
-                            f"{p.ddp_bucket_size}")
+        raise MegaliteError(
+            f"--ddp-bucket-size must be a positive number of elements, got {p.ddp_bucket_size}"
+        )
     if t.initial_loss_scale <= 0 or t.loss_scale_window <= 0 or t.hysteresis <= 0:
-        raise MegaliteError("--initial-loss-scale, --loss-scale-window and --hysteresis "
-                            "must be positive")
+        raise MegaliteError(
+            "--initial-loss-scale, --loss-scale-window and --hysteresis must be positive"
+        )
     if o.min_lr > o.lr:
         raise MegaliteError(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
     if o.lr_warmup_iters < 0 or o.clip_grad < 0 or o.weight_decay < 0:
@@ -344,7 +409,8 @@ def _check_layout(cfg: Config) -> None:
     if world < 1 or world % (tp * pp):
         raise MegaliteError(
             f"world size {world} is not divisible by tensor-parallel {tp} x "
-            f"pipeline-parallel {pp}; launch a multiple of {tp * pp} processes")
+            f"pipeline-parallel {pp}; launch a multiple of {tp * pp} processes"
+        )
     _check_tensor_parallel(m, p)
     dp = world // (tp * pp)
     gbs = t.global_batch_size or t.micro_batch_size * dp
@@ -352,15 +418,17 @@ def _check_layout(cfg: Config) -> None:
         raise MegaliteError(
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}; use a multiple of "
-            f"{t.micro_batch_size * dp}")
+            f"{t.micro_batch_size * dp}"
+        )
     vp = cfg.virtual_pipeline_size
-    cfg.pipeline_layout()                          # raises on a stage split that does not fit
+    cfg.pipeline_layout()  # raises on a stage split that does not fit
     n_micro = gbs // (t.micro_batch_size * dp)
     if vp > 1 and n_micro % pp:
         raise MegaliteError(
             f"the interleaved schedule needs the number of micro-batches to be a multiple "
             f"of --pipeline-model-parallel-size {pp}; --global-batch-size {gbs} / "
-            f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}) = {n_micro}")
+            f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}) = {n_micro}"
+        )
 
 
 def _check_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
@@ -369,29 +437,36 @@ def _check_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
     if m.num_attention_heads % tp:
         raise MegaliteError(
             f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-            f"--tensor-model-parallel-size {tp}: each TP rank computes whole heads")
+            f"--tensor-model-parallel-size {tp}: each TP rank computes whole heads"
+        )
     if groups % tp and tp % groups:
         raise MegaliteError(
             f"--num-query-groups {groups} and --tensor-model-parallel-size {tp}: one "
             f"must divide the other (key/value heads are split over TP ranks when the "
-            f"groups are a multiple of TP, replicated when TP is a multiple of the groups)")
+            f"groups are a multiple of TP, replicated when TP is a multiple of the groups)"
+        )
     if m.ffn_hidden_size % tp:
         raise MegaliteError(
             f"the MLP hidden size {m.ffn_hidden_size} (--ffn-hidden-size) is not divisible by "
-            f"--tensor-model-parallel-size {tp}")
+            f"--tensor-model-parallel-size {tp}"
+        )
     if p.sequence_parallel and tp > 1 and m.seq_length % tp:
         raise MegaliteError(
             f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size "
-            f"{tp}: --sequence-parallel splits the sequence over TP ranks")
+            f"{tp}: --sequence-parallel splits the sequence over TP ranks"
+        )
     if p.recompute_num_layers is not None:
         if p.recompute_granularity != "full":
-            raise MegaliteError("--recompute-num-layers needs --recompute-granularity full "
-                                "(selective recomputation applies to every layer)")
+            raise MegaliteError(
+                "--recompute-num-layers needs --recompute-granularity full "
+                "(selective recomputation applies to every layer)"
+            )
         # a stage (or model chunk) with fewer layers recomputes all of them
         if not 1 <= p.recompute_num_layers <= m.num_layers:
             raise MegaliteError(
                 f"--recompute-num-layers {p.recompute_num_layers} must be between 1 and "
-                f"--num-layers {m.num_layers}")
+                f"--num-layers {m.num_layers}"
+            )
 
 
 def _resolve(cfg: Config) -> None:
@@ -415,6 +490,7 @@ def _resolve(cfg: Config) -> None:
 
 
 # -- flags and YAML ---------------------------------------------------------------------------
+
 
 def _fields():
     """(section, dataclass field, resolved type) for every config field."""
@@ -442,9 +518,11 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser(prog="python -m megalite.train") -> argparse.ArgumentParser:
     parser = _OneLineParser(
-        prog=prog, allow_abbrev=False,
+        prog=prog,
+        allow_abbrev=False,
         description="Pretrain a GPT model. Flags follow Megatron-LM's names; a YAML file "
-                    "given with --config sets defaults that flags override.")
+        "given with --config sets defaults that flags override.",
+    )
     parser.add_argument("--config", help="YAML file with any of the fields below")
     for _section, f, tp in _fields():
         flag = "--" + f.name.replace("_", "-")
@@ -531,12 +609,14 @@ def make_config(*layers: dict, world_size: int = 1, source: str = "settings") ->
     for section, f, _ in _fields():
         if f.name in values:
             kwargs[section][f.name] = values[f.name]
-    return Config(**{name: SECTIONS[name](**kw) for name, kw in kwargs.items()},
-                  world_size=world_size)
+    return Config(
+        **{name: SECTIONS[name](**kw) for name, kw in kwargs.items()}, world_size=world_size
+    )
 
 
 def _read_yaml(path: str) -> dict:
     import yaml
+
     try:
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}

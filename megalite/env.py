@@ -33,19 +33,28 @@ def report() -> list[tuple[str, str]]:
         ("megalite", f"{megalite.__version__} ({os.path.dirname(megalite.__file__)})"),
         ("python", f"{platform.python_version()} ({sys.executable})"),
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
-        ("cpu", f"{platform.machine()}, {os.cpu_count()} cores, "
-                f"{torch.get_num_threads()} torch threads"),
+        (
+            "cpu",
+            f"{platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads",
+        ),
     ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            rows.append((f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, "
-                                      f"sm_{p.major}{p.minor}"))
+            rows.append(
+                (f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+            )
     else:
-        rows.append(("cuda", "no CUDA device" if torch.version.cuda else "torch built without CUDA"))
+        rows.append(
+            ("cuda", "no CUDA device" if torch.version.cuda else "torch built without CUDA")
+        )
     backends = []
-    for name, ok in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available()),
-                     ("mpi", dist.is_mpi_available())):
+    for name, ok in (
+        ("gloo", dist.is_gloo_available()),
+        ("nccl", dist.is_nccl_available()),
+        ("mpi", dist.is_mpi_available()),
+    ):
         backends.append(f"{name} {'yes' if ok else 'no'}")
     rows.append(("distributed", ", ".join(backends)))
 
@@ -56,8 +65,16 @@ def report() -> list[tuple[str, str]]:
     for r in ops.kernel_report():
         rows.append((f"op {r['op']}", r["impl"] + (f"  ({r['reason']})" if r["reason"] else "")))
 
-    for name in ("numpy", "sentencepiece", "tokenizers", "transformers", "tensorboard", "tqdm",
-                 "apex", "transformer_engine"):
+    for name in (
+        "numpy",
+        "sentencepiece",
+        "tokenizers",
+        "transformers",
+        "tensorboard",
+        "tqdm",
+        "apex",
+        "transformer_engine",
+    ):
         rows.append((name, _optional(name)))
     return rows
 

@@ -19,11 +19,13 @@ def virtual_pipeline_size(num_layers, pp, layers_per_virtual_stage=None) -> int:
     if pp < 2:
         raise MegaliteError(
             f"--num-layers-per-virtual-pipeline-stage {n} needs --pipeline-model-parallel-size "
-            f">= 2 (interleaving splits the stages of a pipeline), got {pp}")
+            f">= 2 (interleaving splits the stages of a pipeline), got {pp}"
+        )
     if num_layers % (pp * n):
         raise MegaliteError(
             f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
-            f"x --num-layers-per-virtual-pipeline-stage {n}")
+            f"x --num-layers-per-virtual-pipeline-stage {n}"
+        )
     return num_layers // (pp * n)
 
 
@@ -32,16 +34,20 @@ def _stage_sizes(num_layers, pp, first, last) -> list:
     shared evenly by the others."""
     if first is None and last is None:
         if num_layers % pp:
-            raise MegaliteError(f"--num-layers {num_layers} is not divisible by "
-                                f"--pipeline-model-parallel-size {pp}")
+            raise MegaliteError(
+                f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp}"
+            )
         return [num_layers // pp] * pp
     if pp < 2:
-        raise MegaliteError("--decoder-first/last-pipeline-num-layers need "
-                            "--pipeline-model-parallel-size >= 2")
+        raise MegaliteError(
+            "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size >= 2"
+        )
     for flag, n in (("first", first), ("last", last)):
         if n is not None and not 1 <= n < num_layers:
-            raise MegaliteError(f"--decoder-{flag}-pipeline-num-layers {n} must be between 1 "
-                                f"and --num-layers {num_layers} - 1")
+            raise MegaliteError(
+                f"--decoder-{flag}-pipeline-num-layers {n} must be between 1 "
+                f"and --num-layers {num_layers} - 1"
+            )
     others = pp - (first is not None) - (last is not None)
     rest = num_layers - (first or 0) - (last or 0)
     if others == 0 and rest != 0 or others > 0 and (rest < others or rest % others):
@@ -49,7 +55,8 @@ def _stage_sizes(num_layers, pp, first, last) -> list:
         raise MegaliteError(
             f"uneven pipeline: --num-layers {num_layers} minus {given} leaves {rest} layers "
             f"for the other {others} of --pipeline-model-parallel-size {pp} stages; they "
-            f"must split evenly, at least one layer each")
+            f"must split evenly, at least one layer each"
+        )
     sizes = [rest // others if others else 0] * pp
     if first is not None:
         sizes[0] = first
@@ -70,7 +77,8 @@ def pipeline_layout(num_layers, pp, vp=1, first=None, last=None) -> list:
         if size % vp:
             raise MegaliteError(
                 f"pipeline stage {rank} has {size} layers, not divisible into {vp} virtual "
-                f"stages (--num-layers-per-virtual-pipeline-stage); change the split")
+                f"stages (--num-layers-per-virtual-pipeline-stage); change the split"
+            )
     layers, start = [[] for _ in range(pp)], 0
     for _chunk in range(vp):
         for rank in range(pp):

@@ -12,6 +12,7 @@ from megalite.errors import run_main
 def main(argv=None):
     cfg = parse_config(argv)
     from megalite.training.loop import pretrain
+
     pretrain(cfg)
     return 0
 

@@ -24,8 +24,9 @@ def run_cli(args, timeout=300, env=None, **kw):
     """Run a command (list) from the repo root with this Python; return CompletedProcess."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     cmd = [sys.executable] + list(args)
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=full_env, **kw)
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env, **kw
+    )
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +34,7 @@ def byte_corpus(tmp_path_factory):
     """Tiny Shakespeare as a byte-level (vocab 256) Megatron shard, one document per
     blank-line-separated speech: real text, no tokenizer needed. Returns the prefix."""
     from megalite.data import IndexedDatasetWriter
+
     prefix = str(tmp_path_factory.mktemp("corpus") / "shakespeare_bytes_text_document")
     with open(SHAKESPEARE, "rb") as fh:
         speeches = [s for s in fh.read().split(b"\n\n") if s.strip()]
@@ -56,9 +58,17 @@ def spawn(fn, nprocs, out_dir, timeout=150):
     import time
 
     import torch.multiprocessing as mp
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "megalite.parallel.state"])
-    ctx = mp.start_processes(fn, args=(nprocs, free_port(), str(out_dir)), nprocs=nprocs,
-                             join=False, start_method="forkserver")
+
+    multiprocessing.set_forkserver_preload(
+        ["torch", "torch.distributed", "megalite.parallel.state"]
+    )
+    ctx = mp.start_processes(
+        fn,
+        args=(nprocs, free_port(), str(out_dir)),
+        nprocs=nprocs,
+        join=False,
+        start_method="forkserver",
+    )
     deadline = time.time() + timeout
     try:
         while not ctx.join(timeout=2):
@@ -68,8 +78,11 @@ def spawn(fn, nprocs, out_dir, timeout=150):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-        errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
-                if f.endswith(".err")]
+        errs = [
+            open(os.path.join(out_dir, f)).read()
+            for f in sorted(os.listdir(out_dir))
+            if f.endswith(".err")
+        ]
         raise AssertionError(f"{e}\n" + "\n".join(errs)) from None
 
 
@@ -78,6 +91,7 @@ def rank_guard(out_dir, rank):
     """In a spawned rank: record a failure as rank{N}.err for `spawn`, always leave the
     process groups."""
     from megalite.parallel import state
+
     try:
         yield
     except BaseException:

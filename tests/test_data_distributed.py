@@ -28,11 +28,14 @@ def _rank_main(rank, world, init_file, prefix, bad_prefix, cache, out_dir):
         # 1. Rank 0 builds; the others must only load what it wrote.
         real_build = GPTDataset._build
         if rank != 0:
+
             def no_build(self):
                 raise AssertionError(f"rank {rank} built an index")
+
             GPTDataset._build = no_build
         train, valid, _ = builder.build_train_valid_test_datasets(
-            [prefix], "90,10,0", 16, (40, 8, 0), 1234, cache)
+            [prefix], "90,10,0", 16, (40, 8, 0), 1234, cache
+        )
         report["samples"] = [train[i].tolist() for i in range(0, len(train), 7)]
         report["valid_len"] = len(valid)
         GPTDataset._build = real_build
@@ -47,11 +50,15 @@ def _rank_main(rank, world, init_file, prefix, bad_prefix, cache, out_dir):
         # 3. Loading fails on rank 1 only: rank 0 hears of it too.
         real = builder._materialize
         if rank == 1:
+
             def broken(*a, **k):
                 raise MegaliteError("cannot map the cache on this node")
+
             builder._materialize = broken
         try:
-            builder.build_train_valid_test_datasets([prefix], "90,10,0", 16, (40, 8, 0), 1234, cache)
+            builder.build_train_valid_test_datasets(
+                [prefix], "90,10,0", 16, (40, 8, 0), 1234, cache
+            )
             report["load_failure"] = None
         except MegaliteError as e:
             report["load_failure"] = str(e)
@@ -95,6 +102,9 @@ def test_two_ranks_build_once_and_fail_together(tmp_path):
     assert r1["build_failure"].startswith("rank 0 failed to build the data indices:")
     assert "truncated" in r1["build_failure"] and bad + ".bin" in r1["build_failure"]
     assert r1["load_failure"] == "cannot map the cache on this node"
-    assert r0["load_failure"] == "rank 1 failed to load the data indices: cannot map the cache on this node"
+    assert (
+        r0["load_failure"]
+        == "rank 1 failed to load the data indices: cannot map the cache on this node"
+    )
     # Exactly one set of index files: rank 1 built nothing of its own.
     assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith("description.json")]) == 2

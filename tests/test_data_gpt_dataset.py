@@ -52,7 +52,9 @@ def shard(tmp_path):
 def test_one_epoch_covers_every_token_once(shard, tmp_path):
     seq = 16
     total = int(shard.sequence_lengths.sum())
-    ds = GPTDataset(shard, "train", None, seq, total // seq - 1, seed=3, cache_dir=str(tmp_path / "c"))
+    ds = GPTDataset(
+        shard, "train", None, seq, total // seq - 1, seed=3, cache_dir=str(tmp_path / "c")
+    )
     assert ds.num_epochs == 1 and len(ds) == (total - 1) // seq
     stream = stream_of(ds)
     assert sorted(stream.tolist()) == list(range(total))  # one permutation of the documents
@@ -75,7 +77,9 @@ def test_one_epoch_covers_every_token_once(shard, tmp_path):
 def test_epochs_are_served_in_order(shard, tmp_path):
     seq = 8
     total = int(shard.sequence_lengths.sum())
-    ds = GPTDataset(shard, "train", None, seq, 3 * total // seq + 1, seed=1, cache_dir=str(tmp_path / "c"))
+    ds = GPTDataset(
+        shard, "train", None, seq, 3 * total // seq + 1, seed=1, cache_dir=str(tmp_path / "c")
+    )
     assert ds.num_epochs == 4
     n = len(shard)
     for e in range(ds.num_epochs):  # each epoch is a permutation of all documents
@@ -157,19 +161,29 @@ def test_parse_data_path():
 def test_build_splits(tmp_path):
     shard = make_shard(str(tmp_path / "s_text_document"), num_docs=400)
     train, valid, test = build_train_valid_test_datasets(
-        [shard.path_prefix], "80,20,0", 16, (50, 10, 5), seed=2, cache_dir=str(tmp_path / "c"))
+        [shard.path_prefix], "80,20,0", 16, (50, 10, 5), seed=2, cache_dir=str(tmp_path / "c")
+    )
     assert test is None  # weight 0
     assert len(train) >= 50 and len(valid) >= 10
     docs = shard.document_indices
-    tr_hi = int(shard.sequence_pointers[docs[train.document_range[1]]] // 4) if train.document_range[1] < len(shard) else None
+    tr_hi = (
+        int(shard.sequence_pointers[docs[train.document_range[1]]] // 4)
+        if train.document_range[1] < len(shard)
+        else None
+    )
     assert train.document_range == (0, 320) and valid.document_range == (320, 400)
-    assert max(int(train[i].max()) for i in range(len(train))) < tr_hi  # train never reads valid's tokens
+    assert (
+        max(int(train[i].max()) for i in range(len(train))) < tr_hi
+    )  # train never reads valid's tokens
     assert min(int(valid[i].min()) for i in range(len(valid))) >= tr_hi
-    _, v, _ = build_train_valid_test_datasets([shard.path_prefix], "80,20,0", 16, (50, 0, 0), 2,
-                                              str(tmp_path / "c"))
+    _, v, _ = build_train_valid_test_datasets(
+        [shard.path_prefix], "80,20,0", 16, (50, 0, 0), 2, str(tmp_path / "c")
+    )
     assert v is None  # 0 samples
     with pytest.raises(MegaliteError, match="valid split .* is empty"):
-        build_train_valid_test_datasets([shard.path_prefix], "99999,1,0", 16, (5, 5, 0), 2, str(tmp_path / "c"))
+        build_train_valid_test_datasets(
+            [shard.path_prefix], "99999,1,0", 16, (5, 5, 0), 2, str(tmp_path / "c")
+        )
     with pytest.raises(MegaliteError, match="num_samples"):
         build_train_valid_test_datasets([shard.path_prefix], "1", 16, (5, -1, 0), 2)
 
@@ -194,7 +208,9 @@ def test_index_build_is_fast(tmp_path):
     write_sparse_shard(prefix, lengths)
     total = int(lengths.sum())
     t0 = time.perf_counter()
-    ds = GPTDataset(prefix, "train", None, 2048, total // 2048 - 1, seed=0, cache_dir=str(tmp_path / "c"))
+    ds = GPTDataset(
+        prefix, "train", None, 2048, total // 2048 - 1, seed=0, cache_dir=str(tmp_path / "c")
+    )
     seconds = time.perf_counter() - t0
     assert len(ds) == (total - 1) // 2048 and total > 9 * 10**8
     assert seconds < 20, seconds
@@ -240,8 +256,10 @@ def standalone_kernel(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("no g++")
     out = str(tmp_path_factory.mktemp("kernel") / "libdata_index.so")
-    subprocess.run(["g++", "-O3", "-shared", "-fPIC", "-o", out, os.path.join(REPO, "csrc", "data_index.cpp")],
-                   check=True)
+    subprocess.run(
+        ["g++", "-O3", "-shared", "-fPIC", "-o", out, os.path.join(REPO, "csrc", "data_index.cpp")],
+        check=True,
+    )
     return load_blending_kernel(out)
 
 
@@ -262,17 +280,36 @@ def test_blended_dataset_end_to_end(tmp_path):
     b = make_shard(str(tmp_path / "b_text_document"), num_docs=300, seed=2, start=10**6)
     cache = str(tmp_path / "c")
     train, valid, test = build_train_valid_test_datasets(
-        ["0.3", a.path_prefix, "0.7", b.path_prefix], "90,10,0", 8, (400, 40, 0), seed=4, cache_dir=cache)
-    assert isinstance(train, BlendedDataset) and len(train) == 400 and len(valid) == 40 and test is None
+        ["0.3", a.path_prefix, "0.7", b.path_prefix],
+        "90,10,0",
+        8,
+        (400, 40, 0),
+        seed=4,
+        cache_dir=cache,
+    )
+    assert (
+        isinstance(train, BlendedDataset)
+        and len(train) == 400
+        and len(valid) == 40
+        and test is None
+    )
     from_b = np.array([train[i][0] >= 10**6 for i in range(len(train))])
     assert abs(from_b.sum() - 0.7 * 400) < 1
     for i in range(0, 400, 37):  # item i is the right constituent's sample
         d, s = int(train.dataset_index[i]), int(train.dataset_sample_index[i])
         assert np.array_equal(train[i], train.datasets[d][s])
     again = build_train_valid_test_datasets(
-        ["0.3", a.path_prefix, "0.7", b.path_prefix], "90,10,0", 8, (400, 40, 0), seed=4, cache_dir=cache)[0]
+        ["0.3", a.path_prefix, "0.7", b.path_prefix],
+        "90,10,0",
+        8,
+        (400, 40, 0),
+        seed=4,
+        cache_dir=cache,
+    )[0]
     assert all(np.array_equal(train[i], again[i]) for i in range(0, 400, 13))
-    assert len(pickle.dumps(train)) < 16384 and np.array_equal(pickle.loads(pickle.dumps(train))[5], train[5])
+    assert len(pickle.dumps(train)) < 16384 and np.array_equal(
+        pickle.loads(pickle.dumps(train))[5], train[5]
+    )
 
 
 def test_native_blending_used_when_built(monkeypatch):

@@ -42,8 +42,9 @@ def write_worked_example(prefix, dtype):
     w.finalize()
 
 
-@pytest.mark.parametrize("dtype,code,fmt,offsets", [(np.int32, 4, "<9i", [0, 12, 20]),
-                                                    (np.uint16, 8, "<9H", [0, 6, 10])])
+@pytest.mark.parametrize(
+    "dtype,code,fmt,offsets", [(np.int32, 4, "<9i", [0, 12, 20]), (np.uint16, 8, "<9H", [0, 6, 10])]
+)
 def test_worked_example_bytes(tmp_path, dtype, code, fmt, offsets):
     prefix = str(tmp_path / "ex")
     write_worked_example(prefix, dtype)
@@ -80,8 +81,13 @@ def test_reader_on_hand_built_files(tmp_path):
 @pytest.mark.parametrize("dtype,high", [(np.uint16, 65535), (np.int32, 2**31 - 1)])
 def test_round_trip(tmp_path, dtype, high):
     rng = np.random.default_rng(0)
-    docs = [[rng.integers(0, high, rng.integers(0, 40), endpoint=True) for _ in range(rng.integers(1, 4))]
-            for _ in range(300)]
+    docs = [
+        [
+            rng.integers(0, high, rng.integers(0, 40), endpoint=True)
+            for _ in range(rng.integers(1, 4))
+        ]
+        for _ in range(300)
+    ]
     prefix = str(tmp_path / "rt")
     with IndexedDatasetWriter(prefix, dtype) as w:
         for i, doc in enumerate(docs):
@@ -103,7 +109,10 @@ def test_round_trip(tmp_path, dtype, high):
         assert got.dtype == dtype and np.array_equal(got, want)
     assert ds.document_indices.tolist() == np.cumsum([0] + [len(d) for d in docs]).tolist()
     item = np.dtype(dtype).itemsize
-    assert ds.sequence_pointers.tolist() == (np.cumsum([0] + [len(s) for s in flat[:-1]]) * item).tolist()
+    assert (
+        ds.sequence_pointers.tolist()
+        == (np.cumsum([0] + [len(s) for s in flat[:-1]]) * item).tolist()
+    )
 
 
 def test_bulk_documents_and_merge(tmp_path):
@@ -223,7 +232,14 @@ def test_suffix_is_accepted(good):
 
 def test_cli_reports_one_line(tmp_path, good):
     os.truncate(good + ".bin", 30)
-    cmd = [sys.executable, "tools/merge_shards.py", "--input", good, "--output-prefix", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "tools/merge_shards.py",
+        "--input",
+        good,
+        "--output-prefix",
+        str(tmp_path / "out"),
+    ]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
     lines = p.stderr.strip().splitlines()

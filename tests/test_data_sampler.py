@@ -40,12 +40,15 @@ def test_tail_without_drop_last():
     assert len(PretrainingSampler(10, 0, 2, 0, 2, drop_last=False)) == 3
 
 
-@pytest.mark.parametrize("args,match", [
-    ((10, 11, 1, 0, 1), "consumed_samples"),
-    ((10, 0, 1, 2, 2), "data_parallel_rank"),
-    ((10, 0, 0, 0, 1), "micro_batch_size"),
-    ((0, 0, 1, 0, 1), "no samples"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((10, 11, 1, 0, 1), "consumed_samples"),
+        ((10, 0, 1, 2, 2), "data_parallel_rank"),
+        ((10, 0, 0, 0, 1), "micro_batch_size"),
+        ((0, 0, 1, 0, 1), "no samples"),
+    ],
+)
 def test_bad_arguments(args, match):
     with pytest.raises(MegaliteError, match=match):
         PretrainingSampler(*args)

@@ -17,18 +17,63 @@ import torch
 
 from conftest import run_cli
 
-ARGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
-        "--train-iters", "10", "--log-interval", "1", "--eval-interval", "1000",
-        "--lr", "3e-3", "--lr-warmup-iters", "2", "--vocab-size", "256", "--split", "95,5,0",
-        "--device", "cpu", "--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
-        "--overlap-param-gather", "--ddp-bucket-size", "20000"]
+ARGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    "10",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "1000",
+    "--lr",
+    "3e-3",
+    "--lr-warmup-iters",
+    "2",
+    "--vocab-size",
+    "256",
+    "--split",
+    "95,5,0",
+    "--device",
+    "cpu",
+    "--bf16",
+    "--use-distributed-optimizer",
+    "--overlap-grad-reduce",
+    "--overlap-param-gather",
+    "--ddp-bucket-size",
+    "20000",
+]
 
 
 def train(corpus, nproc, metrics, *args):
-    p = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                 "-m", "megalite.train", *ARGS, "--data-path", corpus,
-                 "--metrics-file", str(metrics), *args], timeout=240)
+    p = run_cli(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "megalite.train",
+            *ARGS,
+            "--data-path",
+            corpus,
+            "--metrics-file",
+            str(metrics),
+            *args,
+        ],
+        timeout=240,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
@@ -53,10 +98,13 @@ def runs(byte_corpus, tmp_path_factory):
 def test_checkpoint_holds_one_optimizer_shard_per_dp_rank(runs):
     it = runs / "ck5" / "iter_0000005"
     names = sorted(os.listdir(it))
-    assert names == ["metadata.json", "mp_rank_00_000.pt", "optim_tp00_pp000_dp000.pt",
-                     "optim_tp00_pp000_dp001.pt"], names
-    shards = [torch.load(it / f"optim_tp00_pp000_dp00{r}.pt", weights_only=False)
-              for r in range(2)]
+    assert names == [
+        "metadata.json",
+        "mp_rank_00_000.pt",
+        "optim_tp00_pp000_dp000.pt",
+        "optim_tp00_pp000_dp001.pt",
+    ], names
+    shards = [torch.load(it / f"optim_tp00_pp000_dp00{r}.pt", weights_only=False) for r in range(2)]
     main = torch.load(it / "mp_rank_00_000.pt", weights_only=False)
     assert main["optimizer"]["sharded"] and "pieces" not in main["optimizer"]
     # the two shards together cover every param exactly once
@@ -96,6 +144,7 @@ def test_resume_under_another_dp_size_reshards(runs, byte_corpus):
 def test_missing_shard_is_a_clear_error(tmp_path):
     from megalite.errors import MegaliteError
     from megalite.training.checkpoint import optimizer_shard_reader
+
     (tmp_path / "iter_0000005").mkdir()
     with pytest.raises(MegaliteError, match="optim_tp00_pp000_dp001.pt is missing"):
         optimizer_shard_reader(str(tmp_path), 5)(1)
@@ -107,24 +156,29 @@ def test_foreign_optimizer_state_is_a_clear_error():
     from megalite.model.gpt import GPTModel
     from megalite.optim import MixedPrecisionOptimizer
     from megalite.parallel.ddp import DistributedDataParallel
+
     model = GPTModel(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2), 128)
     ddp = DistributedDataParallel(model)
     opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], ddp)
     with pytest.raises(MegaliteError, match="--no-load-optim"):
-        opt.load_state_dict({"state": {}, "param_groups": []})       # a torch.optim state
+        opt.load_state_dict({"state": {}, "param_groups": []})  # a torch.optim state
     sd = opt.state_dict()
     sd["pieces"].pop("final_norm.weight")
     with pytest.raises(MegaliteError, match="final_norm.weight is missing"):
         opt.load_state_dict(sd)
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
-    (["--ddp-bucket-size", "0"], "--ddp-bucket-size must be a positive number of elements"),
-    (["--fp16", "--hysteresis", "0"], "--hysteresis must be positive"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
+        (["--ddp-bucket-size", "0"], "--ddp-bucket-size must be a positive number of elements"),
+        (["--fp16", "--hysteresis", "0"], "--hysteresis must be positive"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(flags, needle):
     from megalite.config import parse_config
     from megalite.errors import MegaliteError
+
     with pytest.raises(MegaliteError, match=needle):
         parse_config(["--mock-data", "--vocab-size", "64", *flags], world_size=2)

@@ -17,7 +17,6 @@ SIZES = [(1,), (7,), (0,), (33, 17), (3, 5, 7), (1000,), (100_003,)]
 HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
 
 
-
 def _model(seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SIZES]
@@ -31,8 +30,10 @@ def _set_grads(params, step, scale=1.0):
 
 def _groups(params):
     # Two groups with different lr and weight decay: one kernel call must honour both.
-    return [{"params": params[::2], "weight_decay": 0.1},
-            {"params": params[1::2], "weight_decay": 0.0, "lr": 3e-3}]
+    return [
+        {"params": params[::2], "weight_decay": 0.1},
+        {"params": params[1::2], "weight_decay": 0.0, "lr": 3e-3},
+    ]
 
 
 def _step_side_by_side(opt, ref, ours, theirs, steps):
@@ -49,8 +50,9 @@ def _step_side_by_side(opt, ref, ours, theirs, steps):
 def test_matches_torch_adamw_10_steps(impl):
     ours, theirs = _model(0), _model(0)
     opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
-    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=0.05)
+    ref = torch.optim.AdamW(
+        _groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05
+    )
     for step in range(10):
         _set_grads(ours, step)
         _set_grads(theirs, step)
@@ -213,8 +215,9 @@ def test_mixed_precision_matches_fp32_reference(impl, grad_dtype, copy_dtype):
     rp, rm, rv = (copy.deepcopy(t) for t in (p, m, v))
     rgrads = [g.float() for g in grads]
     for step in (1, 2, 3):
-        found = ops.fused_adamw_(p, grads, m, v, step=step, grad_scale=8.0, model_copies=copies,
-                                 **HYPER)
+        found = ops.fused_adamw_(
+            p, grads, m, v, step=step, grad_scale=8.0, model_copies=copies, **HYPER
+        )
         rfound = reference.fused_adamw_(rp, rgrads, rm, rv, step=step, grad_scale=8.0, **HYPER)
         assert found is False and rfound is False
     for a, b in zip(p + m + v, rp + rm + rv):
@@ -247,27 +250,34 @@ def test_unchecked_step_same_result_and_no_check(impl, grad_dtype):
     q, qm, qv, qc = (copy.deepcopy(t) for t in (p, m, v, copies))
     for step in (1, 2):
         assert ops.fused_adamw_(p, grads, m, v, step=step, model_copies=copies, **HYPER) is False
-        assert ops.fused_adamw_(q, grads, qm, qv, step=step, model_copies=qc, check_finite=False,
-                                **HYPER) is False
+        assert (
+            ops.fused_adamw_(
+                q, grads, qm, qv, step=step, model_copies=qc, check_finite=False, **HYPER
+            )
+            is False
+        )
     for a, b in zip(p + m + v + copies, q + qm + qv + qc):
         assert torch.equal(a, b)
     grads[3].view(-1)[7] = float("nan")
-    assert ops.fused_adamw_(q, grads, qm, qv, step=3, model_copies=qc, check_finite=False,
-                            **HYPER) is False
+    assert (
+        ops.fused_adamw_(q, grads, qm, qv, step=3, model_copies=qc, check_finite=False, **HYPER)
+        is False
+    )
     assert torch.isnan(q[3].view(-1)[7]) and torch.isfinite(q[3].view(-1)[8])
     assert torch.isfinite(q[0]).all()
 
 
 def test_fused_adamw_check_finite_false_matches_torch(impl):
     ours, theirs = _model(5), _model(5)
-    opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05,
-                     check_finite=False)
+    opt = FusedAdamW(
+        _groups(ours), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, check_finite=False
+    )
     ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
     _step_side_by_side(opt, ref, ours, theirs, range(3))
-    ours[1].grad[0] = float("inf")   # not looked at: torch's behaviour, found_inf stays False
+    ours[1].grad[0] = float("inf")  # not looked at: torch's behaviour, found_inf stays False
     opt.step()
     assert not opt.found_inf and not torch.isfinite(ours[1]).all()
-    sd = opt.state_dict()           # the flag is not a param-group key: torch's state dict
+    sd = opt.state_dict()  # the flag is not a param-group key: torch's state dict
     assert "check_finite" not in sd["param_groups"][0]
 
 
@@ -352,7 +362,7 @@ def test_large_step_streams_model_copies(impl):
     flat = torch.zeros(sum(sizes) + 1, dtype=torch.bfloat16)
     copies, offset = [], 1
     for n in sizes:
-        copies.append(flat[offset:offset + n])
+        copies.append(flat[offset : offset + n])
         offset += n
     rp, rm, rv = (copy.deepcopy(t) for t in (p, m, v))
     assert ops.fused_adamw_(p, grads, m, v, step=1, model_copies=copies, **HYPER) is False

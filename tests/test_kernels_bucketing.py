@@ -11,7 +11,6 @@ from megalite.ops import dispatch
 from megalite.parallel.ddp import assign_buckets
 
 
-
 def test_assign_buckets_example():
     f32, bf16 = torch.float32, torch.bfloat16
     # Reverse order of use. A bucket closes once it holds >= 100 elements; each dtype has its own.
@@ -41,8 +40,7 @@ def test_assign_buckets_random_properties():
         for dt in set(dtypes):
             # Only the last bucket of each dtype may be under size, and a bucket closes as
             # soon as it reaches the size (without its last param it was under).
-            sizes = [(sum(numels[i] for i in b), numels[b[-1]]) for b in got
-                     if dtypes[b[0]] == dt]
+            sizes = [(sum(numels[i] for i in b), numels[b[-1]]) for b in got if dtypes[b[0]] == dt]
             assert all(s >= size and s - last < size for s, last in sizes[:-1])
 
 
@@ -56,11 +54,17 @@ def test_assign_buckets_errors():
 def _tensors(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = [(1,), (0,), (17,), (3, 5, 7), (100_003,), (2, 1), (999,)]
-    return [torch.randn(s, generator=g).to(dtype) if dtype.is_floating_point
-            else torch.randint(-1000, 1000, s, generator=g).to(dtype) for s in shapes]
+    return [
+        torch.randn(s, generator=g).to(dtype)
+        if dtype.is_floating_point
+        else torch.randint(-1000, 1000, s, generator=g).to(dtype)
+        for s in shapes
+    ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]
+)
 def test_flatten_round_trip_exact(impl, dtype):
     src = _tensors(dtype)
     total = sum(t.numel() for t in src)
@@ -121,7 +125,7 @@ def test_flatten_large_streaming(impl):
     src = [torch.randn(n) for n in (3, 4_500_000, 7, 1_000_001)]
     total = sum(t.numel() for t in src)
     storage = torch.zeros(total + 2)
-    buf = storage[1:1 + total]
+    buf = storage[1 : 1 + total]
     ops.flatten_into(src, buf)
     assert torch.equal(buf, torch.cat(src))
     assert storage[0].item() == 0 and storage[-1].item() == 0

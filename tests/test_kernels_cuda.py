@@ -15,8 +15,9 @@ from megalite.ops import dispatch, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
-NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
-                                if os.environ.get("CUDA_HOME") else None)
+NVCC = shutil.which("nvcc") or (
+    os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+)
 
 # Host-only check of the multi-tensor launcher's bookkeeping: every chunk of every tensor is
 # handed to exactly one block, launches never exceed their capacity. Runs without a GPU (the
@@ -51,7 +52,8 @@ template <int T, int B> int run(const std::vector<int64_t>& sizes, int64_t chunk
 int main() {
   std::vector<int64_t> sizes;
   for (int i = 0; i < 200; ++i) sizes.push_back((i * 7919) % 5000 * (i % 3) + (i % 5 == 0 ? 0 : 1));
-  int rc = run<3, 5>(sizes, 64) | run<24, 320>(sizes, 16) | run<2, 1>(sizes, 1000) | run<1, 7>({0, 1, 1000, 0}, 10);
+  int rc = run<3, 5>(sizes, 64) | run<24, 320>(sizes, 16) | run<2, 1>(sizes, 1000) |
+           run<1, 7>({0, 1, 1000, 0}, 10);
   std::printf(rc ? "FAIL %d\n" : "OK\n", rc);
   return rc;
 }
@@ -70,16 +72,35 @@ def test_cuda_sources_compile(tmp_path):
     assert jobs, "no .cu files found"
     mta = tmp_path / "mta_test.cu"
     mta.write_text(MTA_TEST)
-    jobs["multi_tensor_apply check"] = [NVCC, "-std=c++17", f"-I{CUDA_DIR}", str(mta), "-o", str(tmp_path / "mta")]
+    jobs["multi_tensor_apply check"] = [
+        NVCC,
+        "-std=c++17",
+        f"-I{CUDA_DIR}",
+        str(mta),
+        "-o",
+        str(tmp_path / "mta"),
+    ]
     from torch.utils.cpp_extension import include_paths
+
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx:
-        jobs["bindings.cpp"] = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror=return-type",
-                                *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
-                                f"-I{CUDA_DIR}", "-DTORCH_EXTENSION_NAME=_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
-                                os.path.join(CUDA_DIR, "bindings.cpp")]
-    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name, cmd in jobs.items()}
+        jobs["bindings.cpp"] = [
+            cxx,
+            "-std=c++20",
+            "-fsyntax-only",
+            "-Wall",
+            "-Werror=return-type",
+            *[f"-I{p}" for p in include_paths()],
+            f"-I{sysconfig.get_paths()['include']}",
+            f"-I{CUDA_DIR}",
+            "-DTORCH_EXTENSION_NAME=_cuda",
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+            os.path.join(CUDA_DIR, "bindings.cpp"),
+        ]
+    procs = {
+        name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, cmd in jobs.items()
+    }
     failures = []
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
@@ -93,7 +114,9 @@ def test_cuda_sources_compile(tmp_path):
 # ---- on a CUDA machine: the kernels against the references ------------------------------------
 
 HAS_CUDA_KERNELS = torch.cuda.is_available() and dispatch._cuda is not None
-needs_cuda = pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA device and megalite._cuda")
+needs_cuda = pytest.mark.skipif(
+    not HAS_CUDA_KERNELS, reason="needs a CUDA device and megalite._cuda"
+)
 
 
 @needs_cuda
@@ -106,7 +129,9 @@ def test_cuda_kernels_are_dispatched(monkeypatch):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(0, 8), (1, 1), (3, 17), (5, 100), (64, 768), (7, 2053), (2, 8192)])
+@pytest.mark.parametrize(
+    "shape", [(0, 8), (1, 1), (3, 17), (5, 100), (64, 768), (7, 2053), (2, 8192)]
+)
 def test_cuda_norms_match_reference(shape, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     g = torch.Generator().manual_seed(shape[-1])
@@ -125,8 +150,12 @@ def test_cuda_norms_match_reference(shape, dtype):
                 rdx, rdw = reference.rms_norm_bwd(dy, x, rstd, w if affine else None)
                 rdb = None
             else:
-                ry, mean, rstd = reference.layer_norm_fwd(x, w if affine else None, b if affine else None, 1e-5)
-                rdx, rdw, rdb = reference.layer_norm_bwd(dy, x, mean, rstd, w if affine else None, affine)
+                ry, mean, rstd = reference.layer_norm_fwd(
+                    x, w if affine else None, b if affine else None, 1e-5
+                )
+                rdx, rdw, rdb = reference.layer_norm_bwd(
+                    dy, x, mean, rstd, w if affine else None, affine
+                )
             torch.testing.assert_close(y.float().cpu(), ry.float(), **tol)
             torch.testing.assert_close(xc.grad.float().cpu(), rdx.float(), **tol)
             if affine:
@@ -144,12 +173,17 @@ def _adam_inputs(sizes, grad_dtype, copy_dtype, device):
     m = [torch.randn(n, generator=g) * 0.1 for n in sizes]
     v = [torch.rand(n, generator=g) * 0.01 for n in sizes]
     copies = None if copy_dtype is None else [torch.zeros(n, dtype=copy_dtype) for n in sizes]
-    move = (lambda ts: None if ts is None else [t.to(device) for t in ts])
+
+    def move(ts):
+        return None if ts is None else [t.to(device) for t in ts]
+
     return move(p), move(grads), move(m), move(v), move(copies)
 
 
 # More tensors than one launch holds (24) and more chunks than one launch's blocks (320).
-ADAM_SIZES = [0, 1, 7, 4095, 4097, 100_003] + [(i * 7919) % 50_000 + 1 for i in range(40)] + [3_000_001]
+ADAM_SIZES = (
+    [0, 1, 7, 4095, 4097, 100_003] + [(i * 7919) % 50_000 + 1 for i in range(40)] + [3_000_001]
+)
 
 
 @needs_cuda
@@ -162,8 +196,12 @@ def test_cuda_adamw_matches_reference(grad_dtype, copy_dtype, check_finite):
     rp, rgrads, rm, rv, _ = _adam_inputs(ADAM_SIZES, grad_dtype, None, "cpu")
     rgrads = [x.float() for x in rgrads]
     for step in (1, 2, 3):
-        assert ops.fused_adamw_(p, grads, m, v, step=step, model_copies=copies, check_finite=check_finite,
-                                **hyper) is False
+        assert (
+            ops.fused_adamw_(
+                p, grads, m, v, step=step, model_copies=copies, check_finite=check_finite, **hyper
+            )
+            is False
+        )
         reference.fused_adamw_(rp, rgrads, rm, rv, step=step, **hyper)
     for a, b in zip(p + m + v, rp + rm + rv):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
@@ -181,8 +219,22 @@ def test_cuda_adamw_inf_leaves_everything_untouched(bad):
             continue
         grads[where][-1] = bad
         before = [t.clone() for t in p + m + v + copies]
-        assert ops.fused_adamw_(p, grads, m, v, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
-                                step=1, model_copies=copies) is True
+        assert (
+            ops.fused_adamw_(
+                p,
+                grads,
+                m,
+                v,
+                lr=1e-2,
+                beta1=0.9,
+                beta2=0.95,
+                eps=1e-8,
+                weight_decay=0.1,
+                step=1,
+                model_copies=copies,
+            )
+            is True
+        )
         for a, b in zip(p + m + v + copies, before):
             assert torch.equal(a, b)
 
@@ -204,16 +256,25 @@ def test_cuda_flatten_round_trip(dtype):
         assert torch.equal(a, b)
     # Misaligned slices of the buffer take the narrower copy paths.
     ops.flatten_into(src[:3], buf[1:])
-    assert torch.equal(buf[1:1 + 18], torch.cat([t.reshape(-1) for t in src[:3]]))
+    assert torch.equal(buf[1 : 1 + 18], torch.cat([t.reshape(-1) for t in src[:3]]))
 
 
-@pytest.mark.skipif(torch.version.cuda is not None, reason="torch has CUDA: the forced build can succeed")
+@pytest.mark.skipif(
+    torch.version.cuda is not None, reason="torch has CUDA: the forced build can succeed"
+)
 def test_forced_cuda_build_fails_loudly_without_cuda():
     """MEGALITE_BUILD_CUDA=1 on a machine that cannot build the CUDA kernels is an error, not a
     silent CPU-only install; a bad value of the flag is one too."""
     import sys
+
     for value, message in (("1", "MEGALITE_BUILD_CUDA=1 but torch"), ("yes", "must be 0 or 1")):
         env = dict(os.environ, MEGALITE_BUILD_CUDA=value)
-        run = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "setup.py", "--version"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode != 0 and message in run.stderr, run.stderr

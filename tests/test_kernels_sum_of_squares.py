@@ -37,8 +37,8 @@ def test_matches_float64_sum(impl, dtype):
 
 def test_mixed_dtypes_and_non_contiguous(impl):
     ts = _tensors([torch.float32, torch.bfloat16, torch.float16, torch.float32] * 2)
-    ts.append(torch.randn(40, 30)[:, ::3])            # a strided view: no kernel, still counted
-    ts.append(torch.randn(50, dtype=torch.float64))    # no kernel for fp64 either
+    ts.append(torch.randn(40, 30)[:, ::3])  # a strided view: no kernel, still counted
+    ts.append(torch.randn(50, dtype=torch.float64))  # no kernel for fp64 either
     assert ops.sum_of_squares(ts).item() == pytest.approx(_exact(ts), rel=_rel(impl))
 
 

@@ -19,8 +19,17 @@ def tiny(style="llama"):
     from megalite.config import MODEL_STYLES, ModelConfig
     from megalite.model.gpt import GPTModel
     from megalite.parallel.layers import init_parameters
-    model = GPTModel(ModelConfig(**MODEL_STYLES[style], num_layers=2, hidden_size=64,
-                                 num_attention_heads=4, seq_length=32), 128)
+
+    model = GPTModel(
+        ModelConfig(
+            **MODEL_STYLES[style],
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            seq_length=32,
+        ),
+        128,
+    )
     init_parameters(model, 1)
     return model
 
@@ -29,18 +38,21 @@ def setup(dtype, scaler=None, distributed=False):
     from megalite.model.gpt import cast_params
     from megalite.optim import DistributedOptimizer, MixedPrecisionOptimizer
     from megalite.parallel.ddp import DistributedDataParallel
+
     model = tiny()
     fp32 = {n: p.detach().clone() for n, p in model.named_parameters()}
     cast_params(model, dtype)
     ddp = DistributedDataParallel(model, use_distributed_optimizer=distributed)
     cls = DistributedOptimizer if distributed else MixedPrecisionOptimizer
-    opt = cls([{"params": list(model.parameters())}], ddp, lr=1e-2, clip_grad=1.0,
-              loss_scaler=scaler)
+    opt = cls(
+        [{"params": list(model.parameters())}], ddp, lr=1e-2, clip_grad=1.0, loss_scaler=scaler
+    )
     return model, ddp, opt, fp32
 
 
 def backward(model, opt, seed=0):
     from megalite.parallel.ddp import finalize_model_grads
+
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, 128, (2, 33), generator=g)
     loss = model(t[:, :-1], labels=t[:, 1:]).mean()
@@ -52,9 +64,10 @@ def backward(model, opt, seed=0):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_params_low_precision_grads_and_main_params_fp32(dtype):
     from megalite.optim.mixed_precision import memory_footprint
+
     model, ddp, opt, fp32 = setup(dtype)
     assert all(p.dtype == dtype for p in model.parameters())
-    assert all(b.dtype == torch.float32 for b in model.buffers())        # RoPE stays fp32
+    assert all(b.dtype == torch.float32 for b in model.buffers())  # RoPE stays fp32
     assert all(p.main_grad.dtype == torch.float32 for p in model.parameters())
     assert all(pc.main.dtype == torch.float32 for pc in opt.pieces)
     # main params start from the cast weights (Megatron: the fp16 module is the source)
@@ -62,19 +75,20 @@ def test_params_low_precision_grads_and_main_params_fp32(dtype):
     for pc in opt.pieces:
         assert torch.equal(pc.main.view(pc.param.shape), pc.param.float())
     backward(model, opt)
-    assert all(p.grad is None for p in model.parameters())              # moved to main_grad
+    assert all(p.grad is None for p in model.parameters())  # moved to main_grad
     stepped, norm = opt.step()
     assert stepped and norm > 0
-    for pc in opt.pieces:                                               # model = round(main)
+    for pc in opt.pieces:  # model = round(main)
         assert torch.equal(pc.param.view(-1), pc.main.to(dtype)), names[pc.param]
     m = memory_footprint(model, ddp, opt)
     n = sum(p.numel() for p in model.parameters())
-    assert m["total"] == 18 * n                                         # 2 + 4 + 12
+    assert m["total"] == 18 * n  # 2 + 4 + 12
 
 
 def test_fp16_overflow_skips_the_step_untouched_and_backs_off():
     from megalite.optim import DynamicLossScaler
-    scaler = DynamicLossScaler(initial_scale=2.0 ** 40, window=1000, hysteresis=1)
+
+    scaler = DynamicLossScaler(initial_scale=2.0**40, window=1000, hysteresis=1)
     model, ddp, opt, _ = setup(torch.float16, scaler)
     before = [t.clone() for pc in opt.pieces for t in (pc.main, pc.exp_avg, pc.model)]
     backward(model, opt)
@@ -83,8 +97,8 @@ def test_fp16_overflow_skips_the_step_untouched_and_backs_off():
     assert not stepped and not norm < float("inf")
     after = [t for pc in opt.pieces for t in (pc.main, pc.exp_avg, pc.model)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert scaler.scale == 2.0 ** 39 and opt.step_count == 0
-    scaler.scale = 2.0 ** 10                                           # a sane scale
+    assert scaler.scale == 2.0**39 and opt.step_count == 0
+    scaler.scale = 2.0**10  # a sane scale
     backward(model, opt, seed=1)
     stepped, norm = opt.step()
     assert stepped and 0 < norm < float("inf") and opt.step_count == 1
@@ -92,42 +106,89 @@ def test_fp16_overflow_skips_the_step_untouched_and_backs_off():
 
 def test_the_loss_scaler_travels_in_the_optimizer_state_dict():
     from megalite.optim import DynamicLossScaler
-    scaler = DynamicLossScaler(initial_scale=2.0 ** 40, window=1000, hysteresis=2)
+
+    scaler = DynamicLossScaler(initial_scale=2.0**40, window=1000, hysteresis=2)
     model, ddp, opt, _ = setup(torch.float16, scaler)
     backward(model, opt)
-    assert not opt.step()[0]                  # an overflow: hysteresis counts one down
+    assert not opt.step()[0]  # an overflow: hysteresis counts one down
     opt.zero_grad()
     saved = opt.state_dict()
-    fresh = DynamicLossScaler(initial_scale=2.0 ** 16, window=1000, hysteresis=2)
+    fresh = DynamicLossScaler(initial_scale=2.0**16, window=1000, hysteresis=2)
     _, _, opt2, _ = setup(torch.float16, fresh)
     opt2.load_state_dict(saved)
     assert fresh.state_dict() == scaler.state_dict()
-    assert fresh.scale == 2.0 ** 40 and fresh.state_dict() != DynamicLossScaler(
-        initial_scale=2.0 ** 40, window=1000, hysteresis=2).state_dict()
+    assert (
+        fresh.scale == 2.0**40
+        and fresh.state_dict()
+        != DynamicLossScaler(initial_scale=2.0**40, window=1000, hysteresis=2).state_dict()
+    )
 
 
 # -- through the command line -------------------------------------------------------------------
 
-ARGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
-        "--log-interval", "1", "--eval-interval", "1000", "--lr", "3e-3",
-        "--lr-warmup-iters", "5", "--vocab-size", "256", "--split", "95,5,0", "--device", "cpu"]
+ARGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "1000",
+    "--lr",
+    "3e-3",
+    "--lr-warmup-iters",
+    "5",
+    "--vocab-size",
+    "256",
+    "--split",
+    "95,5,0",
+    "--device",
+    "cpu",
+]
 
 
 def run(corpus, metrics, *args, nproc=1):
-    launch = ["-m", "megalite.train"] if nproc == 1 else [
-        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", "megalite.train"]
-    p = run_cli([*launch, *ARGS, "--data-path", corpus, "--metrics-file", str(metrics), *args],
-                timeout=240)
+    launch = (
+        ["-m", "megalite.train"]
+        if nproc == 1
+        else [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "megalite.train",
+        ]
+    )
+    p = run_cli(
+        [*launch, *ARGS, "--data-path", corpus, "--metrics-file", str(metrics), *args], timeout=240
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(metrics) as fh:
         return p, [r for r in map(json.loads, fh) if "loss" in r]
 
 
 def test_bf16_distributed_run_trains(byte_corpus, tmp_path):
-    p, recs = run(byte_corpus, tmp_path / "bf16.jsonl", "--train-iters", "40", "--bf16",
-                  "--use-distributed-optimizer", "--overlap-grad-reduce", nproc=2)
+    p, recs = run(
+        byte_corpus,
+        tmp_path / "bf16.jsonl",
+        "--train-iters",
+        "40",
+        "--bf16",
+        "--use-distributed-optimizer",
+        "--overlap-grad-reduce",
+        nproc=2,
+    )
     assert "bf16 on cpu" in p.stdout
     losses = [r["loss"] for r in recs]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -135,15 +196,24 @@ def test_bf16_distributed_run_trains(byte_corpus, tmp_path):
 
 
 def test_fp16_from_a_huge_scale_skips_then_recovers(byte_corpus, tmp_path):
-    p, recs = run(byte_corpus, tmp_path / "fp16.jsonl", "--train-iters", "40", "--fp16",
-                  "--initial-loss-scale", str(2.0 ** 40), "--hysteresis", "1")
+    p, recs = run(
+        byte_corpus,
+        tmp_path / "fp16.jsonl",
+        "--train-iters",
+        "40",
+        "--fp16",
+        "--initial-loss-scale",
+        str(2.0**40),
+        "--hysteresis",
+        "1",
+    )
     skipped = [r["skipped_iters"] for r in recs]
     scales = [r["loss_scale"] for r in recs]
     n_skipped = sum(skipped)
-    assert 10 <= n_skipped <= 30, skipped                  # 2^40 halves until grads fit fp16
-    assert skipped[:n_skipped] == [1] * n_skipped          # the first steps, then none
+    assert 10 <= n_skipped <= 30, skipped  # 2^40 halves until grads fit fp16
+    assert skipped[:n_skipped] == [1] * n_skipped  # the first steps, then none
     assert sum(skipped[n_skipped:]) == 0, skipped
-    assert scales[0] == 2.0 ** 39 and scales[-1] == 2.0 ** (40 - n_skipped)
-    assert "skipped 1" in p.stdout                         # logged on the iteration line
+    assert scales[0] == 2.0**39 and scales[-1] == 2.0 ** (40 - n_skipped)
+    assert "skipped 1" in p.stdout  # logged on the iteration line
     trained = [r["loss"] for r in recs[n_skipped:]]
     assert trained[-1] < trained[0] - 0.5, trained

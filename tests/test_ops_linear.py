@@ -78,10 +78,10 @@ def test_onednn_path_is_taken_on_cpu(no_forced_reference):
 
 def test_non_contiguous_inputs(no_forced_reference):
     x, w, b, dy = _inputs((24, 6, 32), 20, torch.float32)
-    x_nc = x.transpose(0, 1).contiguous().transpose(0, 1)    # same values, strides of [6, 24]
+    x_nc = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strides of [6, 24]
     assert not x_nc.is_contiguous()
     dy_nc = dy.transpose(0, 1).contiguous().transpose(0, 1)
-    w_nc = w.t().contiguous().t()                           # a transposed weight: F.linear path
+    w_nc = w.t().contiguous().t()  # a transposed weight: F.linear path
     assert not w_nc.is_contiguous()
     ref = _run(F.linear, x, w, b, dy)
     _close(_run(ops.linear, x_nc, w, b, dy), ref, rtol=1e-5, atol=1e-5)
@@ -89,8 +89,12 @@ def test_non_contiguous_inputs(no_forced_reference):
     # A strided slice of the feature dim.
     wide = torch.randn(24, 6, 64)
     xs = wide[..., ::2]
-    _close(_run(ops.linear, xs, w, b, dy), _run(F.linear, xs.contiguous(), w, b, dy),
-           rtol=1e-5, atol=1e-5)
+    _close(
+        _run(ops.linear, xs, w, b, dy),
+        _run(F.linear, xs.contiguous(), w, b, dy),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_1d_input_and_no_grad(no_forced_reference):
@@ -136,8 +140,7 @@ class FakeAccumulator:
     step (no zeroing pass), then 1; alpha = 1/DP."""
 
     def __init__(self, weight, alpha, poison=True):
-        self.main = torch.full_like(weight, float("nan") if poison else 0.0,
-                                    dtype=torch.float32)
+        self.main = torch.full_like(weight, float("nan") if poison else 0.0, dtype=torch.float32)
         self.alpha = alpha
         self.first = True
         self.calls = []
@@ -158,7 +161,7 @@ def test_fusion_accumulates_into_main_grad(monkeypatch, forced, bias):
     """3 micro-batches, beta 0 then 1: main grad = alpha * sum of the reference weight grads;
     x/bias grads as usual; the weight's own grad is only a placeholder."""
     monkeypatch.delenv("MEGALITE_KERNELS", raising=False)
-    if forced:   # fusion on the plain F.linear path too (what runs on CUDA)
+    if forced:  # fusion on the plain F.linear path too (what runs on CUDA)
         monkeypatch.setattr(linear_mod, "_use_onednn", lambda *a: False)
     alpha = 0.5
     w0 = torch.randn(48, 32) * 0.1
@@ -178,11 +181,11 @@ def test_fusion_accumulates_into_main_grad(monkeypatch, forced, bias):
         if bias:
             _close([b.grad], [ref[3]], rtol=1e-5, atol=1e-5)
             b.grad = None
-        assert w.grad is not None and w.grad.shape == w.shape   # the placeholder
-        w.grad = None                                            # what the DDP hook does
+        assert w.grad is not None and w.grad.shape == w.shape  # the placeholder
+        w.grad = None  # what the DDP hook does
         want_w += ref[2]
     assert acc.calls == [0.0, 1.0, 1.0]
-    assert torch.isfinite(acc.main).all()        # the nan poison of the first call is gone
+    assert torch.isfinite(acc.main).all()  # the nan poison of the first call is gone
     _close([acc.main], [want_w * alpha], rtol=1e-5, atol=1e-5)
 
 
@@ -195,7 +198,7 @@ def test_fusion_fires_post_accumulate_hook(no_forced_reference):
     w.register_post_accumulate_grad_hook(lambda p: fired.append(len(acc.calls)))
     x, _, _, dy = _inputs((4, 8), 16, torch.float32)
     ops.linear(x.requires_grad_(), w, None, fuse_wgrad_accumulation=True).backward(dy)
-    assert fired == [1]          # after accumulate_main_grad was called
+    assert fired == [1]  # after accumulate_main_grad was called
 
 
 def test_weight_used_twice_both_fused(no_forced_reference):
@@ -253,7 +256,7 @@ def test_no_fusion_without_accumulator_or_flag_or_fp32(no_forced_reference):
 def test_frozen_weight_not_fused(no_forced_reference):
     x, w, b, dy = _inputs((12, 32), 24, torch.float32)
     acc = FakeAccumulator(w, 1.0)
-    w.accumulate_main_grad = acc                         # w does not require grad
+    w.accumulate_main_grad = acc  # w does not require grad
     xl = x.clone().requires_grad_()
     ops.linear(xl, w, b, fuse_wgrad_accumulation=True).backward(dy)
     assert acc.calls == [] and w.grad is None
@@ -276,26 +279,32 @@ def test_ddp_buffers_get_fused_weight_grads_equal_to_autograd():
     from megalite.parallel.pipeline import forward_backward
 
     def build():
-        m = GPTModel(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
-                                 seq_length=16), 128)
+        m = GPTModel(
+            ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16), 128
+        )
         init_parameters(m, 3)
         return m
 
     g = torch.Generator().manual_seed(0)
-    batches = [{"tokens": torch.randint(0, 128, (2, 16), generator=g),
-                "labels": torch.randint(0, 128, (2, 16), generator=g)} for _ in range(3)]
+    batches = [
+        {
+            "tokens": torch.randint(0, 128, (2, 16), generator=g),
+            "labels": torch.randint(0, 128, (2, 16), generator=g),
+        }
+        for _ in range(3)
+    ]
     ref, fused = build(), build()
     for b in batches:
         (ref(b["tokens"], labels=b["labels"]).float().mean() / 3).backward()
     ddp = DistributedDataParallel([fused])
     seen = []
-    for p in fused.parameters():          # count the GEMMs that wrote straight into main_grad
+    for p in fused.parameters():  # count the GEMMs that wrote straight into main_grad
         acc = p.accumulate_main_grad
         p.accumulate_main_grad = lambda fn, acc=acc, p=p: (seen.append(p), acc(fn))[1]
     forward_backward([fused], iter(batches), 3, no_sync=ddp.no_sync)
     ddp.finish_grad_sync()
     if not dispatch.forced_reference():
-        assert len({id(p) for p in seen}) == 8        # qkv, proj, fc1, fc2 of two layers
+        assert len({id(p) for p in seen}) == 8  # qkv, proj, fc1, fc2 of two layers
     for (n, p), q in zip(ref.named_parameters(), fused.parameters()):
         assert q.grad is None, n
         torch.testing.assert_close(q.main_grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)

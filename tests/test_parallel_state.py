@@ -54,31 +54,38 @@ def test_group_lists_for_a_world_of_8():
     assert state.group_ranks(TP, PP, DP) == EXPECTED
 
 
-@pytest.mark.parametrize("tp, pp, dp", [(2, 2, 2), (4, 1, 2), (1, 4, 2), (2, 4, 1), (8, 1, 1),
-                                        (1, 1, 8), (2, 3, 2)])
+@pytest.mark.parametrize(
+    "tp, pp, dp", [(2, 2, 2), (4, 1, 2), (1, 4, 2), (2, 4, 1), (8, 1, 1), (1, 1, 8), (2, 3, 2)]
+)
 def test_group_lists_follow_the_formula(tp, pp, dp):
     groups = state.group_ranks(tp, pp, dp)
     for kind, lists in groups.items():
         members = sorted(r for ranks in lists for r in ranks)
-        if kind == "embedding":               # first and last stage only
-            assert members == sorted(r for r in range(tp * pp * dp)
-                                     if coords(r, tp, dp)[2] in (0, pp - 1)), kind
+        if kind == "embedding":  # first and last stage only
+            assert members == sorted(
+                r for r in range(tp * pp * dp) if coords(r, tp, dp)[2] in (0, pp - 1)
+            ), kind
         else:
-            assert members == list(range(tp * pp * dp)), kind   # a partition of the world
+            assert members == list(range(tp * pp * dp)), kind  # a partition of the world
     for rank in range(tp * pp * dp):
-        mine = {kind: next((ranks for ranks in lists if rank in ranks), None)
-                for kind, lists in groups.items()}
+        mine = {
+            kind: next((ranks for ranks in lists if rank in ranks), None)
+            for kind, lists in groups.items()
+        }
         want = by_formula(rank, tp, pp, dp)
         if 0 < coords(rank, tp, dp)[2] < pp - 1:
-            want["embedding"] = None          # a middle stage holds no embedding
+            want["embedding"] = None  # a middle stage holds no embedding
         assert mine == want, rank
         assert state.rank_of(*coords(rank, tp, dp), tp, dp) == rank
 
 
 def test_check_layout_errors():
     assert state.check_layout(8, 2, 2) == 2
-    with pytest.raises(MegaliteError, match="world size 6 is not divisible by tensor-parallel "
-                                            "4 x pipeline-parallel 1; launch a multiple of 4"):
+    with pytest.raises(
+        MegaliteError,
+        match="world size 6 is not divisible by tensor-parallel "
+        "4 x pipeline-parallel 1; launch a multiple of 4",
+    ):
         state.check_layout(6, 4, 1)
     with pytest.raises(MegaliteError, match="parallel sizes must be >= 1"):
         state.check_layout(4, 0, 1)
@@ -88,29 +95,55 @@ def test_bad_layout_fails_before_joining():
     """No other rank will ever come: the error must not wait for one."""
     tic = time.time()
     with pytest.raises(MegaliteError, match="world size 6 is not divisible"):
-        state.initialize(4, backend="gloo", device=torch.device("cpu"), rank=0, world_size=6,
-                         init_method=f"tcp://127.0.0.1:{free_port()}")
+        state.initialize(
+            4,
+            backend="gloo",
+            device=torch.device("cpu"),
+            rank=0,
+            world_size=6,
+            init_method=f"tcp://127.0.0.1:{free_port()}",
+        )
     assert time.time() - tic < 5
     assert not torch.distributed.is_initialized()
 
 
-
 def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
+
     with rank_guard(out_dir, rank):
         torch.set_num_threads(1)
-        st = state.initialize(TP, PP, backend="gloo", device=torch.device("cpu"),
-                              timeout_minutes=1, rank=rank, world_size=world,
-                              init_method=f"tcp://127.0.0.1:{port}")
+        st = state.initialize(
+            TP,
+            PP,
+            backend="gloo",
+            device=torch.device("cpu"),
+            timeout_minutes=1,
+            rank=rank,
+            world_size=world,
+            init_method=f"tcp://127.0.0.1:{port}",
+        )
         want = by_formula(rank)
-        got = {"tp": st.tp_group, "dp": st.dp_group, "pp": st.pp_group, "mp": st.mp_group,
-               "embedding": st.embedding_group}
-        report = {"coords": (st.tp_rank, st.dp_rank, st.pp_rank),
-                  "first_last": (st.is_first_stage, st.is_last_stage),
-                  "recorded": {"tp": list(st.tp_ranks), "dp": list(st.dp_ranks),
-                               "pp": list(st.pp_ranks), "mp": list(st.mp_ranks),
-                               "embedding": list(st.embedding_ranks)},
-                  "ranks": {}, "sums": {}, "want": want}
+        got = {
+            "tp": st.tp_group,
+            "dp": st.dp_group,
+            "pp": st.pp_group,
+            "mp": st.mp_group,
+            "embedding": st.embedding_group,
+        }
+        report = {
+            "coords": (st.tp_rank, st.dp_rank, st.pp_rank),
+            "first_last": (st.is_first_stage, st.is_last_stage),
+            "recorded": {
+                "tp": list(st.tp_ranks),
+                "dp": list(st.dp_ranks),
+                "pp": list(st.pp_ranks),
+                "mp": list(st.mp_ranks),
+                "embedding": list(st.embedding_ranks),
+            },
+            "ranks": {},
+            "sums": {},
+            "want": want,
+        }
         for kind, group in got.items():
             report["ranks"][kind] = dist.get_process_group_ranks(group)
             # a collective on the group proves its members, not only its bookkeeping
@@ -135,4 +168,5 @@ def test_groups_of_a_real_world_of_8(tmp_path):
             assert r["sums"][kind] == sum(want[kind]), (rank, kind)
     # every (tp, dp, pp) coordinate appears exactly once
     assert sorted(coords(r) for r in range(world)) == sorted(
-        (t, d, p) for t, d, p in itertools.product(range(TP), range(DP), range(PP)))
+        (t, d, p) for t, d, p in itertools.product(range(TP), range(DP), range(PP))
+    )

@@ -9,15 +9,41 @@ import pytest
 
 from conftest import run_cli
 
-TINY = ["--num-layers", "8", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
-        "--log-interval", "1", "--mock-data", "--vocab-size", "256", "--lr", "3e-3",
-        "--lr-warmup-iters", "2", "--eval-interval", "5", "--eval-iters", "2"]
+TINY = [
+    "--num-layers",
+    "8",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--log-interval",
+    "1",
+    "--mock-data",
+    "--vocab-size",
+    "256",
+    "--lr",
+    "3e-3",
+    "--lr-warmup-iters",
+    "2",
+    "--eval-interval",
+    "5",
+    "--eval-iters",
+    "2",
+]
 
 
 def train(nproc, *args, timeout=240):
-    launcher = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-                if nproc > 1 else [])
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        if nproc > 1
+        else []
+    )
     p = run_cli([*launcher, "-m", "megalite.train", *TINY, *args], timeout=timeout)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
@@ -41,11 +67,22 @@ def baseline(tmp_path_factory):
 
 LAYOUTS = {
     "pp2-1f1b": (2, ["--pipeline-model-parallel-size", "2"]),
-    "pp4-interleaved": (4, ["--pipeline-model-parallel-size", "4",
-                            "--num-layers-per-virtual-pipeline-stage", "1"]),
-    "tp2-pp2-interleaved-sp": (4, ["--pipeline-model-parallel-size", "2",
-                                   "--tensor-model-parallel-size", "2", "--sequence-parallel",
-                                   "--num-layers-per-virtual-pipeline-stage", "2"]),
+    "pp4-interleaved": (
+        4,
+        ["--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "1"],
+    ),
+    "tp2-pp2-interleaved-sp": (
+        4,
+        [
+            "--pipeline-model-parallel-size",
+            "2",
+            "--tensor-model-parallel-size",
+            "2",
+            "--sequence-parallel",
+            "--num-layers-per-virtual-pipeline-stage",
+            "2",
+        ],
+    ),
 }
 
 
@@ -60,15 +97,27 @@ def test_ten_iterations_match_single_process(baseline, tmp_path, layout):
     print(f"\n{layout}: max |loss - TP1/PP1 loss| over 10 iterations = {worst:.2e}")
     assert worst <= 1e-4, (got, want)
     # evaluation runs the forward-only schedule; its loss matches too
-    assert max(abs(a - b) for a, b in zip(losses(m, "valid_loss"),
-                                          losses(baseline, "valid_loss"))) <= 1e-4
+    assert (
+        max(abs(a - b) for a, b in zip(losses(m, "valid_loss"), losses(baseline, "valid_loss")))
+        <= 1e-4
+    )
 
 
 def test_checkpoint_per_rank_and_exact_resume(tmp_path):
     from megalite.training.checkpoint import iter_dir, load_full_model_state
-    common = ["--train-iters", "20", "--pipeline-model-parallel-size", "2",
-              "--num-layers-per-virtual-pipeline-stage", "2", "--hidden-dropout", "0.1",
-              "--attention-dropout", "0.1"]
+
+    common = [
+        "--train-iters",
+        "20",
+        "--pipeline-model-parallel-size",
+        "2",
+        "--num-layers-per-virtual-pipeline-stage",
+        "2",
+        "--hidden-dropout",
+        "0.1",
+        "--attention-dropout",
+        "0.1",
+    ]
     a, b, ck = tmp_path / "a.jsonl", tmp_path / "b.jsonl", str(tmp_path / "ck")
     train(2, *common, "--metrics-file", str(a))
     p = train(2, *common, "--metrics-file", str(b), "--save", ck, "--exit-interval", "10")
@@ -76,7 +125,7 @@ def test_checkpoint_per_rank_and_exact_resume(tmp_path):
     files = sorted(f.name for f in (tmp_path / "ck" / "iter_0000010").iterdir())
     assert files == ["metadata.json", "mp_rank_00_000.pt", "mp_rank_00_001.pt"], files
     train(2, *common, "--metrics-file", str(b), "--save", ck, "--load", ck)
-    assert losses(b) == losses(a), (losses(b), losses(a))           # bitwise
+    assert losses(b) == losses(a), (losses(b), losses(a))  # bitwise
     assert losses(b, "valid_loss") == losses(a, "valid_loss")
     # each stage saved the union of its two chunks; together: every layer exactly once
     full, meta = load_full_model_state(ck)
@@ -86,14 +135,16 @@ def test_checkpoint_per_rank_and_exact_resume(tmp_path):
 
 
 def test_bad_pipeline_flag_is_one_line():
-    p = run_cli(["-m", "megalite.train", *TINY, "--pipeline-model-parallel-size", "3"],
-                timeout=60)
+    p = run_cli(["-m", "megalite.train", *TINY, "--pipeline-model-parallel-size", "3"], timeout=60)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith("error: world size 1 is not divisible"), \
+    assert p.stderr.strip().splitlines()[-1].startswith("error: world size 1 is not divisible"), (
         p.stderr
-    p = run_cli(["-m", "megalite.train", *TINY, "--num-layers-per-virtual-pipeline-stage", "2"],
-                timeout=60)
+    )
+    p = run_cli(
+        ["-m", "megalite.train", *TINY, "--num-layers-per-virtual-pipeline-stage", "2"], timeout=60
+    )
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: --num-layers-per-virtual-pipeline-stage 2 needs "
-                           "--pipeline-model-parallel-size >= 2"), p.stderr
+    assert last.startswith(
+        "error: --num-layers-per-virtual-pipeline-stage 2 needs --pipeline-model-parallel-size >= 2"
+    ), p.stderr

@@ -18,7 +18,7 @@ import torch
 from conftest import rank_guard, spawn
 
 SEED = 1234
-VOCAB = 200          # padded to 256 for TP 1 and 2
+VOCAB = 200  # padded to 256 for TP 1 and 2
 MBS, SEQ, HIDDEN = 2, 32, 64
 STEPS = 3
 RTOL = 1e-5
@@ -50,22 +50,40 @@ ALL_CASES = {name: (world, case) for world, cases in CASES.items() for name, cas
 def make_config(style, layers, tp, pp, vp, first, last, sp, micro, world):
     from megalite.config import MODEL_STYLES
     from megalite.config import make_config as finished_config
+
     dp = world // (tp * pp)
-    return finished_config(MODEL_STYLES[style], dict(
-        num_layers=layers, hidden_size=HIDDEN, num_attention_heads=4, seq_length=SEQ,
-        vocab_size=VOCAB, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        sequence_parallel=sp,
-        num_layers_per_virtual_pipeline_stage=layers // (pp * vp) if vp > 1 else None,
-        decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last,
-        micro_batch_size=MBS, global_batch_size=MBS * micro * dp, mock_data=True),
-        world_size=world)
+    return finished_config(
+        MODEL_STYLES[style],
+        dict(
+            num_layers=layers,
+            hidden_size=HIDDEN,
+            num_attention_heads=4,
+            seq_length=SEQ,
+            vocab_size=VOCAB,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            sequence_parallel=sp,
+            num_layers_per_virtual_pipeline_stage=layers // (pp * vp) if vp > 1 else None,
+            decoder_first_pipeline_num_layers=first,
+            decoder_last_pipeline_num_layers=last,
+            micro_batch_size=MBS,
+            global_batch_size=MBS * micro * dp,
+            mock_data=True,
+        ),
+        world_size=world,
+    )
 
 
 def microbatches(step, n):
     """The global batch of `step`: n micro-batches, the same in every layout."""
     g = torch.Generator().manual_seed(1000 + step)
-    return [{"tokens": torch.randint(0, VOCAB, (MBS, SEQ), generator=g),
-             "labels": torch.randint(0, VOCAB, (MBS, SEQ), generator=g)} for _ in range(n)]
+    return [
+        {
+            "tokens": torch.randint(0, VOCAB, (MBS, SEQ), generator=g),
+            "labels": torch.randint(0, VOCAB, (MBS, SEQ), generator=g),
+        }
+        for _ in range(n)
+    ]
 
 
 def train_steps(cfg, chunks, dp_rank=0, dp=1, on_step=None):
@@ -73,6 +91,7 @@ def train_steps(cfg, chunks, dp_rank=0, dp=1, on_step=None):
     from megalite.parallel import state
     from megalite.parallel.ddp import finalize_model_grads
     from megalite.parallel.pipeline import forward_backward, global_mean_loss, p2p_tensor_shape
+
     st = state.get()
     micro = cfg.num_microbatches
     # SGD: a rounding-level grad difference stays one (Adam would blow it up to ~lr)
@@ -81,8 +100,7 @@ def train_steps(cfg, chunks, dp_rank=0, dp=1, on_step=None):
     for step in range(STEPS):
         # DP rank d takes every dp-th micro-batch of the global batch.
         mine = microbatches(step, micro * dp)[dp_rank::dp]
-        out = forward_backward(chunks, iter(mine), micro,
-                               tensor_shape=p2p_tensor_shape(cfg, st.tp))
+        out = forward_backward(chunks, iter(mine), micro, tensor_shape=p2p_tensor_shape(cfg, st.tp))
         finalize_model_grads(chunks)
         losses.append(global_mean_loss(out).item())
         if on_step:
@@ -95,18 +113,23 @@ def train_steps(cfg, chunks, dp_rank=0, dp=1, on_step=None):
 def reference(name):
     """Losses, full grads per step and final weights of the single-process model."""
     from megalite.model.gpt import build_model
+
     world, case = ALL_CASES[name]
     style, layers, tp, pp, vp, first, last, sp, micro = case
     dp = world // (tp * pp)
     cfg = make_config(style, layers, 1, 1, 1, None, None, False, micro * dp, 1)
     (model,) = build_model(cfg, 256, VOCAB)
     grads = []
-    losses = train_steps(cfg, [model], on_step=lambda s: grads.append(
-        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    losses = train_steps(
+        cfg,
+        [model],
+        on_step=lambda s: grads.append({n: p.grad.clone() for n, p in model.named_parameters()}),
+    )
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # -- what each rank runs ----------------------------------------------------------------------
+
 
 def _gather_full(chunks, what):
     """name -> full tensor gathered over TP (the param or its grad)."""
@@ -114,6 +137,7 @@ def _gather_full(chunks, what):
     from megalite.parallel import state
     from megalite.parallel.layers import unshard
     from megalite.parallel.tags import tag_of
+
     st = state.get()
     full = {}
     for name, p in (np for c in chunks for np in c.named_parameters()):
@@ -129,16 +153,23 @@ def _gather_full(chunks, what):
 def _parity_case(name, world):
     from megalite.model.gpt import build_model
     from megalite.parallel import state
+
     style, layers, tp, pp, vp, first, last, sp, micro = CASES[world][name]
     cfg = make_config(style, layers, tp, pp, vp, first, last, sp, micro, world)
     st = state.initialize(tp, pp, device=torch.device("cpu"))
     chunks = build_model(cfg, 256, VOCAB)
     grads = []
-    losses = train_steps(cfg, chunks, st.dp_rank, st.dp,
-                         on_step=lambda s: grads.append(_gather_full(chunks, "grad")))
-    return {"losses": losses, "grads": grads, "params": _gather_full(chunks, "param"),
-            "layers": [sorted(int(k) for k in c.layers) for c in chunks],
-            "keep": st.tp_rank == 0 and st.dp_rank == 0, "pp_rank": st.pp_rank}
+    losses = train_steps(
+        cfg, chunks, st.dp_rank, st.dp, on_step=lambda s: grads.append(_gather_full(chunks, "grad"))
+    )
+    return {
+        "losses": losses,
+        "grads": grads,
+        "params": _gather_full(chunks, "param"),
+        "layers": [sorted(int(k) for k in c.layers) for c in chunks],
+        "keep": st.tp_rank == 0 and st.dp_rank == 0,
+        "pp_rank": st.pp_rank,
+    }
 
 
 class ActivationMeter:
@@ -149,7 +180,7 @@ class ActivationMeter:
 
     def __init__(self, params):
         self.params = {p.untyped_storage().data_ptr() for p in params}
-        self.saved = {}      # storage ptr -> [references, bytes]
+        self.saved = {}  # storage ptr -> [references, bytes]
         self.peak = 0
         self.held = {}
 
@@ -183,8 +214,10 @@ class ActivationMeter:
         self.peak = max(self.peak, sum(live.values()))
 
     def on_op(self, executor):
-        self.held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                     for t in executor.held_tensors()}
+        self.held = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in executor.held_tensors()
+        }
         self._update()
         # A sent output keeps its autograd node, not its data.
         for (c, mb), out in executor.outputs.items():
@@ -199,6 +232,7 @@ def _memory_case():
     """Peak activation bytes per stage for each order and number of micro-batches."""
     from megalite.model.gpt import build_model
     from megalite.parallel import pipeline, schedules, state
+
     out = {}
     for order, vp in (("1f1b", 1), ("interleaved", 2), ("gpipe", 1)):
         cfg = make_config("gpt2", 4, 1, 2, vp, None, None, False, 4, 2)
@@ -206,12 +240,20 @@ def _memory_case():
         chunks = build_model(cfg, 256, VOCAB)
         for M in (4, 16):
             meter = ActivationMeter([p for c in chunks for p in c.parameters()])
-            ops = {"1f1b": lambda: schedules.one_f_one_b(2, st.pp_rank, M),
-                   "interleaved": lambda: schedules.interleaved_1f1b(2, st.pp_rank, M, 2),
-                   "gpipe": lambda: schedules.all_forward_all_backward(2, st.pp_rank, M)}[order]()
+            ops = {
+                "1f1b": lambda: schedules.one_f_one_b(2, st.pp_rank, M),
+                "interleaved": lambda: schedules.interleaved_1f1b(2, st.pp_rank, M, 2),
+                "gpipe": lambda: schedules.all_forward_all_backward(2, st.pp_rank, M),
+            }[order]()
             with meter.hooks():
-                pipeline.run_schedule(ops, chunks, iter(microbatches(0, M)), M,
-                                      tensor_shape=(SEQ, MBS, HIDDEN), on_op=meter.on_op)
+                pipeline.run_schedule(
+                    ops,
+                    chunks,
+                    iter(microbatches(0, M)),
+                    M,
+                    tensor_shape=(SEQ, MBS, HIDDEN),
+                    on_op=meter.on_op,
+                )
             out[(order, M)] = meter.peak
             for c in chunks:
                 c.zero_grad(set_to_none=True)
@@ -220,17 +262,24 @@ def _memory_case():
 
 def _worker(rank, world, port, out_dir):
     from megalite.parallel import state
+
     with rank_guard(out_dir, rank):
         torch.set_num_threads(1)
-        state.initialize(1, backend="gloo", device=torch.device("cpu"), timeout_minutes=2,
-                         rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+        state.initialize(
+            1,
+            backend="gloo",
+            device=torch.device("cpu"),
+            timeout_minutes=2,
+            rank=rank,
+            world_size=world,
+            init_method=f"tcp://127.0.0.1:{port}",
+        )
         results = {"parity": {}}
         for name in CASES[world]:
             results["parity"][name] = _parity_case(name, world)
         if world == 2:
             results["memory"] = _memory_case()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +309,7 @@ def references():
 
 # -- the checks -------------------------------------------------------------------------------
 
+
 def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
@@ -280,25 +330,37 @@ def _differences(worlds, references, name):
     world, _ = ALL_CASES[name]
     ranks = worlds[world]
     ref_losses, ref_grads, ref_params = references[name]
-    out = {"loss": max(abs(a - b) / abs(b) for res in ranks
-                       for a, b in zip(res["parity"][name]["losses"], ref_losses))}
+    out = {
+        "loss": max(
+            abs(a - b) / abs(b)
+            for res in ranks
+            for a, b in zip(res["parity"][name]["losses"], ref_losses)
+        )
+    }
     worst = 0.0
     for step in range(STEPS):
         got = _merge(ranks, name, "grads", step)
         for n, tensors in got.items():
             # the last stage's copy of a tied embedding is compared with the embedding
-            ref = ref_grads[step]["embedding.word_embeddings.weight" if n == "output_layer.weight"
-                                  and n not in ref_grads[step] else n]
+            ref = ref_grads[step][
+                "embedding.word_embeddings.weight"
+                if n == "output_layer.weight" and n not in ref_grads[step]
+                else n
+            ]
             worst = max(worst, *(_rel(t, ref) for t in tensors))
         assert set(got) - {"output_layer.weight"} == set(ref_grads[step]) - {"output_layer.weight"}
     out["grad"] = worst
     params = _merge(ranks, name, "params")
-    out["param"] = max(_rel(t, ref_params.get(n, ref_params["embedding.word_embeddings.weight"]))
-                       for n, ts in params.items() for t in ts)
+    out["param"] = max(
+        _rel(t, ref_params.get(n, ref_params["embedding.word_embeddings.weight"]))
+        for n, ts in params.items()
+        for t in ts
+    )
     if "output_layer.weight" in params and "output_layer.weight" not in ref_params:
         # tied: both copies must still be the same tensor after the steps, bitwise
-        out["tied_copies_equal"] = torch.equal(params["output_layer.weight"][0],
-                                               params["embedding.word_embeddings.weight"][0])
+        out["tied_copies_equal"] = torch.equal(
+            params["output_layer.weight"][0], params["embedding.word_embeddings.weight"][0]
+        )
     return out
 
 
@@ -313,6 +375,7 @@ def test_loss_and_grads_equal_single_process(worlds, references, name):
 
 def test_stages_own_the_layers_of_the_layout(worlds):
     from megalite.layout import pipeline_layout
+
     for name, (world, case) in ALL_CASES.items():
         style, layers, tp, pp, vp, first, last, sp, micro = case
         want = pipeline_layout(layers, pp, vp, first, last)
@@ -338,7 +401,11 @@ def test_report(worlds, references):
         print(f"  {n:26s} loss {d['loss']:.1e}  grads {d['grad']:.1e}  weights {d['param']:.1e}")
     for res in worlds[2]:
         m = res["memory"]
-        print(f"  activation peak, stage {m['pp_rank']} (KiB): " + ", ".join(
-            f"{o} M={M}: {v / 1024:.0f}" for (o, M), v in sorted(m["peaks"].items())))
-    print("  spawned worlds: " + ", ".join(f"{w} ranks {r[0]['seconds']:.1f} s"
-                                           for w, r in worlds.items()))
+        print(
+            f"  activation peak, stage {m['pp_rank']} (KiB): "
+            + ", ".join(f"{o} M={M}: {v / 1024:.0f}" for (o, M), v in sorted(m["peaks"].items()))
+        )
+    print(
+        "  spawned worlds: "
+        + ", ".join(f"{w} ranks {r[0]['seconds']:.1f} s" for w, r in worlds.items())
+    )

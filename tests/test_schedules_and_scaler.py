@@ -15,7 +15,7 @@ def test_warmup_then_cosine_to_min_lr():
     assert s(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
     lrs = [s(i) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))     # monotone decay
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
 
 
 def test_linear_constant_wsd():
@@ -24,20 +24,20 @@ def test_linear_constant_wsd():
     const = LRSchedule(1.0, 0.0, 5, 100, "constant")
     assert const(2) == pytest.approx(0.6) and const(90) == 1.0
     wsd = LRSchedule(1.0, 0.0, 10, 100, "wsd", wsd_decay_iters=20)
-    assert wsd(50) == 1.0 and wsd(79) == 1.0             # stable phase holds the peak
-    assert wsd(90) == pytest.approx(0.5)                 # halfway through the linear tail
+    assert wsd(50) == 1.0 and wsd(79) == 1.0  # stable phase holds the peak
+    assert wsd(90) == pytest.approx(0.5)  # halfway through the linear tail
     assert wsd(100) == 0.0
 
 
 def test_loss_scaler_backs_off_with_hysteresis_and_grows():
     s = DynamicLossScaler(initial_scale=1024, window=3, hysteresis=2)
     s.update(True)
-    assert s.scale == 1024                               # first overflow tolerated
+    assert s.scale == 1024  # first overflow tolerated
     s.update(True)
-    assert s.scale == 512                                # second halves it
+    assert s.scale == 512  # second halves it
     for _ in range(3):
         s.update(False)
-    assert s.scale == 1024                               # window of clean steps doubles it
+    assert s.scale == 1024  # window of clean steps doubles it
     s2 = DynamicLossScaler()
     s2.load_state_dict(s.state_dict())
     assert vars(s2) == vars(s)

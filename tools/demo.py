@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """The demo: from nothing to a trained GPT and a generated sample, with no download.
 
-  1. corpus      the Python standard library's sources and its documentation (pydoc topics),
-                 which ship with every Python install, as JSONL
-  2. tokenizer   tools/train_tokenizer.py (sentencepiece BPE)
-  3. shards      tools/preprocess.py with 2 workers
-  4. training    launch/pretrain.sh: a small GPT for a few minutes on a CPU (faster on a GPU);
-                 the log shows the loss falling
-  5. sample      tools/generate.py from the final checkpoint
+1. corpus      the Python standard library's sources and its documentation (pydoc topics),
+               which ship with every Python install, as JSONL
+2. tokenizer   tools/train_tokenizer.py (sentencepiece BPE)
+3. shards      tools/preprocess.py with 2 workers
+4. training    launch/pretrain.sh: a small GPT for a few minutes on a CPU (faster on a GPU);
+               the log shows the loss falling
+5. sample      tools/generate.py from the final checkpoint
 
-    python tools/demo.py [--out runs/demo] [--train-iters N] [extra trainer flags...]
+  python tools/demo.py [--out runs/demo] [--train-iters N] [extra trainer flags...]
 """
 
 import argparse
@@ -28,13 +28,26 @@ def build_corpus(path, max_bytes):
     docs = []
     try:
         from pydoc_data.topics import topics
+
         docs += [text for _, text in sorted(topics.items())]
     except ImportError:  # some distributions strip the docs; the sources suffice
         pass
     stdlib = sysconfig.get_paths()["stdlib"]
     for dirpath, dirnames, filenames in sorted(os.walk(stdlib)):
-        dirnames[:] = sorted(d for d in dirnames if d not in (
-            "test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "ensurepip"))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if d
+            not in (
+                "test",
+                "tests",
+                "idlelib",
+                "site-packages",
+                "__pycache__",
+                "lib2to3",
+                "ensurepip",
+            )
+        )
         for name in sorted(filenames):
             if name.endswith(".py"):
                 try:
@@ -58,8 +71,10 @@ def run(cmd, **kw):
 
 
 def main():
-    p = argparse.ArgumentParser(description="megalite demo: corpus -> tokenizer -> shards -> "
-                                            "training -> sample. Other flags go to the trainer.")
+    p = argparse.ArgumentParser(
+        description="megalite demo: corpus -> tokenizer -> shards -> "
+        "training -> sample. Other flags go to the trainer."
+    )
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
     p.add_argument("--corpus-mb", type=float, default=8.0)
     p.add_argument("--vocab-size", type=int, default=4096)
@@ -76,32 +91,115 @@ def main():
     prefix = os.path.join(args.out, "tokenizer")
     print("[2/5] training a tokenizer")
     # Code: keep newlines and indentation (identity normalisation; byte fallback for "\n").
-    run([py, "tools/train_tokenizer.py", "--input", corpus, "--vocab-size", str(args.vocab_size),
-         "--model-type", "bpe", "--output-prefix", prefix, "--normalization", "identity",
-         "--no-remove-extra-whitespaces"])
+    run(
+        [
+            py,
+            "tools/train_tokenizer.py",
+            "--input",
+            corpus,
+            "--vocab-size",
+            str(args.vocab_size),
+            "--model-type",
+            "bpe",
+            "--output-prefix",
+            prefix,
+            "--normalization",
+            "identity",
+            "--no-remove-extra-whitespaces",
+        ]
+    )
 
     data = os.path.join(args.out, "stdlib")
     print("[3/5] preprocessing into Megatron-format shards")
-    run([py, "tools/preprocess.py", "--input", corpus, "--output-prefix", data,
-         "--tokenizer-model", prefix + ".model", "--append-eod", "--workers", "2"])
+    run(
+        [
+            py,
+            "tools/preprocess.py",
+            "--input",
+            corpus,
+            "--output-prefix",
+            data,
+            "--tokenizer-model",
+            prefix + ".model",
+            "--append-eod",
+            "--workers",
+            "2",
+        ]
+    )
 
     print("[4/5] training (watch the loss fall)")
     ckpt = os.path.join(args.out, "checkpoints")
-    run(["bash", "launch/pretrain.sh",
-         "--model-style", "gpt2", "--num-layers", "4", "--hidden-size", "256",
-         "--num-attention-heads", "4", "--seq-length", "256",
-         "--micro-batch-size", "8", "--global-batch-size", "16",
-         "--train-iters", str(args.train_iters), "--lr", "1e-3", "--min-lr", "1e-4",
-         "--lr-warmup-iters", "40", "--weight-decay", "0.1", "--clip-grad", "1.0",
-         "--data-path", data + "_text_document", "--tokenizer-model", prefix + ".model",
-         "--split", "98,2,0", "--eval-interval", "100", "--eval-iters", "4",
-         "--log-interval", "20", "--save", ckpt, "--load", ckpt,
-         "--metrics-file", os.path.join(args.out, "metrics.jsonl"),
-         "--exit-duration-in-mins", "8", *trainer_flags])
+    run(
+        [
+            "bash",
+            "launch/pretrain.sh",
+            "--model-style",
+            "gpt2",
+            "--num-layers",
+            "4",
+            "--hidden-size",
+            "256",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            "256",
+            "--micro-batch-size",
+            "8",
+            "--global-batch-size",
+            "16",
+            "--train-iters",
+            str(args.train_iters),
+            "--lr",
+            "1e-3",
+            "--min-lr",
+            "1e-4",
+            "--lr-warmup-iters",
+            "40",
+            "--weight-decay",
+            "0.1",
+            "--clip-grad",
+            "1.0",
+            "--data-path",
+            data + "_text_document",
+            "--tokenizer-model",
+            prefix + ".model",
+            "--split",
+            "98,2,0",
+            "--eval-interval",
+            "100",
+            "--eval-iters",
+            "4",
+            "--log-interval",
+            "20",
+            "--save",
+            ckpt,
+            "--load",
+            ckpt,
+            "--metrics-file",
+            os.path.join(args.out, "metrics.jsonl"),
+            "--exit-duration-in-mins",
+            "8",
+            *trainer_flags,
+        ]
+    )
 
     print("[5/5] a sample from the trained model")
-    run([py, "tools/generate.py", "--load", ckpt, "--prompt", "def ", "--max-new-tokens", "120",
-         "--temperature", "0.7", "--top-k", "40"])
+    run(
+        [
+            py,
+            "tools/generate.py",
+            "--load",
+            ckpt,
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "120",
+            "--temperature",
+            "0.7",
+            "--top-k",
+            "40",
+        ]
+    )
     print(f"demo done in {(time.time() - t0) / 60:.1f} minutes; outputs in {args.out}")
 
 

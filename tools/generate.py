@@ -28,22 +28,26 @@ def load_model(root, iteration=None, device="cpu"):
     vocab = state_dict["embedding.word_embeddings.weight"].shape[0]
     model = GPTModel(cfg.model, vocab)
     # The last stage's copy of a tied embedding is not a parameter of a one-stage model.
-    state_dict = {k: v for k, v in state_dict.items()
-                  if not (k == "output_layer.weight" and not hasattr(model, "output_layer"))}
+    state_dict = {
+        k: v
+        for k, v in state_dict.items()
+        if not (k == "output_layer.weight" and not hasattr(model, "output_layer"))
+    }
     model.load_state_dict(state_dict)
     return model.to(device).eval(), cfg
 
 
 @torch.no_grad()
-def generate(model, ids, max_new_tokens, vocab_size, temperature=0.8, top_k=40,
-             eod=None, generator=None):
+def generate(
+    model, ids, max_new_tokens, vocab_size, temperature=0.8, top_k=40, eod=None, generator=None
+):
     """Append up to max_new_tokens ids to `ids` (list of int); stop at `eod`."""
     cfg = model.cfg
     context = cfg.max_position_embeddings
     out = list(ids)
     for _ in range(max_new_tokens):
         x = torch.tensor([out[-context:]], dtype=torch.long)
-        logits = model.full_logits(x)[0, -1, :vocab_size].float()   # [v], padding dropped
+        logits = model.full_logits(x)[0, -1, :vocab_size].float()  # [v], padding dropped
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
@@ -80,11 +84,13 @@ def main(argv):
     if not os.path.exists(tok_path):
         raise MegaliteError(f"tokenizer {tok_path} not found; pass --tokenizer-model")
     from megalite.data import build_tokenizer
+
     tok = build_tokenizer(args.tokenizer_type or cfg.data.tokenizer_type, tok_path)
     ids = tok.tokenize(args.prompt) if args.prompt else [tok.eod]
     gen = torch.Generator().manual_seed(args.seed)
-    out = generate(model, ids, args.max_new_tokens, tok.vocab_size, args.temperature,
-                   args.top_k, tok.eod, gen)
+    out = generate(
+        model, ids, args.max_new_tokens, tok.vocab_size, args.temperature, args.top_k, tok.eod, gen
+    )
     start = 0 if args.prompt else 1
     print(tok.detokenize(out[start:]))
     return 0

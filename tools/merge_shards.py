@@ -2,7 +2,8 @@
 """Merge several .bin/.idx shards into one, documents in the order given.
 
 Example (the outputs of four preprocess runs into one shard):
-  python tools/merge_shards.py --input 'data/part*_text_document' --output-prefix data/all_text_document
+  python tools/merge_shards.py --input 'data/part*_text_document' \
+      --output-prefix data/all_text_document
 
 Inputs are shard prefixes (a trailing .bin/.idx is ignored), globs over prefixes or .idx files,
 or directories (every shard inside, sorted by name). Tokens are copied as raw bytes when the
@@ -31,10 +32,17 @@ def get_parser():
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="PREFIX",
-                   help="shard prefixes, globs (quote them) or directories, merged in the order given")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PREFIX",
+        help="shard prefixes, globs (quote them) or directories, merged in the order given",
+    )
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument(
+        "--debug", action="store_true", help="show tracebacks instead of one-line errors"
+    )
     return p
 
 
@@ -68,9 +76,12 @@ def main(argv):
     with IndexedDatasetWriter(out, dtype) as writer:
         for shard in shards:
             writer.add_index(shard)
-    print(f"done: {len(shards)} shards, {writer.num_documents:,} documents, {writer.num_sequences:,} "
-          f"sequences, {writer.num_tokens:,} {np.dtype(dtype).name} tokens, "
-          f"{time.perf_counter() - t0:.2f} s -> {out}.bin/.idx", flush=True)
+    print(
+        f"done: {len(shards)} shards, {writer.num_documents:,} documents, {writer.num_sequences:,} "
+        f"sequences, {writer.num_tokens:,} {np.dtype(dtype).name} tokens, "
+        f"{time.perf_counter() - t0:.2f} s -> {out}.bin/.idx",
+        flush=True,
+    )
     return 0
 
 

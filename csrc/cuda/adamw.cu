@@ -16,7 +16,7 @@ namespace megalite_cuda {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kIlp = 4;                        // elements in flight per thread
+constexpr int kIlp = 4;                          // elements in flight per thread
 constexpr int64_t kChunk = kThreads * kIlp * 8;  // elements per block
 constexpr int kMaxTensors = 24;
 constexpr int kMaxBlocks = 320;
@@ -29,12 +29,14 @@ __global__ void __launch_bounds__(kThreads) check_kernel(AdamwArgs args, int* fo
   const int64_t end = min(start + kChunk, t.n);
   const G* g = static_cast<const G*>(t.g);
   bool bad = false;
-  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) bad |= !isfinite(Cvt<G>::load(g[i]));
+  for (int64_t i = start + threadIdx.x; i < end; i += kThreads)
+    bad |= !isfinite(Cvt<G>::load(g[i]));
   if (__syncthreads_or(bad) && threadIdx.x == 0) atomicExch(found, 1);
 }
 
 template <typename G, typename C, bool kCopy>
-__global__ void __launch_bounds__(kThreads) update_kernel(AdamwArgs args, float inv_scale, const int* found) {
+__global__ void __launch_bounds__(kThreads)
+    update_kernel(AdamwArgs args, float inv_scale, const int* found) {
   if (*found) return;  // the check (earlier on this stream) saw an inf/nan: update nothing
   const AdamwTensor& t = args.tensors[args.block_tensor[blockIdx.x]];
   const int64_t start = (int64_t)args.block_chunk[blockIdx.x] * kChunk;
@@ -75,13 +77,17 @@ __global__ void __launch_bounds__(kThreads) update_kernel(AdamwArgs args, float 
   }
 }
 
-int64_t numel_of(const AdamwTensor& t) { return t.n; }
+int64_t numel_of(const AdamwTensor& t) {
+  return t.n;
+}
 
 // Tensors of one dtype combination (the kernels are specialised on it).
-std::vector<AdamwTensor> select(const AdamwTensor* tensors, int count, int g_dtype, int c_dtype, bool any_copy) {
+std::vector<AdamwTensor> select(const AdamwTensor* tensors, int count, int g_dtype, int c_dtype,
+                                bool any_copy) {
   std::vector<AdamwTensor> out;
   for (int i = 0; i < count; ++i)
-    if (tensors[i].g_dtype == g_dtype && (any_copy || tensors[i].copy_dtype == c_dtype)) out.push_back(tensors[i]);
+    if (tensors[i].g_dtype == g_dtype && (any_copy || tensors[i].copy_dtype == c_dtype))
+      out.push_back(tensors[i]);
   return out;
 }
 }  // namespace
@@ -97,7 +103,8 @@ int adamw_check(const AdamwTensor* tensors, int count, int* d_found, int device,
     visit_dtype(g_dtype, [&](auto g) {
       using G = decltype(g);
       err = multi_tensor_apply<AdamwArgs, kMaxTensors, kMaxBlocks>(
-          group.data(), (int)group.size(), kChunk, numel_of, [&](const AdamwArgs& args, int blocks) {
+          group.data(), (int)group.size(), kChunk, numel_of,
+          [&](const AdamwArgs& args, int blocks) {
             check_kernel<G><<<blocks, kThreads, 0, s>>>(args, d_found);
             return cudaGetLastError();
           });
@@ -107,8 +114,8 @@ int adamw_check(const AdamwTensor* tensors, int count, int* d_found, int device,
   return cudaSuccess;
 }
 
-int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const int* d_found, int device,
-                 void* stream) {
+int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const int* d_found,
+                 int device, void* stream) {
   DeviceGuard guard(device);
   MEGALITE_CUDA_TRY(guard.status);
   auto s = static_cast<cudaStream_t>(stream);
@@ -122,7 +129,8 @@ int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const i
         using C = decltype(c);
         constexpr bool kCopy = decltype(copy_flag)::value;
         err = multi_tensor_apply<AdamwArgs, kMaxTensors, kMaxBlocks>(
-            group.data(), (int)group.size(), kChunk, numel_of, [&](const AdamwArgs& args, int blocks) {
+            group.data(), (int)group.size(), kChunk, numel_of,
+            [&](const AdamwArgs& args, int blocks) {
               update_kernel<G, C, kCopy><<<blocks, kThreads, 0, s>>>(args, inv_scale, d_found);
               return cudaGetLastError();
             });
@@ -139,6 +147,8 @@ int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const i
   return cudaSuccess;
 }
 
-const char* error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+const char* error_string(int err) {
+  return cudaGetErrorString(static_cast<cudaError_t>(err));
+}
 
 }  // namespace megalite_cuda

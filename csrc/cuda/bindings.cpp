@@ -33,37 +33,47 @@ void* current_stream(const at::Tensor& t) {
 
 int dtype_code(at::ScalarType t, const char* what) {
   switch (t) {
-    case at::kFloat: return mc::kF32;
-    case at::kBFloat16: return mc::kBF16;
-    case at::kHalf: return mc::kF16;
-    default: TORCH_CHECK(false, what, ": unsupported dtype ", t, " (float32, bfloat16, float16)");
+    case at::kFloat:
+      return mc::kF32;
+    case at::kBFloat16:
+      return mc::kBF16;
+    case at::kHalf:
+      return mc::kF16;
+    default:
+      TORCH_CHECK(false, what, ": unsupported dtype ", t, " (float32, bfloat16, float16)");
   }
   return mc::kNoType;
 }
 
 void check_on(const at::Tensor& t, const at::Tensor& ref, const char* what) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), what, ": all tensors must be on ", ref.device());
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), what, ": all tensors must be on ",
+              ref.device());
   TORCH_CHECK(t.is_contiguous(), what, ": tensors must be contiguous");
 }
 
-const float* opt_f32(const c10::optional<at::Tensor>& t, const at::Tensor& x, int64_t n, const char* what) {
+const float* opt_f32(const c10::optional<at::Tensor>& t, const at::Tensor& x, int64_t n,
+                     const char* what) {
   if (!t.has_value() || !t->defined()) return nullptr;
   check_on(*t, x, what);
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == n, what, ": weight/bias must be fp32 of size ", n);
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == n, what,
+              ": weight/bias must be fp32 of size ", n);
   return t->data_ptr<float>();
 }
 
 // ---- AdamW -------------------------------------------------------------------------------------
 bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                 const std::vector<c10::optional<at::Tensor>>& model_copies, const std::vector<double>& lr,
-                 const std::vector<double>& beta1, const std::vector<double>& beta2, const std::vector<double>& eps,
-                 const std::vector<double>& weight_decay, const std::vector<double>& step, double inv_scale,
-                 bool check_finite) {
+                 const std::vector<at::Tensor>& exp_avgs,
+                 const std::vector<at::Tensor>& exp_avg_sqs,
+                 const std::vector<c10::optional<at::Tensor>>& model_copies,
+                 const std::vector<double>& lr, const std::vector<double>& beta1,
+                 const std::vector<double>& beta2, const std::vector<double>& eps,
+                 const std::vector<double>& weight_decay, const std::vector<double>& step,
+                 double inv_scale, bool check_finite) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  (model_copies.empty() || model_copies.size() == n) && lr.size() == n && beta1.size() == n &&
-                  beta2.size() == n && eps.size() == n && weight_decay.size() == n && step.size() == n,
+                  (model_copies.empty() || model_copies.size() == n) && lr.size() == n &&
+                  beta1.size() == n && beta2.size() == n && eps.size() == n &&
+                  weight_decay.size() == n && step.size() == n,
               "fused_adamw: lists differ in length");
   if (n == 0) return false;
   const at::Tensor& ref = params[0];
@@ -75,7 +85,8 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
       TORCH_CHECK(t->numel() == numel, "fused_adamw: tensor ", i, " sizes differ");
     }
     for (const at::Tensor* t : {&params[i], &exp_avgs[i], &exp_avg_sqs[i]})
-      TORCH_CHECK(t->scalar_type() == at::kFloat, "fused_adamw: params and moments must be float32");
+      TORCH_CHECK(t->scalar_type() == at::kFloat,
+                  "fused_adamw: params and moments must be float32");
     TORCH_CHECK(step[i] >= 1, "fused_adamw: step must be >= 1");
     mc::AdamwTensor& a = ts[i];
     a.p = params[i].data_ptr<float>();
@@ -108,14 +119,17 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
   const int device = ref.device().index();
   // Unchecked (the caller vouches for the grads): no check launch and no host synchronisation.
   if (check_finite)
-    check_cuda(mc::adamw_check(ts.data(), int(n), found.data_ptr<int>(), device, stream), "fused_adamw");
-  check_cuda(mc::adamw_update(ts.data(), int(n), float(inv_scale), found.data_ptr<int>(), device, stream),
-             "fused_adamw");
+    check_cuda(mc::adamw_check(ts.data(), int(n), found.data_ptr<int>(), device, stream),
+               "fused_adamw");
+  check_cuda(
+      mc::adamw_update(ts.data(), int(n), float(inv_scale), found.data_ptr<int>(), device, stream),
+      "fused_adamw");
   return check_finite && found.item<int>() != 0;
 }
 
 // ---- norms -------------------------------------------------------------------------------------
-std::vector<at::Tensor> norm_fwd(bool rms, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+std::vector<at::Tensor> norm_fwd(bool rms, const at::Tensor& x,
+                                 const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, double eps) {
   const char* what = rms ? "rms_norm_fwd" : "layer_norm_fwd";
   TORCH_CHECK(x.dim() == 2, what, ": expects [rows, hidden]");
@@ -127,15 +141,16 @@ std::vector<at::Tensor> norm_fwd(bool rms, const at::Tensor& x, const c10::optio
   at::Tensor mean = at::empty({rms ? 0 : rows}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   check_cuda(mc::norm_fwd(rms, dtype_code(x.scalar_type(), what), x.data_ptr(), w, b, y.data_ptr(),
-                          rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, hidden, float(eps),
-                          x.device().index(), current_stream(x)),
+                          rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows,
+                          hidden, float(eps), x.device().index(), current_stream(x)),
              what);
   if (rms) return {y, rstd};
   return {y, mean, rstd};
 }
 
-std::vector<at::Tensor> norm_bwd(bool rms, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                                 const at::Tensor& rstd, const c10::optional<at::Tensor>& weight, bool want_db) {
+std::vector<at::Tensor> norm_bwd(bool rms, const at::Tensor& dy, const at::Tensor& x,
+                                 const at::Tensor& mean, const at::Tensor& rstd,
+                                 const c10::optional<at::Tensor>& weight, bool want_db) {
   const char* what = rms ? "rms_norm_bwd" : "layer_norm_bwd";
   TORCH_CHECK(x.dim() == 2 && dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), what,
               ": dy and x must be [rows, hidden] of one dtype");
@@ -147,12 +162,15 @@ std::vector<at::Tensor> norm_bwd(bool rms, const at::Tensor& dy, const at::Tenso
   const float* w = opt_f32(weight, x, hidden, what);
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw = w ? at::empty({hidden}, x.options().dtype(at::kFloat)) : at::Tensor();
-  at::Tensor db = (!rms && want_db) ? at::empty({hidden}, x.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor db =
+      (!rms && want_db) ? at::empty({hidden}, x.options().dtype(at::kFloat)) : at::Tensor();
   const int device = x.device().index();
-  at::Tensor workspace = at::empty({mc::norm_bwd_workspace(rows, hidden, device)}, x.options().dtype(at::kFloat));
+  at::Tensor workspace =
+      at::empty({mc::norm_bwd_workspace(rows, hidden, device)}, x.options().dtype(at::kFloat));
   check_cuda(mc::norm_bwd(rms, dtype_code(x.scalar_type(), what), dy.data_ptr(), x.data_ptr(),
-                          rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), w, dx.data_ptr(),
-                          dw.defined() ? dw.data_ptr<float>() : nullptr, db.defined() ? db.data_ptr<float>() : nullptr,
+                          rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), w,
+                          dx.data_ptr(), dw.defined() ? dw.data_ptr<float>() : nullptr,
+                          db.defined() ? db.data_ptr<float>() : nullptr,
                           workspace.data_ptr<float>(), rows, hidden, device, current_stream(x)),
              what);
   if (rms) return {dx, dw};
@@ -173,8 +191,8 @@ void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer,
     TORCH_CHECK(t.scalar_type() == buffer.scalar_type() && t.device() == buffer.device(), what,
                 ": tensors must match the buffer's dtype and device");
     const int64_t n = t.numel();
-    TORCH_CHECK(offset + n <= buffer.numel(), what, ": tensors need more than the buffer's ", buffer.numel(),
-                " elements");
+    TORCH_CHECK(offset + n <= buffer.numel(), what, ": tensors need more than the buffer's ",
+                buffer.numel(), " elements");
     char* flat = static_cast<char*>(buffer.data_ptr()) + offset * item;
     if (n > 0 && t.is_contiguous()) {
       src.push_back(into_buffer ? t.data_ptr() : flat);
@@ -190,8 +208,8 @@ void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer,
     offset += n;
   }
   if (src.empty()) return;
-  check_cuda(mc::multi_copy(src.data(), dst.data(), bytes.data(), int(src.size()), buffer.device().index(),
-                            current_stream(buffer)),
+  check_cuda(mc::multi_copy(src.data(), dst.data(), bytes.data(), int(src.size()),
+                            buffer.device().index(), current_stream(buffer)),
              what);
 }
 
@@ -200,32 +218,44 @@ void flat_copy(const std::vector<at::Tensor>& tensors, const at::Tensor& buffer,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megalite CUDA kernels: fused AdamW, LayerNorm/RMSNorm, multi-tensor flatten";
   m.def("fused_adamw", &fused_adamw, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
-        py::arg("exp_avg_sqs"), py::arg("model_copies"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
-        py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("inv_scale"),
-        py::arg("check_finite") = true);
-  m.def("layer_norm_fwd",
-        [](const at::Tensor& x, const c10::optional<at::Tensor>& w, const c10::optional<at::Tensor>& b, double eps) {
-          return norm_fwd(false, x, w, b, eps);
-        },
-        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
-  m.def("layer_norm_bwd",
-        [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
-           const c10::optional<at::Tensor>& w, bool want_db) { return norm_bwd(false, dy, x, mean, rstd, w, want_db); },
-        py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("need_bias_grad"));
-  m.def("rms_norm_fwd",
-        [](const at::Tensor& x, const c10::optional<at::Tensor>& w, double eps) {
-          return norm_fwd(true, x, w, c10::nullopt, eps);
-        },
-        py::arg("x"), py::arg("weight"), py::arg("eps"));
-  m.def("rms_norm_bwd",
-        [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd, const c10::optional<at::Tensor>& w) {
-          return norm_bwd(true, dy, x, at::Tensor(), rstd, w, false);
-        },
-        py::arg("dy"), py::arg("x"), py::arg("rstd"), py::arg("weight"));
-  m.def("flatten_into",
-        [](const std::vector<at::Tensor>& tensors, const at::Tensor& buffer) { flat_copy(tensors, buffer, true); },
-        py::arg("tensors"), py::arg("buffer"));
-  m.def("unflatten_from",
-        [](const at::Tensor& buffer, const std::vector<at::Tensor>& tensors) { flat_copy(tensors, buffer, false); },
-        py::arg("buffer"), py::arg("tensors"));
+        py::arg("exp_avg_sqs"), py::arg("model_copies"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"),
+        py::arg("inv_scale"), py::arg("check_finite") = true);
+  m.def(
+      "layer_norm_fwd",
+      [](const at::Tensor& x, const c10::optional<at::Tensor>& w,
+         const c10::optional<at::Tensor>& b, double eps) { return norm_fwd(false, x, w, b, eps); },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def(
+      "layer_norm_bwd",
+      [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+         const c10::optional<at::Tensor>& w,
+         bool want_db) { return norm_bwd(false, dy, x, mean, rstd, w, want_db); },
+      py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
+      py::arg("need_bias_grad"));
+  m.def(
+      "rms_norm_fwd",
+      [](const at::Tensor& x, const c10::optional<at::Tensor>& w, double eps) {
+        return norm_fwd(true, x, w, c10::nullopt, eps);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def(
+      "rms_norm_bwd",
+      [](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
+         const c10::optional<at::Tensor>& w) {
+        return norm_bwd(true, dy, x, at::Tensor(), rstd, w, false);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("rstd"), py::arg("weight"));
+  m.def(
+      "flatten_into",
+      [](const std::vector<at::Tensor>& tensors, const at::Tensor& buffer) {
+        flat_copy(tensors, buffer, true);
+      },
+      py::arg("tensors"), py::arg("buffer"));
+  m.def(
+      "unflatten_from",
+      [](const at::Tensor& buffer, const std::vector<at::Tensor>& tensors) {
+        flat_copy(tensors, buffer, false);
+      },
+      py::arg("buffer"), py::arg("tensors"));
 }

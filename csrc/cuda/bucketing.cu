@@ -27,7 +27,8 @@ __device__ __forceinline__ void copy_as(const char* src, char* dst, int64_t byte
   const W* s = reinterpret_cast<const W*>(src);
   W* d = reinterpret_cast<W*>(dst);
   for (int64_t i = threadIdx.x; i < words; i += kThreads) d[i] = s[i];
-  for (int64_t i = words * int64_t(sizeof(W)) + threadIdx.x; i < bytes; i += kThreads) dst[i] = src[i];
+  for (int64_t i = words * int64_t(sizeof(W)) + threadIdx.x; i < bytes; i += kThreads)
+    dst[i] = src[i];
 }
 
 __global__ void __launch_bounds__(kThreads) copy_kernel(CopyArgs args) {
@@ -49,11 +50,14 @@ __global__ void __launch_bounds__(kThreads) copy_kernel(CopyArgs args) {
     copy_as<unsigned char>(src, dst, bytes);
 }
 
-int64_t bytes_of(const CopyRange& r) { return r.n; }
+int64_t bytes_of(const CopyRange& r) {
+  return r.n;
+}
 
 }  // namespace
 
-int multi_copy(const void* const* src, void* const* dst, const int64_t* nbytes, int count, int device, void* stream) {
+int multi_copy(const void* const* src, void* const* dst, const int64_t* nbytes, int count,
+               int device, void* stream) {
   DeviceGuard guard(device);
   MEGALITE_CUDA_TRY(guard.status);
   std::vector<CopyRange> ranges(count);

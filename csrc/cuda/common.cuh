@@ -12,9 +12,9 @@
 
 namespace megalite_cuda {
 
-#define MEGALITE_CUDA_TRY(expr)          \
-  do {                                   \
-    cudaError_t err_ = (expr);           \
+#define MEGALITE_CUDA_TRY(expr)           \
+  do {                                    \
+    cudaError_t err_ = (expr);            \
     if (err_ != cudaSuccess) return err_; \
   } while (0)
 
@@ -28,27 +28,34 @@ struct DeviceGuard {
   }
   ~DeviceGuard() {
     int now = -1;
-    if (previous >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous) cudaSetDevice(previous);
+    if (previous >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous)
+      cudaSetDevice(previous);
   }
 };
 
 inline int sm_count(int device) {
   int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 80;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0)
+    sms = 80;
   return sms;
 }
 
 // Storage type <-> fp32.
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
+template <typename T>
+struct Cvt;
+template <>
+struct Cvt<float> {
   static __device__ __forceinline__ float load(float x) { return x; }
   static __device__ __forceinline__ float store(float x) { return x; }
 };
-template <> struct Cvt<__nv_bfloat16> {
+template <>
+struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
 };
-template <> struct Cvt<__half> {
+template <>
+struct Cvt<__half> {
   static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
 };
@@ -57,10 +64,17 @@ template <> struct Cvt<__half> {
 template <typename Fn>
 inline bool visit_dtype(int dtype, Fn&& fn) {
   switch (dtype) {
-    case kF32: fn(float{}); return true;
-    case kBF16: fn(__nv_bfloat16{}); return true;
-    case kF16: fn(__half{}); return true;
-    default: return false;
+    case kF32:
+      fn(float{});
+      return true;
+    case kBF16:
+      fn(__nv_bfloat16{});
+      return true;
+    case kF16:
+      fn(__half{});
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -109,8 +123,10 @@ struct MultiTensorArgs {
 
 // launch(args, blocks) launches one kernel; numel(meta) gives a tensor's size in chunk units'
 // elements; chunk is the elements per block.
-template <typename Args, int kMaxTensors, int kMaxBlocks, typename Meta, typename NumelFn, typename LaunchFn>
-cudaError_t multi_tensor_apply(const Meta* metas, int count, int64_t chunk, NumelFn numel, LaunchFn launch) {
+template <typename Args, int kMaxTensors, int kMaxBlocks, typename Meta, typename NumelFn,
+          typename LaunchFn>
+cudaError_t multi_tensor_apply(const Meta* metas, int count, int64_t chunk, NumelFn numel,
+                               LaunchFn launch) {
   Args args;
   int tensors = 0, blocks = 0;
   for (int i = 0; i < count; ++i) {

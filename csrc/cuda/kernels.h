@@ -33,23 +33,24 @@ struct AdamwTensor {
 // sweep 2 updates everything unless *d_found is set. Both run on `stream`, in that order, so no
 // host synchronisation is needed between them.
 int adamw_check(const AdamwTensor* tensors, int count, int* d_found, int device, void* stream);
-int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const int* d_found, int device,
-                 void* stream);
+int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const int* d_found,
+                 int device, void* stream);
 
 // ---- LayerNorm / RMSNorm (norms.cu) --------------------------------------------------------
 // x, y, dy, dx: [rows, hidden] in `dtype`; weight/bias fp32 (nullptr: none); mean/rstd fp32
 // [rows] (mean unused for RMSNorm). dw/db fp32 [hidden] (nullptr: not wanted).
-int norm_fwd(bool rms, int dtype, const void* x, const float* w, const float* b, void* y, float* mean,
-             float* rstd, int64_t rows, int64_t hidden, float eps, int device, void* stream);
+int norm_fwd(bool rms, int dtype, const void* x, const float* w, const float* b, void* y,
+             float* mean, float* rstd, int64_t rows, int64_t hidden, float eps, int device,
+             void* stream);
 // Floats of scratch the backward needs for its per-block dw/db partial sums.
 int64_t norm_bwd_workspace(int64_t rows, int64_t hidden, int device);
-int norm_bwd(bool rms, int dtype, const void* dy, const void* x, const float* mean, const float* rstd,
-             const float* w, void* dx, float* dw, float* db, float* workspace, int64_t rows, int64_t hidden,
-             int device, void* stream);
+int norm_bwd(bool rms, int dtype, const void* dy, const void* x, const float* mean,
+             const float* rstd, const float* w, void* dx, float* dw, float* db, float* workspace,
+             int64_t rows, int64_t hidden, int device, void* stream);
 
 // ---- bucketing (bucketing.cu) --------------------------------------------------------------
 // Copy count byte ranges src[i] -> dst[i] (nbytes[i]) in one multi-tensor launch.
-int multi_copy(const void* const* src, void* const* dst, const int64_t* nbytes, int count, int device,
-               void* stream);
+int multi_copy(const void* const* src, void* const* dst, const int64_t* nbytes, int count,
+               int device, void* stream);
 
 }  // namespace megalite_cuda

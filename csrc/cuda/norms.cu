@@ -18,8 +18,9 @@ int threads_for(int64_t hidden) {
 }
 
 template <typename T, bool kRms>
-__global__ void norm_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                                T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+__global__ void norm_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w,
+                                const float* __restrict__ b, T* __restrict__ y,
+                                float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                 int64_t rows, int hidden, float eps) {
   __shared__ float shared[64];
   const float inv_h = 1.f / float(hidden);
@@ -53,9 +54,11 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x, const float* __restrict
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w (RMSNorm: no mean(g) term).
 template <typename T, bool kRms>
-__global__ void norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean_in,
-                                const float* __restrict__ rstd_in, const float* __restrict__ w, T* __restrict__ dx,
-                                float* __restrict__ partial, int64_t rows, int hidden) {
+__global__ void norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                const float* __restrict__ mean_in,
+                                const float* __restrict__ rstd_in, const float* __restrict__ w,
+                                T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
+                                int hidden) {
   __shared__ float shared[64];
   const float inv_h = 1.f / float(hidden);
   float* pw = partial + (int64_t)blockIdx.x * 2 * hidden;  // this block's dw, then db
@@ -88,8 +91,8 @@ __global__ void norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ 
   }
 }
 
-__global__ void sum_partials_kernel(const float* __restrict__ partial, int parts, int hidden, float* __restrict__ dw,
-                                    float* __restrict__ db) {
+__global__ void sum_partials_kernel(const float* __restrict__ partial, int parts, int hidden,
+                                    float* __restrict__ dw, float* __restrict__ db) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= hidden) return;
   float sw = 0.f, sb = 0.f;
@@ -101,12 +104,15 @@ __global__ void sum_partials_kernel(const float* __restrict__ partial, int parts
   if (db) db[j] = sb;
 }
 
-int64_t bwd_blocks(int64_t rows, int device) { return rows < 1 ? 1 : std::min<int64_t>(rows, 2 * sm_count(device)); }
+int64_t bwd_blocks(int64_t rows, int device) {
+  return rows < 1 ? 1 : std::min<int64_t>(rows, 2 * sm_count(device));
+}
 
 }  // namespace
 
-int norm_fwd(bool rms, int dtype, const void* x, const float* w, const float* b, void* y, float* mean, float* rstd,
-             int64_t rows, int64_t hidden, float eps, int device, void* stream) {
+int norm_fwd(bool rms, int dtype, const void* x, const float* w, const float* b, void* y,
+             float* mean, float* rstd, int64_t rows, int64_t hidden, float eps, int device,
+             void* stream) {
   if (rows == 0 || hidden == 0) return cudaSuccess;
   if (hidden > INT32_MAX) return cudaErrorInvalidValue;
   DeviceGuard guard(device);
@@ -117,19 +123,23 @@ int norm_fwd(bool rms, int dtype, const void* x, const float* w, const float* b,
   const bool known = visit_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     if (rms)
-      norm_fwd_kernel<T, true><<<blocks, threads, 0, s>>>(static_cast<const T*>(x), w, nullptr, static_cast<T*>(y),
-                                                          nullptr, rstd, rows, (int)hidden, eps);
+      norm_fwd_kernel<T, true><<<blocks, threads, 0, s>>>(static_cast<const T*>(x), w, nullptr,
+                                                          static_cast<T*>(y), nullptr, rstd, rows,
+                                                          (int)hidden, eps);
     else
-      norm_fwd_kernel<T, false><<<blocks, threads, 0, s>>>(static_cast<const T*>(x), w, b, static_cast<T*>(y), mean,
-                                                           rstd, rows, (int)hidden, eps);
+      norm_fwd_kernel<T, false><<<blocks, threads, 0, s>>>(
+          static_cast<const T*>(x), w, b, static_cast<T*>(y), mean, rstd, rows, (int)hidden, eps);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
-int64_t norm_bwd_workspace(int64_t rows, int64_t hidden, int device) { return bwd_blocks(rows, device) * 2 * hidden; }
+int64_t norm_bwd_workspace(int64_t rows, int64_t hidden, int device) {
+  return bwd_blocks(rows, device) * 2 * hidden;
+}
 
-int norm_bwd(bool rms, int dtype, const void* dy, const void* x, const float* mean, const float* rstd, const float* w,
-             void* dx, float* dw, float* db, float* workspace, int64_t rows, int64_t hidden, int device, void* stream) {
+int norm_bwd(bool rms, int dtype, const void* dy, const void* x, const float* mean,
+             const float* rstd, const float* w, void* dx, float* dw, float* db, float* workspace,
+             int64_t rows, int64_t hidden, int device, void* stream) {
   if (hidden == 0) return cudaSuccess;
   if (hidden > INT32_MAX) return cudaErrorInvalidValue;
   DeviceGuard guard(device);
@@ -138,22 +148,26 @@ int norm_bwd(bool rms, int dtype, const void* dy, const void* x, const float* me
   const int64_t blocks = bwd_blocks(rows, device);
   const int threads = threads_for(hidden);
   // With no rows the partials are never written: zero them so dw/db come out as zeros.
-  if (rows == 0) MEGALITE_CUDA_TRY(cudaMemsetAsync(workspace, 0, sizeof(float) * blocks * 2 * hidden, s));
+  if (rows == 0)
+    MEGALITE_CUDA_TRY(cudaMemsetAsync(workspace, 0, sizeof(float) * blocks * 2 * hidden, s));
   const bool known = visit_dtype(dtype, [&](auto t) {
     using T = decltype(t);
     if (rows == 0) return;
     if (rms)
-      norm_bwd_kernel<T, true><<<blocks, threads, 0, s>>>(static_cast<const T*>(dy), static_cast<const T*>(x), nullptr,
-                                                          rstd, w, static_cast<T*>(dx), workspace, rows, (int)hidden);
+      norm_bwd_kernel<T, true>
+          <<<blocks, threads, 0, s>>>(static_cast<const T*>(dy), static_cast<const T*>(x), nullptr,
+                                      rstd, w, static_cast<T*>(dx), workspace, rows, (int)hidden);
     else
-      norm_bwd_kernel<T, false><<<blocks, threads, 0, s>>>(static_cast<const T*>(dy), static_cast<const T*>(x), mean,
-                                                           rstd, w, static_cast<T*>(dx), workspace, rows, (int)hidden);
+      norm_bwd_kernel<T, false>
+          <<<blocks, threads, 0, s>>>(static_cast<const T*>(dy), static_cast<const T*>(x), mean,
+                                      rstd, w, static_cast<T*>(dx), workspace, rows, (int)hidden);
   });
   if (!known) return cudaErrorInvalidValue;
   MEGALITE_CUDA_TRY(cudaGetLastError());
   if (dw || db) {
     const int t = 256;
-    sum_partials_kernel<<<(hidden + t - 1) / t, t, 0, s>>>(workspace, (int)blocks, (int)hidden, dw, db);
+    sum_partials_kernel<<<(hidden + t - 1) / t, t, 0, s>>>(workspace, (int)blocks, (int)hidden, dw,
+                                                           db);
     MEGALITE_CUDA_TRY(cudaGetLastError());
   }
   return cudaSuccess;

@@ -49,7 +49,13 @@ def load_blending_kernel(library_path):
     """`megalite_build_blending_indices` from a shared library (tests load a standalone build)."""
     fn = ctypes.CDLL(library_path).megalite_build_blending_indices
     fn.restype = ctypes.c_int64
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    fn.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
     return fn
 
 
@@ -83,8 +89,13 @@ def build_blending_indices(weights, size, kernel=None):
     dataset_sample_index = np.zeros(size, dtype=np.int64)
     kernel = kernel if kernel is not None else _native()
     if kernel:
-        rc = kernel(weights.ctypes.data, len(weights), size, dataset_index.ctypes.data,
-                    dataset_sample_index.ctypes.data)
+        rc = kernel(
+            weights.ctypes.data,
+            len(weights),
+            size,
+            dataset_index.ctypes.data,
+            dataset_sample_index.ctypes.data,
+        )
         if rc != 0:
             raise RuntimeError(f"megalite_build_blending_indices failed with code {rc}")
     else:
@@ -104,23 +115,34 @@ class BlendedDataset(CachedIndices):
             raise ValueError("need one weight per dataset")
         weights = np.asarray(weights, dtype=np.float64)
         if (weights < 0).any() or weights.sum() <= 0:
-            raise MegaliteError(f"blend weights {weights.tolist()} must be non-negative and not all zero")
+            raise MegaliteError(
+                f"blend weights {weights.tolist()} must be non-negative and not all zero"
+            )
         self.datasets = list(datasets)
         self.weights = weights / weights.sum()
         self.size = int(size)
         self.split_name = split_name
         # The assignment depends only on the weights and the size.
-        key = {"class": "BlendedDataset", "format": INDEX_FORMAT,
-               "weights": [float.hex(float(w)) for w in self.weights], "size": self.size}
+        key = {
+            "class": "BlendedDataset",
+            "format": INDEX_FORMAT,
+            "weights": [float.hex(float(w)) for w in self.weights],
+            "size": self.size,
+        }
         self.cache = IndexCache(cache_dir, key, split_name, self.KINDS)
         arrays = self.cache.load()
         if arrays is None:
             if not allow_build:
-                raise MegaliteError(f"blend cache {self.cache.description} missing; it should have been built by rank 0")
+                raise MegaliteError(
+                    f"blend cache {self.cache.description} missing; it should have been built by "
+                    "rank 0"
+                )
             t0 = time.perf_counter()
             di, dsi = build_blending_indices(self.weights, self.size)
-            self.cache.save({"dataset_index": di, "dataset_sample_index": dsi},
-                            {"split": split_name, "build_seconds": round(time.perf_counter() - t0, 3)})
+            self.cache.save(
+                {"dataset_index": di, "dataset_sample_index": dsi},
+                {"split": split_name, "build_seconds": round(time.perf_counter() - t0, 3)},
+            )
             arrays = self.cache.load() or {"dataset_index": di, "dataset_sample_index": dsi}
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
@@ -128,7 +150,10 @@ class BlendedDataset(CachedIndices):
         counts = np.bincount(self.dataset_index, minlength=len(self.datasets))
         for d, (ds, need) in enumerate(zip(self.datasets, counts)):
             if need > len(ds):
-                raise MegaliteError(f"blend needs {need} samples from {ds!r} which has {len(ds)}; build it with more samples")
+                raise MegaliteError(
+                    f"blend needs {need} samples from {ds!r} which has {len(ds)}; build it with "
+                    "more samples"
+                )
 
     def __len__(self):
         return self.size
@@ -140,4 +165,5 @@ class BlendedDataset(CachedIndices):
         return self.datasets[int(self.dataset_index[idx])][int(self.dataset_sample_index[idx])]
 
     def __repr__(self):
-        return f"BlendedDataset({self.split_name}, {self.size} samples, weights {np.round(self.weights, 4).tolist()})"
+        weights = np.round(self.weights, 4).tolist()
+        return f"BlendedDataset({self.split_name}, {self.size} samples, weights {weights})"

@@ -39,7 +39,10 @@ def _check_args(split, seq_length, num_samples, seed):
         raise MegaliteError(f"seq_length must be a positive integer, got {seq_length!r}")
     num_samples = tuple(num_samples)
     if len(num_samples) != 3 or any(_as_int(n) is None or n < 0 for n in num_samples):
-        raise MegaliteError(f"num_samples must be three non-negative integers (train, valid, test), got {num_samples!r}")
+        raise MegaliteError(
+            "num_samples must be three non-negative integers (train, valid, test), got "
+            f"{num_samples!r}"
+        )
     if _as_int(seed) is None or not 0 <= seed < 2**32:
         raise MegaliteError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     return parse_split(split), tuple(int(n) for n in num_samples)
@@ -65,14 +68,23 @@ def _materialize(prefixes, weights, split_weights, seq_length, num_samples, seed
                     f"weights {[round(x, 4) for x in split_weights]}); raise its --split weight or "
                     f"request no {name} samples"
                 )
-            n = num_samples[s] if len(prefixes) == 1 else int(math.ceil(num_samples[s] * w * BLEND_MARGIN))
-            parts.append((GPTDataset(ds, name, (begin, end), seq_length, max(n, 1), seed, cache_dir), w))
+            n = (
+                num_samples[s]
+                if len(prefixes) == 1
+                else int(math.ceil(num_samples[s] * w * BLEND_MARGIN))
+            )
+            parts.append(
+                (GPTDataset(ds, name, (begin, end), seq_length, max(n, 1), seed, cache_dir), w)
+            )
         if len(parts) == 1:
             result.append(parts[0][0])
         else:
             blend_dir = cache_dir or default_cache_dir(prefixes[0])
-            result.append(BlendedDataset([p[0] for p in parts], [p[1] for p in parts], num_samples[s],
-                                         blend_dir, name))
+            result.append(
+                BlendedDataset(
+                    [p[0] for p in parts], [p[1] for p in parts], num_samples[s], blend_dir, name
+                )
+            )
     return tuple(result)
 
 
@@ -90,8 +102,9 @@ def _distributed():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def build_train_valid_test_datasets(data_path, split, seq_length, num_samples, seed,
-                                    cache_dir=None, group=None):
+def build_train_valid_test_datasets(
+    data_path, split, seq_length, num_samples, seed, cache_dir=None, group=None
+):
     """(train, valid, test): GPTDataset, BlendedDataset or None (weight 0 or 0 samples).
 
     data_path: Megatron style ['0.3', 'A', '0.7', 'B'], ['A'] or ['A', 'B']; split: '969,30,1';

@@ -64,7 +64,9 @@ def parse_data_path(data_path):
         data_path = [data_path]
     items = [tok for item in (data_path or []) for tok in str(item).split()]
     if not items:
-        raise MegaliteError("--data-path is empty; give a shard prefix such as data/shakespeare_text_document")
+        raise MegaliteError(
+            "--data-path is empty; give a shard prefix such as data/shakespeare_text_document"
+        )
     numeric = [_is_number(s) for s in items]
     if not any(numeric):
         prefixes, weights = items, [1.0] * len(items)
@@ -73,7 +75,8 @@ def parse_data_path(data_path):
         prefixes = items[1::2]
     else:
         raise MegaliteError(
-            f"cannot parse --data-path {' '.join(items)!r}: give prefixes alone (A B) or weight/prefix "
+            f"cannot parse --data-path {' '.join(items)!r}: give prefixes alone (A B) or "
+            "weight/prefix "
             f"pairs (0.3 A 0.7 B)"
         )
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
@@ -229,8 +232,9 @@ class CachedIndices:
         self.__dict__.update(state)
         arrays = self.cache.load()
         if arrays is None:
-            raise MegaliteError(f"index cache {self.cache.description} disappeared; rebuild by "
-                                f"restarting")
+            raise MegaliteError(
+                f"index cache {self.cache.description} disappeared; rebuild by restarting"
+            )
         for k in self.KINDS:
             setattr(self, k, arrays[k])
 
@@ -245,15 +249,26 @@ class GPTDataset(CachedIndices):
 
     KINDS = ("document_index", "sample_index", "shuffle_index")
 
-    def __init__(self, indexed, split_name, document_range, seq_length, num_samples, seed,
-                 cache_dir=None, allow_build=True):
+    def __init__(
+        self,
+        indexed,
+        split_name,
+        document_range,
+        seq_length,
+        num_samples,
+        seed,
+        cache_dir=None,
+        allow_build=True,
+    ):
         self.indexed = indexed if isinstance(indexed, IndexedDataset) else IndexedDataset(indexed)
         self.split_name = split_name
         self.seq_length = int(seq_length)
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         if self.seq_length < 1 or self.num_samples < 1:
-            raise MegaliteError(f"seq_length ({seq_length}) and num_samples ({num_samples}) must be positive")
+            raise MegaliteError(
+                f"seq_length ({seq_length}) and num_samples ({num_samples}) must be positive"
+            )
         if not 0 <= self.seed < 2**32:
             raise MegaliteError(f"seed {seed} out of range; use an integer in [0, 2**32)")
         ndocs = self.indexed.num_documents
@@ -270,27 +285,38 @@ class GPTDataset(CachedIndices):
                 f"the {split_name} split of {self.indexed.path_prefix} (documents {begin}..{end}) "
                 f"holds no tokens; give it a larger --split weight or request 0 samples from it"
             )
-        self.num_epochs = num_epochs_needed(self.tokens_per_epoch, self.seq_length, self.num_samples)
+        self.num_epochs = num_epochs_needed(
+            self.tokens_per_epoch, self.seq_length, self.num_samples
+        )
 
         key = {
             "class": "GPTDataset",
             "format": INDEX_FORMAT,
             "sequence_range": list(self.sequence_range),
-            "lengths_blake2b": hashlib.blake2b(np.ascontiguousarray(lengths).data, digest_size=16).hexdigest(),
+            "lengths_blake2b": hashlib.blake2b(
+                np.ascontiguousarray(lengths).data, digest_size=16
+            ).hexdigest(),
             "seq_length": self.seq_length,
             "num_epochs": self.num_epochs,
             "seed": self.seed,
         }
-        self.cache = IndexCache(cache_dir or default_cache_dir(self.indexed.path_prefix), key,
-                                split_name, self.KINDS)
+        self.cache = IndexCache(
+            cache_dir or default_cache_dir(self.indexed.path_prefix), key, split_name, self.KINDS
+        )
         arrays = self.cache.load()
         if arrays is None:
             if not allow_build:
-                raise MegaliteError(f"index cache {self.cache.description} missing; it should have been built by rank 0")
+                raise MegaliteError(
+                    f"index cache {self.cache.description} missing; it should have been built by "
+                    "rank 0"
+                )
             self._build()
             arrays = self.cache.load()
             if arrays is None:
-                raise MegaliteError(f"index cache {self.cache.description} vanished right after it was written; is {self.cache.dir} shared and stable?")
+                raise MegaliteError(
+                    f"index cache {self.cache.description} vanished right after it was written; "
+                    f"is {self.cache.dir} shared and stable?"
+                )
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]
@@ -306,15 +332,31 @@ class GPTDataset(CachedIndices):
         shuffle_index = build_shuffle_index(total, self.seq_length, self.tokens_per_epoch, rng)
         seconds = time.perf_counter() - t0
         self.cache.save(
-            {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index},
-            {"prefix": self.indexed.path_prefix, "split": self.split_name,
-             "num_samples_requested": self.num_samples, "num_samples_built": int(total),
-             "tokens_per_epoch": self.tokens_per_epoch, "build_seconds": round(seconds, 3)},
+            {
+                "document_index": document_index,
+                "sample_index": sample_index,
+                "shuffle_index": shuffle_index,
+            },
+            {
+                "prefix": self.indexed.path_prefix,
+                "split": self.split_name,
+                "num_samples_requested": self.num_samples,
+                "num_samples_built": int(total),
+                "tokens_per_epoch": self.tokens_per_epoch,
+                "build_seconds": round(seconds, 3),
+            },
         )
         logger.info(
-            "built %s index for %s: %d samples of %d tokens over %d epoch(s) of %d tokens in %.2f s -> %s",
-            self.split_name, self.indexed.path_prefix, total, self.seq_length, self.num_epochs,
-            self.tokens_per_epoch, seconds, self.cache.dir,
+            "built %s index for %s: %d samples of %d tokens over %d epoch(s) of %d tokens in %.2f "
+            "s -> %s",
+            self.split_name,
+            self.indexed.path_prefix,
+            total,
+            self.seq_length,
+            self.num_epochs,
+            self.tokens_per_epoch,
+            seconds,
+            self.cache.dir,
         )
 
     def __len__(self):
@@ -336,5 +378,7 @@ class GPTDataset(CachedIndices):
         return np.concatenate(parts).astype(np.int64)
 
     def __repr__(self):
-        return (f"GPTDataset({self.indexed.path_prefix!r}, {self.split_name}, {len(self)} samples "
-                f"of {self.seq_length}+1 tokens, {self.num_epochs} epoch(s))")
+        return (
+            f"GPTDataset({self.indexed.path_prefix!r}, {self.split_name}, {len(self)} samples "
+            f"of {self.seq_length}+1 tokens, {self.num_epochs} epoch(s))"
+        )

@@ -206,7 +206,9 @@ class IndexedDataset:
         if length is None:
             length = seq_len - offset
         if offset < 0 or length < 0 or offset + length > seq_len:
-            raise IndexError(f"tokens [{offset}, {offset + length}) outside sequence {idx} of length {seq_len}")
+            raise IndexError(
+                f"tokens [{offset}, {offset + length}) outside sequence {idx} of length {seq_len}"
+            )
         ptr = int(self.sequence_pointers[idx]) + offset * self.dtype.itemsize
         return np.frombuffer(self._bin, self.dtype, count=length, offset=ptr)
 
@@ -250,7 +252,8 @@ class IndexedDatasetWriter:
             self._docs_f = open(self._doc_tmp, "wb")
         except OSError as e:
             raise MegaliteError(
-                f"cannot write {e.filename or self._bin_tmp} ({e.strerror or e}); choose a writable output prefix"
+                f"cannot write {e.filename or self._bin_tmp} ({e.strerror or e}); choose a "
+                "writable output prefix"
             ) from e
         self._lens, self._docs = [], []  # buffered int32 / int64 arrays
         self._buffered = 0
@@ -327,7 +330,9 @@ class IndexedDatasetWriter:
         lengths = np.asarray(lengths, dtype=np.int64)
         tokens = np.asarray(tokens)
         if int(lengths.sum()) != tokens.size:
-            raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
+            raise ValueError(
+                f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given"
+            )
         self._write_tokens(tokens)
         self._push(lengths=lengths)
         self.num_sequences += len(lengths)
@@ -340,7 +345,9 @@ class IndexedDatasetWriter:
         if self._open:
             raise RuntimeError("add_documents while a sequence is open; call close_item first")
         if int(lengths.sum()) != np.size(tokens):
-            raise ValueError(f"lengths sum to {int(lengths.sum())} but {np.size(tokens)} tokens were given")
+            raise ValueError(
+                f"lengths sum to {int(lengths.sum())} but {np.size(tokens)} tokens were given"
+            )
         self._write_tokens(tokens)
         self._push(lengths=lengths)
         first = self.num_sequences
@@ -350,7 +357,9 @@ class IndexedDatasetWriter:
 
     def add_index(self, path_prefix, chunk_tokens=1 << 24):
         """Append every document of another shard (streamed; converts the dtype if needed)."""
-        other = path_prefix if isinstance(path_prefix, IndexedDataset) else IndexedDataset(path_prefix)
+        other = (
+            path_prefix if isinstance(path_prefix, IndexedDataset) else IndexedDataset(path_prefix)
+        )
         if self._open:
             raise RuntimeError("add_index while a sequence is open; call close_item first")
         if other.dtype == self.dtype:
@@ -363,7 +372,9 @@ class IndexedDatasetWriter:
             for start in range(0, other.num_tokens, chunk_tokens):
                 count = min(chunk_tokens, other.num_tokens - start)
                 self._write_tokens(
-                    np.frombuffer(other._bin, other.dtype, count=count, offset=start * other.dtype.itemsize)
+                    np.frombuffer(
+                        other._bin, other.dtype, count=count, offset=start * other.dtype.itemsize
+                    )
                 )
         step = self._SPOOL_FLUSH
         for s in range(0, len(other), step):

@@ -31,8 +31,11 @@ def expand_inputs(patterns):
     files = []
     for pat in patterns:
         if os.path.isdir(pat):
-            matched = sorted(os.path.join(pat, f) for f in os.listdir(pat)
-                             if not f.startswith(".") and os.path.isfile(os.path.join(pat, f)))
+            matched = sorted(
+                os.path.join(pat, f)
+                for f in os.listdir(pat)
+                if not f.startswith(".") and os.path.isfile(os.path.join(pat, f))
+            )
         else:
             matched = sorted(f for f in glob.glob(pat, recursive=True) if os.path.isfile(f))
         if not matched:
@@ -66,7 +69,14 @@ class Unit:
     __slots__ = ("path", "line", "offset", "data", "first", "last")
 
     def __init__(self, path, line, offset, data, first=True, last=True):
-        self.path, self.line, self.offset, self.data, self.first, self.last = path, line, offset, data, first, last
+        self.path, self.line, self.offset, self.data, self.first, self.last = (
+            path,
+            line,
+            offset,
+            data,
+            first,
+            last,
+        )
 
 
 def read_units(path, chunk_bytes, cut):
@@ -86,7 +96,7 @@ def read_units(path, chunk_bytes, cut):
             except (OSError, EOFError, zlib.error) as e:
                 raise MegaliteError(f"{path}: cannot read ({e}); is the file complete?") from e
             if start:
-                data, start = (data[len(BOM):] if data.startswith(BOM) else data), False
+                data, start = (data[len(BOM) :] if data.startswith(BOM) else data), False
             if not data:
                 break
             pos = cut(data)
@@ -221,7 +231,9 @@ def _parse(units):
                 try:
                     obj = loads(line)
                 except ValueError as e:
-                    raise MegaliteError(f"{unit.path}:{unit.line + n}: not valid JSON ({e}); fix or remove the line") from None
+                    raise MegaliteError(
+                        f"{unit.path}:{unit.line + n}: not valid JSON ({e}); fix or remove the line"
+                    ) from None
                 try:  # the common single-key case without a generator per line: it is the hot loop
                     texts = (obj[single],) if single is not None else tuple(obj[k] for k in keys)
                 except (KeyError, TypeError, IndexError):
@@ -300,7 +312,17 @@ def process(units):
             docs = [d for d, kk in zip(docs, keep) if kk]
     hashes = None
     if _W["dedup"]:
-        hashes = [hashlib.blake2b("\x1f".join(d).encode("utf-8", "surrogatepass"), digest_size=16).digest()
-                  for d in docs]
-    return {"tokens": tokens, "lengths": lengths, "hashes": hashes, "chars": chars, "pieces": pieces,
-            "dropped": dropped}
+        hashes = [
+            hashlib.blake2b(
+                "\x1f".join(d).encode("utf-8", "surrogatepass"), digest_size=16
+            ).digest()
+            for d in docs
+        ]
+    return {
+        "tokens": tokens,
+        "lengths": lengths,
+        "hashes": hashes,
+        "chars": chars,
+        "pieces": pieces,
+        "dropped": dropped,
+    }

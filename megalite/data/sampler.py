@@ -13,8 +13,15 @@ from megalite.errors import MegaliteError
 
 
 class PretrainingSampler:
-    def __init__(self, total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
-                 data_parallel_size, drop_last=True):
+    def __init__(
+        self,
+        total_samples,
+        consumed_samples,
+        micro_batch_size,
+        data_parallel_rank,
+        data_parallel_size,
+        drop_last=True,
+    ):
         self.total_samples = int(total_samples)
         self.consumed_samples = int(consumed_samples)
         self.micro_batch_size = int(micro_batch_size)
@@ -25,7 +32,8 @@ class PretrainingSampler:
             raise MegaliteError(f"the dataset has no samples (total_samples={total_samples})")
         if self.micro_batch_size < 1 or self.data_parallel_size < 1:
             raise MegaliteError(
-                f"micro_batch_size ({micro_batch_size}) and data_parallel_size ({data_parallel_size}) must be positive"
+                f"micro_batch_size ({micro_batch_size}) and data_parallel_size "
+                f"({data_parallel_size}) must be positive"
             )
         if not 0 <= self.data_parallel_rank < self.data_parallel_size:
             raise MegaliteError(
@@ -33,7 +41,8 @@ class PretrainingSampler:
             )
         if not 0 <= self.consumed_samples <= self.total_samples:
             raise MegaliteError(
-                f"consumed_samples {consumed_samples} is beyond the dataset's {total_samples} samples; "
+                f"consumed_samples {consumed_samples} is beyond the dataset's {total_samples} "
+                "samples; "
                 f"the checkpoint belongs to a longer run: build the dataset with more samples"
             )
         self.global_batch = self.micro_batch_size * self.data_parallel_size

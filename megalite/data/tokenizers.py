@@ -20,7 +20,15 @@ import numpy as np
 from megalite.errors import MegaliteError
 
 # Token strings that mean "end of document" in common tokenizer.json files, in preference order.
-HF_EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<eod>", "[EOS]", "<|eos|>")
+HF_EOD_CANDIDATES = (
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<eod>",
+    "[EOS]",
+    "<|eos|>",
+)
 
 _ALIASES = {
     "sentencepiece": "sentencepiece",
@@ -94,13 +102,19 @@ class HuggingFaceTokenizer:
                 "the huggingface tokenizer needs the `tokenizers` package, which is not "
                 "installed; run `pip install tokenizers` or use --tokenizer-type sentencepiece"
             ) from e
-        path = os.path.join(model_path, "tokenizer.json") if os.path.isdir(model_path) else model_path
+        path = (
+            os.path.join(model_path, "tokenizer.json") if os.path.isdir(model_path) else model_path
+        )
         if not os.path.isfile(path):
-            raise MegaliteError(f"{path} not found; pass a tokenizer.json file or a directory holding one")
+            raise MegaliteError(
+                f"{path} not found; pass a tokenizer.json file or a directory holding one"
+            )
         try:
             self.tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the Rust side raises plain Exception subclasses
-            raise MegaliteError(f"{path} is not a huggingface tokenizer.json ({e}); check the file") from e
+            raise MegaliteError(
+                f"{path} is not a huggingface tokenizer.json ({e}); check the file"
+            ) from e
         self.model_path = path
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         vocab = self.tok.get_vocab(with_added_tokens=True)
@@ -145,7 +159,10 @@ class ByteTokenizer:
 
 def infer_tokenizer_type(tokenizer_model):
     if tokenizer_model is None:
-        raise MegaliteError("no tokenizer model given; pass --tokenizer-model (a sentencepiece .model or a tokenizer.json)")
+        raise MegaliteError(
+            "no tokenizer model given; pass --tokenizer-model (a sentencepiece .model or a "
+            "tokenizer.json)"
+        )
     if tokenizer_model.endswith(".model"):
         return "sentencepiece"
     if tokenizer_model.endswith(".json") or os.path.isdir(tokenizer_model):
@@ -172,7 +189,8 @@ def build_tokenizer(tokenizer_type, tokenizer_model):
         raise MegaliteError(f"the {kind} tokenizer needs --tokenizer-model")
     if kind == "sentencepiece" and not os.path.isfile(tokenizer_model):
         raise MegaliteError(
-            f"{tokenizer_model} not found; pass a sentencepiece .model (train one with tools/train_tokenizer.py)"
+            f"{tokenizer_model} not found; pass a sentencepiece .model (train one with "
+            "tools/train_tokenizer.py)"
         )
     if kind == "sentencepiece":
         return SentencePieceTokenizer(tokenizer_model)

@@ -30,9 +30,14 @@ from megalite import ops
 from megalite.config import Config, ModelConfig
 from megalite.parallel import state
 from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megalite.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                      VocabParallelEmbedding, column_parallel_linear,
-                                      group_replicas, init_parameters)
+from megalite.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    column_parallel_linear,
+    group_replicas,
+    init_parameters,
+)
 from megalite.parallel.random import checkpoint, tracker
 from megalite.parallel.tags import tag
 from megalite.parallel.tensor import gather_from_tp, scatter_to_sp
@@ -44,8 +49,11 @@ def make_norm(cfg: ModelConfig, sequence_parallel: bool, dtype=None) -> nn.Modul
     else:
         norm = ops.FusedLayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon, dtype=dtype)
     for name, p in norm.named_parameters():
-        tag(p, init=("ones",) if name == "weight" else ("zeros",),
-            sequence_parallel=sequence_parallel)
+        tag(
+            p,
+            init=("ones",) if name == "weight" else ("zeros",),
+            sequence_parallel=sequence_parallel,
+        )
     return norm
 
 
@@ -69,8 +77,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(device))              # [s, d/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]       # [s, 1, 1, d]
+        freqs = torch.outer(pos, self.inv_freq.to(device))  # [s, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [s, 1, 1, d]
         return emb.cos(), emb.sin()
 
 
@@ -91,39 +99,54 @@ class Attention(nn.Module):
     of its query heads and a replica of its key and value heads (the tag's `group_layout`).
     """
 
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, output_std: float, dtype=None,
-                 recompute_core: bool = False):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        sequence_parallel: bool,
+        output_std: float,
+        dtype=None,
+        recompute_core: bool = False,
+    ):
         super().__init__()
         tp = state.get().tp
         self.head_dim = d = cfg.hidden_size // cfg.num_attention_heads
         groups = cfg.num_query_groups
         q_per_group = cfg.num_attention_heads // groups
-        layout = (groups, q_per_group * d, 2 * d)        # per group: q heads | k, v (rows)
+        layout = (groups, q_per_group * d, 2 * d)  # per group: q heads | k, v (rows)
         replicas = group_replicas(layout, tp)
         self.local_groups = max(groups // tp, 1)
-        self.q_per_group = q_per_group // replicas       # query heads per local group
+        self.q_per_group = q_per_group // replicas  # query heads per local group
         self.attention_dropout = cfg.attention_dropout
         self.recompute_core = recompute_core
         bias = not cfg.disable_bias_linear
         qkv_out = groups * (q_per_group + 2) * d
-        self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, bias=bias,
-                                               sequence_parallel=sequence_parallel,
-                                               init_std=cfg.init_method_std,
-                                               group_layout=layout, dtype=dtype)
-        self.linear_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim,
-                                             cfg.hidden_size, bias=bias,
-                                             sequence_parallel=sequence_parallel,
-                                             init_std=output_std, dtype=dtype)
+        self.linear_qkv = ColumnParallelLinear(
+            cfg.hidden_size,
+            qkv_out,
+            bias=bias,
+            sequence_parallel=sequence_parallel,
+            init_std=cfg.init_method_std,
+            group_layout=layout,
+            dtype=dtype,
+        )
+        self.linear_proj = RowParallelLinear(
+            cfg.num_attention_heads * self.head_dim,
+            cfg.hidden_size,
+            bias=bias,
+            sequence_parallel=sequence_parallel,
+            init_std=output_std,
+            dtype=dtype,
+        )
 
     def forward(self, x, rotary=None):
-        qkv = self.linear_qkv(x)                          # [s, b, g*(q+2)*d] (g local groups)
+        qkv = self.linear_qkv(x)  # [s, b, g*(q+2)*d] (g local groups)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_groups, self.q_per_group + 2, self.head_dim)
         # One split (its backward is one cat) rather than three slices (each of which would
         # backpropagate through a zero-filled tensor of qkv's size).
         q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)
-        q = q.reshape(s, b, -1, self.head_dim)            # [s, b, n, d]
-        k, v = k.squeeze(3), v.squeeze(3)                 # [s, b, g, d]
+        q = q.reshape(s, b, -1, self.head_dim)  # [s, b, n, d]
+        k, v = k.squeeze(3), v.squeeze(3)  # [s, b, g, d]
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -131,16 +154,17 @@ class Attention(nn.Module):
         if self.recompute_core and torch.is_grad_enabled():
             o = checkpoint(self.core_attention, q, k, v)
         else:
-            o = self.core_attention(q, k, v)              # [b, n, s, d]
-        o = o.permute(2, 0, 1, 3).reshape(s, b, -1)       # [s, b, n*d]
-        return self.linear_proj(o)                        # [s, b, h]
+            o = self.core_attention(q, k, v)  # [b, n, s, d]
+        o = o.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, n*d]
+        return self.linear_proj(o)  # [s, b, h]
 
     def core_attention(self, q, k, v):
         # Heads differ per TP rank, so dropout on the probabilities uses the TP-rank stream.
         p = self.attention_dropout if self.training else 0.0
         with tracker.fork() if p > 0 else contextlib.nullcontext():
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                                  enable_gqa=self.q_per_group > 1)
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=True, enable_gqa=self.q_per_group > 1
+            )
 
 
 class MLP(nn.Module):
@@ -152,23 +176,34 @@ class MLP(nn.Module):
         self.swiglu = cfg.swiglu
         bias = not cfg.disable_bias_linear
         self.linear_fc1 = ColumnParallelLinear(
-            cfg.hidden_size, 2 * ffn if self.swiglu else ffn, bias=bias,
-            sequence_parallel=sequence_parallel, init_std=cfg.init_method_std,
-            stride=2 if self.swiglu else 1, dtype=dtype)
-        self.linear_fc2 = RowParallelLinear(ffn, cfg.hidden_size, bias=bias,
-                                            sequence_parallel=sequence_parallel,
-                                            init_std=output_std, dtype=dtype)
+            cfg.hidden_size,
+            2 * ffn if self.swiglu else ffn,
+            bias=bias,
+            sequence_parallel=sequence_parallel,
+            init_std=cfg.init_method_std,
+            stride=2 if self.swiglu else 1,
+            dtype=dtype,
+        )
+        self.linear_fc2 = RowParallelLinear(
+            ffn,
+            cfg.hidden_size,
+            bias=bias,
+            sequence_parallel=sequence_parallel,
+            init_std=output_std,
+            dtype=dtype,
+        )
 
     def forward(self, x):
-        h = self.linear_fc1(x)                            # [s, b, ffn/tp] (x2 for SwiGLU)
+        h = self.linear_fc1(x)  # [s, b, ffn/tp] (x2 for SwiGLU)
         # fused kernels: silu(gate) * up, gelu_tanh, each one pass fwd and one bwd
         h = ops.swiglu(h) if self.swiglu else ops.gelu_tanh(h)
-        return self.linear_fc2(h)                         # [s, b, h]
+        return self.linear_fc2(h)  # [s, b, h]
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, sequence_parallel: bool, dtype=None,
-                 recompute_core: bool = False):
+    def __init__(
+        self, cfg: ModelConfig, sequence_parallel: bool, dtype=None, recompute_core: bool = False
+    ):
         super().__init__()
         # GPT-2 / Megatron scaled init: residual-branch outputs get std / sqrt(2 L).
         output_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
@@ -181,19 +216,28 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x, rotary=None):
         # x [s, b, h]
-        drop = lambda t: dropout(t, self.hidden_dropout, self.training,  # noqa: E731
-                                 self.sequence_parallel)
+        def drop(t):
+            return dropout(t, self.hidden_dropout, self.training, self.sequence_parallel)
+
         x = x + drop(self.attention(self.input_norm(x), rotary))
         return x + drop(self.mlp(self.pre_mlp_norm(x)))
 
 
 class GPTModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, *, sequence_parallel: bool = False,
-                 pre_process: bool = True, post_process: bool = True,
-                 layer_numbers: Optional[list[int]] = None, dtype=None,
-                 unpadded_vocab_size: Optional[int] = None,
-                 recompute_granularity: Optional[str] = None,
-                 recompute_num_layers: Optional[int] = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        *,
+        sequence_parallel: bool = False,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_numbers: Optional[list[int]] = None,
+        dtype=None,
+        unpadded_vocab_size: Optional[int] = None,
+        recompute_granularity: Optional[str] = None,
+        recompute_num_layers: Optional[int] = None,
+    ):
         """vocab_size: the padded vocabulary; unpadded_vocab_size: the real one (the loss
         ignores the padding ids, so it is the same for every TP size; default: all real).
         layer_numbers: global numbers of this stage's layers (default: all).
@@ -204,8 +248,9 @@ class GPTModel(nn.Module):
         self.vocab_size = vocab_size
         self.unpadded_vocab_size = unpadded_vocab_size or vocab_size
         if recompute_granularity not in (None, "full", "selective"):
-            raise ValueError(f"recompute_granularity {recompute_granularity!r}: "
-                             f"use None, 'full' or 'selective'")
+            raise ValueError(
+                f"recompute_granularity {recompute_granularity!r}: use None, 'full' or 'selective'"
+            )
         self.pre_process, self.post_process = pre_process, post_process
         self.sequence_parallel = sequence_parallel and state.get().tp > 1
         sp = self.sequence_parallel
@@ -215,20 +260,26 @@ class GPTModel(nn.Module):
         if pre_process:
             self.embedding = nn.Module()
             self.embedding.word_embeddings = VocabParallelEmbedding(
-                vocab_size, cfg.hidden_size, sequence_parallel=sp, init_std=std, dtype=dtype)
+                vocab_size, cfg.hidden_size, sequence_parallel=sp, init_std=std, dtype=dtype
+            )
             if self.tied:
                 tag(self.embedding.word_embeddings.weight, tied_embedding="input")
             if cfg.position_embedding_type == "learned_absolute":
                 self.embedding.position_embeddings = nn.Embedding(
-                    cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype)
+                    cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype
+                )
                 tag(self.embedding.position_embeddings.weight, init=("normal", std))
-        self.rotary = (RotaryEmbedding(cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_base)
-                       if cfg.position_embedding_type == "rope" else None)
+        self.rotary = (
+            RotaryEmbedding(cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_base)
+            if cfg.position_embedding_type == "rope"
+            else None
+        )
 
         numbers = list(range(cfg.num_layers) if layer_numbers is None else layer_numbers)
         selective = recompute_granularity == "selective"
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, sp, dtype, selective)
-                                     for i in numbers})
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerLayer(cfg, sp, dtype, selective) for i in numbers}
+        )
         # full recompute: the first N layers of this stage (Megatron's "block" method)
         self.recompute_layers = 0
         if recompute_granularity == "full":
@@ -238,13 +289,21 @@ class GPTModel(nn.Module):
             self.final_norm = make_norm(cfg, sp, dtype)
             if not (self.tied and pre_process):
                 self.output_layer = ColumnParallelLinear(
-                    cfg.hidden_size, vocab_size, bias=False, sequence_parallel=sp,
-                    init_std=std, dtype=dtype)
+                    cfg.hidden_size,
+                    vocab_size,
+                    bias=False,
+                    sequence_parallel=sp,
+                    init_std=std,
+                    dtype=dtype,
+                )
                 if self.tied:
                     # The last pipeline stage's copy of the tied embedding: it starts equal to
                     # the first stage's and their grads are summed over the embedding group.
-                    tag(self.output_layer.weight, tied_embedding="output",
-                        init_name="embedding.word_embeddings.weight")
+                    tag(
+                        self.output_layer.weight,
+                        tied_embedding="output",
+                        init_name="embedding.word_embeddings.weight",
+                    )
 
     def output_weight(self):
         if hasattr(self, "output_layer"):
@@ -271,9 +330,9 @@ class GPTModel(nn.Module):
             rotary = self.rotary(seq, x.device)
         for i, layer in enumerate(self.layers.values()):
             if i < self.recompute_layers and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rotary)          # keeps only x; reruns in backward
+                x = checkpoint(layer, x, rotary)  # keeps only x; reruns in backward
             else:
-                x = layer(x, rotary)                      # [s, b, h] ([s/tp, b, h] with SP)
+                x = layer(x, rotary)  # [s, b, h] ([s/tp, b, h] with SP)
         if not self.post_process:
             return x
         x = self.final_norm(x)
@@ -281,9 +340,10 @@ class GPTModel(nn.Module):
         output = column_parallel_linear(x, self.output_weight(), None, self.sequence_parallel)
         if labels is None:
             return output
-        loss = vocab_parallel_cross_entropy(output, labels.t(),
-                                            vocab_size=self.unpadded_vocab_size)  # [s, b]
-        return loss.t()                                                          # [b, s]
+        loss = vocab_parallel_cross_entropy(
+            output, labels.t(), vocab_size=self.unpadded_vocab_size
+        )  # [s, b]
+        return loss.t()  # [b, s]
 
     @torch.no_grad()
     def full_logits(self, tokens):
@@ -302,11 +362,21 @@ def num_parameters(cfg: ModelConfig, vocab_size: int) -> dict:
     fc1_out = 2 * ffn if cfg.swiglu else ffn
     norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
     qkv_out = groups * (heads // groups + 2) * d
-    layer = (h * qkv_out + bias * qkv_out + heads * d * h + bias * h
-             + h * fc1_out + bias * fc1_out + ffn * h + bias * h + 2 * norm)
+    layer = (
+        h * qkv_out
+        + bias * qkv_out
+        + heads * d * h
+        + bias * h
+        + h * fc1_out
+        + bias * fc1_out
+        + ffn * h
+        + bias * h
+        + 2 * norm
+    )
     embedding = vocab_size * h
-    position = h * cfg.max_position_embeddings \
-        if cfg.position_embedding_type == "learned_absolute" else 0
+    position = (
+        h * cfg.max_position_embeddings if cfg.position_embedding_type == "learned_absolute" else 0
+    )
     output = 0 if not cfg.untie_embeddings_and_output_weights else vocab_size * h
     total = L * layer + embedding + position + output + norm
     return {"total": total, "non_embedding": L * layer + norm}
@@ -322,6 +392,7 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
 
 # -- this rank's model ------------------------------------------------------------------------
 
+
 def build_model(cfg: Config, vocab_size: int, unpadded_vocab_size: int) -> list:
     """This rank's model chunks (one per virtual pipeline stage; one without interleaving),
     built for its pipeline stage and TP slice, each initialised from the seed alone, on the
@@ -331,12 +402,17 @@ def build_model(cfg: Config, vocab_size: int, unpadded_vocab_size: int) -> list:
     chunks = []
     for c, layers in enumerate(cfg.pipeline_layout()[st.pp_rank]):
         # The embedding lives on the first virtual stage, head and loss on the last.
-        model = GPTModel(cfg.model, vocab_size, pre_process=st.is_first_stage and c == 0,
-                         post_process=st.is_last_stage and c == vp - 1, layer_numbers=layers,
-                         sequence_parallel=cfg.parallel.sequence_parallel,
-                         unpadded_vocab_size=unpadded_vocab_size,
-                         recompute_granularity=cfg.parallel.recompute_granularity,
-                         recompute_num_layers=cfg.parallel.recompute_num_layers)
+        model = GPTModel(
+            cfg.model,
+            vocab_size,
+            pre_process=st.is_first_stage and c == 0,
+            post_process=st.is_last_stage and c == vp - 1,
+            layer_numbers=layers,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            unpadded_vocab_size=unpadded_vocab_size,
+            recompute_granularity=cfg.parallel.recompute_granularity,
+            recompute_num_layers=cfg.parallel.recompute_num_layers,
+        )
         init_parameters(model, cfg.training.seed)
         chunks.append(model.to(st.device))
     return chunks

@@ -13,7 +13,17 @@ from megalite.ops.norms import FusedLayerNorm, FusedRMSNorm, layer_norm, rms_nor
 from megalite.ops.reductions import sum_of_squares
 
 __all__ = [
-    "FusedLayerNorm", "FusedRMSNorm", "flatten_into", "fused_adamw_", "gelu_tanh",
-    "kernel_report", "layer_norm", "linear", "multi_tensor_adamw_", "rms_norm",
-    "sum_of_squares", "swiglu", "unflatten_from",
+    "FusedLayerNorm",
+    "FusedRMSNorm",
+    "flatten_into",
+    "fused_adamw_",
+    "gelu_tanh",
+    "kernel_report",
+    "layer_norm",
+    "linear",
+    "multi_tensor_adamw_",
+    "rms_norm",
+    "sum_of_squares",
+    "swiglu",
+    "unflatten_from",
 ]

@@ -13,7 +13,7 @@ Both are differentiable. Which implementation runs (megalite/ops/dispatch.py):
     CUDA kernel for them).
   - MEGALITE_KERNELS=reference, other dtypes (fp64: gradcheck), other devices, functorch
     transforms: the pure-PyTorch expressions (megalite.ops.reference), differentiated by torch.
-The autograd Functions below take any module with the kernels' forward/backward pair
+The autograd Function below takes any module with the kernels' forward/backward pair
 (`gelu_tanh_fwd(x)`, `gelu_tanh_bwd(dy, x)`, `swiglu_fwd(h)`, `swiglu_bwd(dy, h)`); the C++ nodes
 are the same computation without the Python Function around it.
 
@@ -53,34 +53,21 @@ def _module(op, x):
     return choose(op, x.device)[1]
 
 
-class _GeluTanhFn(torch.autograd.Function):
+class _SavedInputFn(torch.autograd.Function):
+    """An elementwise op whose backward needs only its input: fwd(x), bwd(dy, x)."""
+
     @staticmethod
-    def forward(ctx, x, module):
+    def forward(ctx, x, fwd, bwd):
         x = x.contiguous()
         ctx.save_for_backward(x)
-        ctx.module = module
-        return module.gelu_tanh_fwd(x)
+        ctx.bwd = bwd
+        return fwd(x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return ctx.module.gelu_tanh_bwd(dy.to(x.dtype).contiguous(), x), None
-
-
-class _SwigluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, module):
-        h = h.contiguous()
-        ctx.save_for_backward(h)
-        ctx.module = module
-        return module.swiglu_fwd(h)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        (h,) = ctx.saved_tensors
-        return ctx.module.swiglu_bwd(dy.to(h.dtype).contiguous(), h), None
+        return ctx.bwd(dy.to(x.dtype).contiguous(), x), None, None
 
 
 def gelu_tanh(x):
@@ -91,7 +78,7 @@ def gelu_tanh(x):
     module = _module("gelu_tanh", x)
     if module is None:
         return reference.gelu_tanh(x)
-    return _GeluTanhFn.apply(x, module)
+    return _SavedInputFn.apply(x, module.gelu_tanh_fwd, module.gelu_tanh_bwd)
 
 
 def swiglu(h):
@@ -106,4 +93,4 @@ def swiglu(h):
     module = _module("swiglu", h)
     if module is None:
         return reference.swiglu(h)
-    return _SwigluFn.apply(h, module)
+    return _SavedInputFn.apply(h, module.swiglu_fwd, module.swiglu_bwd)

@@ -55,15 +55,37 @@ def _validate(params, grads, exp_avgs, exp_avg_sqs, model_copies, hyper):
     for i in range(n):
         for name, lst in lists.items():
             if lst[i] is not None and lst[i].numel() != params[i].numel():
-                raise ValueError(f"fused_adamw_: param {i} has {params[i].numel()} elements "
-                                 f"but its {name[:-1]} has {lst[i].numel()}")
+                raise ValueError(
+                    f"fused_adamw_: param {i} has {params[i].numel()} elements "
+                    f"but its {name[:-1]} has {lst[i].numel()}"
+                )
 
 
-def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps,
-                        weight_decay, step, grad_scale=1.0, model_copies=None, check_finite=True):
+def multi_tensor_adamw_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    grad_scale=1.0,
+    model_copies=None,
+    check_finite=True,
+):
     """AdamW with one hyperparameter value per tensor (lists); see fused_adamw_."""
-    hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
-             "step": step}
+    hyper = {
+        "lr": lr,
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": eps,
+        "weight_decay": weight_decay,
+        "step": step,
+    }
     _validate(params, grads, exp_avgs, exp_avg_sqs, model_copies, hyper)
     if not params:
         return False
@@ -72,18 +94,51 @@ def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta
     _, module, _ = choose("fused_adamw", params[0].device)
     if module is not None and _compiled_ok(params, grads, exp_avgs, exp_avg_sqs, model_copies):
         hyper = {k: [float(x) for x in v] for k, v in hyper.items()}
-        return bool(module.fused_adamw(params, grads, exp_avgs, exp_avg_sqs,
-                                       [] if model_copies is None else list(model_copies),
-                                       hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
-                                       hyper["weight_decay"], hyper["step"],
-                                       1.0 / float(grad_scale), bool(check_finite)))
-    return reference.multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs,
-                                         grad_scale=grad_scale, model_copies=model_copies,
-                                         check_finite=check_finite, **hyper)
+        return bool(
+            module.fused_adamw(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [] if model_copies is None else list(model_copies),
+                hyper["lr"],
+                hyper["beta1"],
+                hyper["beta2"],
+                hyper["eps"],
+                hyper["weight_decay"],
+                hyper["step"],
+                1.0 / float(grad_scale),
+                bool(check_finite),
+            )
+        )
+    return reference.multi_tensor_adamw_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        grad_scale=grad_scale,
+        model_copies=model_copies,
+        check_finite=check_finite,
+        **hyper,
+    )
 
 
-def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step,
-                 grad_scale=1.0, model_copies=None, check_finite=True):
+def fused_adamw_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    grad_scale=1.0,
+    model_copies=None,
+    check_finite=True,
+):
     """One AdamW step (decoupled weight decay, bias correction; torch.optim.AdamW's arithmetic)
     over lists of tensors, in place. grads are multiplied by 1/grad_scale. model_copies, if
     given, receive the updated params in their own dtype (bf16/fp16 model weights); an entry
@@ -93,7 +148,18 @@ def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps,
     check_finite=False skips that check (one read of every grad): only for callers that know
     the grads are finite; an inf/nan then reaches the params, as with torch.optim.AdamW."""
     n = len(params)
-    return multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, lr=[lr] * n, beta1=[beta1] * n,
-                               beta2=[beta2] * n, eps=[eps] * n, weight_decay=[weight_decay] * n,
-                               step=[step] * n, grad_scale=grad_scale, model_copies=model_copies,
-                               check_finite=check_finite)
+    return multi_tensor_adamw_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        lr=[lr] * n,
+        beta1=[beta1] * n,
+        beta2=[beta2] * n,
+        eps=[eps] * n,
+        weight_decay=[weight_decay] * n,
+        step=[step] * n,
+        grad_scale=grad_scale,
+        model_copies=model_copies,
+        check_finite=check_finite,
+    )

@@ -37,16 +37,20 @@ def _try_import(name):
 
 _C, _C_ERROR = _try_import("_C")
 if _C is None:
-    _C_ERROR = ("C++ kernels not built: " + _C_ERROR
-                + "; run `pip install --no-build-isolation -e .`")
+    _C_ERROR = (
+        "C++ kernels not built: " + _C_ERROR + "; run `pip install --no-build-isolation -e .`"
+    )
 
 if not torch.cuda.is_available() and torch.version.cuda is None:
     _cuda, _CUDA_ERROR = None, "CUDA kernels not built: torch has no CUDA"
 else:
     _cuda, _CUDA_ERROR = _try_import("_cuda")
     if _cuda is None:
-        _CUDA_ERROR = ("CUDA kernels not built: " + _CUDA_ERROR
-                       + " (needs nvcc at install time; MEGALITE_BUILD_CUDA=1 forces the build)")
+        _CUDA_ERROR = (
+            "CUDA kernels not built: "
+            + _CUDA_ERROR
+            + " (needs nvcc at install time; MEGALITE_BUILD_CUDA=1 forces the build)"
+        )
 
 
 def forced_reference():
@@ -99,6 +103,7 @@ def kernel_report():
         report.append({"op": op, "impl": impl, "reason": reason})
     # linear is no compiled kernel: oneDNN's GEMM or torch's F.linear (megalite/ops/linear.py).
     from megalite.ops.linear import impl_report
+
     impl, reason = impl_report()
     report.append({"op": "linear", "impl": impl, "reason": reason})
     return report

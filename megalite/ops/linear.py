@@ -77,7 +77,7 @@ def impl_report():
     if forced_reference():
         return "torch", "MEGALITE_KERNELS=reference: F.linear"
     if torch.cuda.is_available():
-        return "torch", ""   # CUDA: F.linear is cuBLAS, the fast path
+        return "torch", ""  # CUDA: F.linear is cuBLAS, the fast path
     if _ONEDNN_OP is None:
         return "torch", "torch has no mkldnn._linear_pointwise: F.linear"
     if not torch.backends.mkldnn.is_available():
@@ -115,13 +115,18 @@ def _use_onednn(x, weight, bias):
 
 def _can_fuse(x, weight, fuse):
     """Fusion needs the accumulator and fp32 activations (main_grad's dtype)."""
-    return (fuse and callable(getattr(weight, "accumulate_main_grad", None))
-            and weight.requires_grad and x.dtype == weight.dtype == torch.float32
-            and torch.is_grad_enabled() and not forced_reference())
+    return (
+        fuse
+        and callable(getattr(weight, "accumulate_main_grad", None))
+        and weight.requires_grad
+        and x.dtype == weight.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and not forced_reference()
+    )
 
 
 def _mm_input_grad(dy2d, weight, onednn):
-    if onednn:   # dy @ w as oneDNN's linear with the weight's transposed view (no copy)
+    if onednn:  # dy @ w as oneDNN's linear with the weight's transposed view (no copy)
         return _ONEDNN_OP(dy2d, weight.t(), None, "none", [], "")
     return dy2d.mm(weight)
 
@@ -156,13 +161,15 @@ class _LinearFn(torch.autograd.Function):
             dx = _mm_input_grad(dy2d, weight, ctx.onednn).view(ctx.x_shape)
         if need_w:
             if ctx.fuse and dy2d.dtype == x2d.dtype == torch.float32:
+
                 def wgrad_into(out, beta, alpha):
                     # One GEMM into main_grad: out = beta * out + alpha * dy^T x. With beta 0
                     # BLAS does not read out (a nan there is overwritten, not propagated).
                     torch.addmm(out, dy2d.t(), x2d, beta=beta, alpha=alpha, out=out)
+
                 weight.accumulate_main_grad(wgrad_into)
-                dw = torch.empty_like(weight)   # placeholder: never read (module docstring)
-            else:   # MKL whatever the forward used: oneDNN is not faster here (docstring)
+                dw = torch.empty_like(weight)  # placeholder: never read (module docstring)
+            else:  # MKL whatever the forward used: oneDNN is not faster here (docstring)
                 dw = dy2d.t().mm(x2d)
         if need_b and ctx.has_bias:
             db = dy2d.sum(0)

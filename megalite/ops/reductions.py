@@ -26,7 +26,9 @@ def sum_of_squares(tensors) -> torch.Tensor:
     if module is None:
         return reference.sum_of_squares(tensors)
     fast, rest = [], []
-    for t in tensors:   # the kernel takes contiguous fp32/bf16/fp16; the rest goes to torch
-        (fast if t.is_contiguous() and t.dtype in _DTYPES and t.device == device else rest).append(t)
+    for t in tensors:  # the kernel takes contiguous fp32/bf16/fp16; the rest goes to torch
+        (fast if t.is_contiguous() and t.dtype in _DTYPES and t.device == device else rest).append(
+            t
+        )
     total = torch.tensor(module.sum_of_squares(fast), dtype=torch.float32, device=device)
     return total + reference.sum_of_squares(rest).to(device) if rest else total

@@ -43,8 +43,9 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, need_bias_grad=True):
     xhat = (xf - mean[:, None]) * rstd[:, None]
     g = dyf * weight.to(xf.dtype) if weight is not None else dyf
     # d/dx of (x - mean) * rstd, contracted with g: the two mean terms come from mean and var.
-    dx = rstd[:, None] * (g - g.mean(dim=1, keepdim=True)
-                          - xhat * (g * xhat).mean(dim=1, keepdim=True))
+    dx = rstd[:, None] * (
+        g - g.mean(dim=1, keepdim=True) - xhat * (g * xhat).mean(dim=1, keepdim=True)
+    )
     dw = (dyf * xhat).sum(dim=0).to(weight.dtype) if weight is not None else None
     db = None
     if need_bias_grad:
@@ -108,7 +109,7 @@ def swiglu_bwd(dy, h):
     gate, up = h.to(_acc(h)).chunk(2, dim=-1)
     dyf = dy.to(gate.dtype)
     s = torch.sigmoid(gate)
-    dgate = dyf * up * s * (1 + gate * (1 - s))   # d silu(g)/dg = s (1 + g (1 - s))
+    dgate = dyf * up * s * (1 + gate * (1 - s))  # d silu(g)/dg = s (1 + g (1 - s))
     dup = dyf * F.silu(gate)
     return torch.cat([dgate, dup], dim=-1).to(h.dtype)
 
@@ -135,22 +136,62 @@ def any_non_finite(tensors):
 
 
 @torch.no_grad()
-def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay,
-                 step, grad_scale=1.0, model_copies=None, check_finite=True):
+def fused_adamw_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    grad_scale=1.0,
+    model_copies=None,
+    check_finite=True,
+):
     """One AdamW step over lists of tensors, in place. Returns True (and touches nothing) if any
-    grad holds an inf or nan (check_finite=False: not checked, the caller vouches). params/exp_avgs/exp_avg_sqs are fp32; grads fp32, bf16 or fp16 and
-    multiplied by 1/grad_scale; model_copies (optional) receive the updated params in their own
+    grad holds an inf or nan (check_finite=False: not checked, the caller vouches).
+    params/exp_avgs/exp_avg_sqs are fp32; grads fp32, bf16 or fp16 and multiplied by
+    1/grad_scale; model_copies (optional) receive the updated params in their own
     (low-precision) dtype; an entry may be None (no copy for that param)."""
     n = len(params)
-    return multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, lr=[lr] * n, beta1=[beta1] * n,
-                               beta2=[beta2] * n, eps=[eps] * n, weight_decay=[weight_decay] * n,
-                               step=[step] * n, grad_scale=grad_scale, model_copies=model_copies,
-                               check_finite=check_finite)
+    return multi_tensor_adamw_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        lr=[lr] * n,
+        beta1=[beta1] * n,
+        beta2=[beta2] * n,
+        eps=[eps] * n,
+        weight_decay=[weight_decay] * n,
+        step=[step] * n,
+        grad_scale=grad_scale,
+        model_copies=model_copies,
+        check_finite=check_finite,
+    )
 
 
 @torch.no_grad()
-def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay,
-                        step, grad_scale=1.0, model_copies=None, check_finite=True):
+def multi_tensor_adamw_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    grad_scale=1.0,
+    model_copies=None,
+    check_finite=True,
+):
     """fused_adamw_ with per-tensor hyperparameters (lists, one entry per tensor), so that several
     param groups step in one call and one inf check covers all of them."""
     if check_finite and any_non_finite(grads):
@@ -176,17 +217,19 @@ def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta
 # Gradient bucketing.
 
 
-
-
 def _check_flat(tensors, buffer, what):
     total = sum(t.numel() for t in tensors)
     if buffer.dim() != 1 or not buffer.is_contiguous():
         raise ValueError(f"{what}: buffer must be a contiguous 1-D tensor")
     if total > buffer.numel():
-        raise ValueError(f"{what}: tensors hold {total} elements but the buffer only {buffer.numel()}")
+        raise ValueError(
+            f"{what}: tensors hold {total} elements but the buffer only {buffer.numel()}"
+        )
     for t in tensors:
         if t.dtype != buffer.dtype:
-            raise ValueError(f"{what}: tensor dtype {t.dtype} differs from buffer dtype {buffer.dtype}")
+            raise ValueError(
+                f"{what}: tensor dtype {t.dtype} differs from buffer dtype {buffer.dtype}"
+            )
         if t.device != buffer.device:
             raise ValueError(f"{what}: tensor on {t.device} but buffer on {buffer.device}")
 
@@ -198,7 +241,7 @@ def flatten_into(tensors, buffer):
     offset = 0
     for t in tensors:
         n = t.numel()
-        buffer[offset:offset + n].view(t.shape).copy_(t)
+        buffer[offset : offset + n].view(t.shape).copy_(t)
         offset += n
 
 
@@ -209,5 +252,5 @@ def unflatten_from(buffer, tensors):
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.copy_(buffer[offset:offset + n].view(t.shape))
+        t.copy_(buffer[offset : offset + n].view(t.shape))
         offset += n

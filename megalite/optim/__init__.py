@@ -26,24 +26,51 @@ def build_optimizer(model, cfg, ddp=None):
             if p.requires_grad:
                 (no_decay if no_weight_decay(p) else decay).append(p)
     o, t = cfg.optimizer, cfg.training
-    groups = [{"params": decay, "weight_decay": o.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if ddp is None:
         return FusedAdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
-    scaler = (DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window, t.hysteresis)
-              if t.fp16 else None)
+    scaler = (
+        DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window, t.hysteresis)
+        if t.fp16
+        else None
+    )
     cls = DistributedOptimizer if ddp.use_distributed_optimizer else MixedPrecisionOptimizer
-    return cls(groups, ddp, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-               clip_grad=o.clip_grad, loss_scaler=scaler)
+    return cls(
+        groups,
+        ddp,
+        lr=o.lr,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        loss_scaler=scaler,
+    )
 
 
 def build_lr_schedule(cfg) -> LRSchedule:
     o = cfg.optimizer
-    return LRSchedule(o.lr, o.min_lr, o.lr_warmup_iters,
-                      o.lr_decay_iters, o.lr_decay_style,
-                      o.lr_wsd_decay_iters, o.lr_wsd_decay_style)
+    return LRSchedule(
+        o.lr,
+        o.min_lr,
+        o.lr_warmup_iters,
+        o.lr_decay_iters,
+        o.lr_decay_style,
+        o.lr_wsd_decay_iters,
+        o.lr_wsd_decay_style,
+    )
 
 
-__all__ = ["FusedAdamW", "DynamicLossScaler", "LRSchedule", "build_optimizer",
-           "build_lr_schedule", "global_grad_norm", "clip_coefficient", "no_weight_decay",
-           "MixedPrecisionOptimizer", "DistributedOptimizer"]
+__all__ = [
+    "FusedAdamW",
+    "DynamicLossScaler",
+    "LRSchedule",
+    "build_optimizer",
+    "build_lr_schedule",
+    "global_grad_norm",
+    "clip_coefficient",
+    "no_weight_decay",
+    "MixedPrecisionOptimizer",
+    "DistributedOptimizer",
+]

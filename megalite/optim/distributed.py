@@ -48,7 +48,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         return sharded_grad_norm(self._norm_pieces)
 
     def _after_step(self):
-        self.ddp.start_param_sync()            # in the background with --overlap-param-gather
+        self.ddp.start_param_sync()  # in the background with --overlap-param-gather
 
     def _after_load(self):
         super()._after_load()

@@ -33,8 +33,9 @@ from megalite.ops.adamw import multi_tensor_adamw_
 
 
 class FusedAdamW(torch.optim.Optimizer):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 check_finite=None):
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, check_finite=None
+    ):
         if not 0.0 <= float(lr):
             raise ValueError(f"FusedAdamW: invalid learning rate {lr}")
         if not 0.0 <= eps:
@@ -44,16 +45,26 @@ class FusedAdamW(torch.optim.Optimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"FusedAdamW: invalid weight_decay {weight_decay}")
         # The same keys as torch.optim.AdamW's param groups, so its load_state_dict finds them.
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                    "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
-                    "differentiable": False, "fused": None, "decoupled_weight_decay": True}
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": True,
+        }
         super().__init__(params, defaults)
         # None: check only steps given a grad scale; True: every step; False: never (see the
         # module docstring). Not a group key, so state dicts stay torch's.
         self.check_finite = None if check_finite is None else bool(check_finite)
         self.found_inf = False
 
-    def __getstate__(self):   # torch's keeps only defaults, state and groups
+    def __getstate__(self):  # torch's keeps only defaults, state and groups
         return {**super().__getstate__(), "check_finite": self.check_finite}
 
     def __setstate__(self, state):
@@ -91,9 +102,25 @@ class FusedAdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                lists = by_device.setdefault(p.device, {k: [] for k in (
-                    "params", "grads", "exp_avgs", "exp_avg_sqs", "steps",
-                    "lr", "beta1", "beta2", "eps", "weight_decay", "step")})
+                lists = by_device.setdefault(
+                    p.device,
+                    {
+                        k: []
+                        for k in (
+                            "params",
+                            "grads",
+                            "exp_avgs",
+                            "exp_avg_sqs",
+                            "steps",
+                            "lr",
+                            "beta1",
+                            "beta2",
+                            "eps",
+                            "weight_decay",
+                            "step",
+                        )
+                    },
+                )
                 lists["params"].append(p)
                 lists["grads"].append(p.grad)
                 lists["exp_avgs"].append(state["exp_avg"])
@@ -108,8 +135,13 @@ class FusedAdamW(torch.optim.Optimizer):
 
         # With params on several devices, one kernel call per device: check every grad first so
         # that an inf on the second device cannot leave the first one updated.
-        if check and len(by_device) > 1 and reference.any_non_finite(
-                [g for lists in by_device.values() for g in lists["grads"]]):
+        if (
+            check
+            and len(by_device) > 1
+            and reference.any_non_finite(
+                [g for lists in by_device.values() for g in lists["grads"]]
+            )
+        ):
             self.found_inf = True
             return loss
 
@@ -117,8 +149,14 @@ class FusedAdamW(torch.optim.Optimizer):
         for lists in by_device.values():
             steps = lists.pop("steps")
             found_inf |= multi_tensor_adamw_(
-                lists.pop("params"), lists.pop("grads"), lists.pop("exp_avgs"),
-                lists.pop("exp_avg_sqs"), grad_scale=grad_scale, check_finite=check, **lists)
+                lists.pop("params"),
+                lists.pop("grads"),
+                lists.pop("exp_avgs"),
+                lists.pop("exp_avg_sqs"),
+                grad_scale=grad_scale,
+                check_finite=check,
+                **lists,
+            )
             if not found_inf:
                 torch._foreach_add_(steps, 1.0)
         self.found_inf = bool(found_inf)

@@ -20,7 +20,7 @@ from megalite.parallel.tags import tag_of
 
 def counts_in_norm(p) -> bool:
     t = tag_of(p)
-    if t.tied_embedding == "output":           # the input embedding on stage 0 counts
+    if t.tied_embedding == "output":  # the input embedding on stage 0 counts
         return False
     return t.partition_dim is not None or state.get().tp_rank == 0
 
@@ -31,8 +31,9 @@ def global_grad_norm(params, grads=None) -> torch.Tensor:
     st = state.get()
     grads = [p.grad for p in params] if grads is None else list(grads)
     # unique_part: trims grouped-query key/value rows that several TP ranks replicate
-    grads = [unique_part(p, g) for p, g in zip(params, grads)
-             if g is not None and counts_in_norm(p)]
+    grads = [
+        unique_part(p, g) for p, g in zip(params, grads) if g is not None and counts_in_norm(p)
+    ]
     device = grads[0].device if grads else st.device
     sq = sum_of_squares(grads).to(device)
     if st.mp_group is not None and st.tp * st.pp > 1:
@@ -68,9 +69,9 @@ def sharded_grad_norm(pieces) -> torch.Tensor:
         grads.append(g)
     sq = sum_of_squares(grads).to(st.device)
     if st.dp_group is not None and st.dp > 1:
-        dist.all_reduce(sq, group=st.dp_group)     # the DP shards of my stage and TP slice
+        dist.all_reduce(sq, group=st.dp_group)  # the DP shards of my stage and TP slice
     if st.mp_group is not None and st.tp * st.pp > 1:
-        dist.all_reduce(sq, group=st.mp_group)     # then over TP x PP, as for plain DP
+        dist.all_reduce(sq, group=st.mp_group)  # then over TP x PP, as for plain DP
     return sq.sqrt()
 
 

@@ -6,7 +6,7 @@ On an inf/nan the step is skipped; after `hysteresis` such overflows the scale h
 
 
 class DynamicLossScaler:
-    def __init__(self, initial_scale=2.0 ** 16, window=1000, hysteresis=2, min_scale=1.0):
+    def __init__(self, initial_scale=2.0**16, window=1000, hysteresis=2, min_scale=1.0):
         self.scale = float(initial_scale)
         self.window, self.hysteresis, self.min_scale = window, hysteresis, min_scale
         self.clean_steps = 0

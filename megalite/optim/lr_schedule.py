@@ -8,14 +8,23 @@ import math
 
 
 class LRSchedule:
-    def __init__(self, lr, min_lr, warmup_iters, decay_iters, style="cosine",
-                 wsd_decay_iters=None, wsd_decay_style="linear"):
+    def __init__(
+        self,
+        lr,
+        min_lr,
+        warmup_iters,
+        decay_iters,
+        style="cosine",
+        wsd_decay_iters=None,
+        wsd_decay_style="linear",
+    ):
         self.lr, self.min_lr = lr, min_lr
         self.warmup_iters, self.decay_iters = warmup_iters, max(decay_iters, 1)
         self.style = style
         # WSD: warmup, hold the peak ("stable"), then decay over the last wsd_decay_iters.
-        self.wsd_decay_iters = (wsd_decay_iters if wsd_decay_iters is not None
-                                else max(1, int(0.2 * self.decay_iters)))
+        self.wsd_decay_iters = (
+            wsd_decay_iters if wsd_decay_iters is not None else max(1, int(0.2 * self.decay_iters))
+        )
         self.wsd_decay_style = wsd_decay_style
 
     def __call__(self, it: int) -> float:

@@ -32,13 +32,24 @@ from megalite.parallel import state
 
 class Piece:
     """Elements [start, end) of one flattened param, and the optimizer's views of them."""
-    __slots__ = ("param", "name", "start", "end", "group", "model", "grad", "main", "exp_avg",
-                 "exp_avg_sq")
+
+    __slots__ = (
+        "param",
+        "name",
+        "start",
+        "end",
+        "group",
+        "model",
+        "grad",
+        "main",
+        "exp_avg",
+        "exp_avg_sq",
+    )
 
     def __init__(self, param, name, start, end, group):
         self.param, self.name, self.start, self.end, self.group = param, name, start, end, group
-        self.model = param.detach().view(-1)[start:end]      # the model's own storage
-        self.grad = param.main_grad.view(-1)[start:end]      # fp32, in the DDP buffer
+        self.model = param.detach().view(-1)[start:end]  # the model's own storage
+        self.grad = param.main_grad.view(-1)[start:end]  # fp32, in the DDP buffer
 
     @property
     def numel(self):
@@ -52,12 +63,22 @@ class MixedPrecisionOptimizer:
 
     sharded = False
 
-    def __init__(self, param_groups, ddp, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.0, clip_grad=0.0, loss_scaler=None):
+    def __init__(
+        self,
+        param_groups,
+        ddp,
+        *,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        clip_grad=0.0,
+        loss_scaler=None,
+    ):
         self.ddp = ddp
         self.clip_grad = clip_grad
         self.scaler = loss_scaler
-        self.step_count = 0                    # AdamW steps taken (skipped steps do not count)
+        self.step_count = 0  # AdamW steps taken (skipped steps do not count)
         self.param_groups = []
         for g in param_groups:
             group = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -67,8 +88,9 @@ class MixedPrecisionOptimizer:
         group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         missing = [ddp.names[p] for p in ddp.params if p not in group_of]
         if missing:
-            raise MegaliteError(f"optimizer: parameters {missing[:3]} have grad buffers but no "
-                                f"param group")
+            raise MegaliteError(
+                f"optimizer: parameters {missing[:3]} have grad buffers but no param group"
+            )
         self.pieces = [Piece(p, ddp.names[p], s, e, group_of[p]) for p, s, e in self._owned()]
         self._allocate_state()
         # The kernel's tensor lists never change: build them once (one list per kind of
@@ -77,10 +99,18 @@ class MixedPrecisionOptimizer:
         for with_copy in (False, True):
             pcs = [pc for pc in self.pieces if (pc.main is not pc.model) == with_copy]
             if pcs:
-                self._kinds.append((pcs, dict(
-                    params=[pc.main for pc in pcs], grads=[pc.grad for pc in pcs],
-                    exp_avgs=[pc.exp_avg for pc in pcs], exp_avg_sqs=[pc.exp_avg_sq for pc in pcs],
-                    model_copies=[pc.model for pc in pcs] if with_copy else None)))
+                self._kinds.append(
+                    (
+                        pcs,
+                        dict(
+                            params=[pc.main for pc in pcs],
+                            grads=[pc.grad for pc in pcs],
+                            exp_avgs=[pc.exp_avg for pc in pcs],
+                            exp_avg_sqs=[pc.exp_avg_sq for pc in pcs],
+                            model_copies=[pc.model for pc in pcs] if with_copy else None,
+                        ),
+                    )
+                )
 
     # -- which elements this rank owns -------------------------------------------------------
     def _owned(self):
@@ -93,20 +123,21 @@ class MixedPrecisionOptimizer:
         main param) and moments, each one flat tensor with a view per piece."""
         low = [pc for pc in self.pieces if pc.param.dtype != torch.float32]
         device = self.pieces[0].model.device if self.pieces else state.get().device
-        self.main_flat = torch.empty(sum(pc.numel for pc in low), dtype=torch.float32,
-                                     device=device)
+        self.main_flat = torch.empty(
+            sum(pc.numel for pc in low), dtype=torch.float32, device=device
+        )
         n = sum(pc.numel for pc in self.pieces)
         self.exp_avg_flat = torch.zeros(n, dtype=torch.float32, device=device)
         self.exp_avg_sq_flat = torch.zeros(n, dtype=torch.float32, device=device)
         at, at_low = 0, 0
         for pc in self.pieces:
-            pc.exp_avg = self.exp_avg_flat[at:at + pc.numel]
-            pc.exp_avg_sq = self.exp_avg_sq_flat[at:at + pc.numel]
+            pc.exp_avg = self.exp_avg_flat[at : at + pc.numel]
+            pc.exp_avg_sq = self.exp_avg_sq_flat[at : at + pc.numel]
             at += pc.numel
             if pc.param.dtype == torch.float32:
                 pc.main = pc.model
             else:
-                pc.main = self.main_flat[at_low:at_low + pc.numel]
+                pc.main = self.main_flat[at_low : at_low + pc.numel]
                 at_low += pc.numel
         self.reload_model_params()
 
@@ -125,9 +156,11 @@ class MixedPrecisionOptimizer:
 
     def grad_norm(self) -> torch.Tensor:
         """The global norm of the (still loss-scaled) grads."""
-        if not hasattr(self, "_norm_args"):    # whole params here: views shaped like them
-            self._norm_args = ([pc.param for pc in self.pieces],
-                               [pc.grad.view(pc.param.shape) for pc in self.pieces])
+        if not hasattr(self, "_norm_args"):  # whole params here: views shaped like them
+            self._norm_args = (
+                [pc.param for pc in self.pieces],
+                [pc.grad.view(pc.param.shape) for pc in self.pieces],
+            )
         return global_grad_norm(*self._norm_args)
 
     @torch.no_grad()
@@ -155,13 +188,18 @@ class MixedPrecisionOptimizer:
         copy of one that counts), so the kernel skips its own read-only check of the grads."""
         step = float(self.step_count + 1)
         for pcs, tensors in self._kinds:
-            groups = [self.param_groups[pc.group] for pc in pcs]   # lr changes every step
+            groups = [self.param_groups[pc.group] for pc in pcs]  # lr changes every step
             multi_tensor_adamw_(
-                **tensors, lr=[float(g["lr"]) for g in groups],
+                **tensors,
+                lr=[float(g["lr"]) for g in groups],
                 beta1=[float(g["betas"][0]) for g in groups],
-                beta2=[float(g["betas"][1]) for g in groups], eps=[float(g["eps"]) for g in groups],
-                weight_decay=[float(g["weight_decay"]) for g in groups], step=[step] * len(pcs),
-                grad_scale=grad_scale, check_finite=False)
+                beta2=[float(g["betas"][1]) for g in groups],
+                eps=[float(g["eps"]) for g in groups],
+                weight_decay=[float(g["weight_decay"]) for g in groups],
+                step=[step] * len(pcs),
+                grad_scale=grad_scale,
+                check_finite=False,
+            )
 
     def _after_step(self):
         pass
@@ -175,15 +213,26 @@ class MixedPrecisionOptimizer:
         out = {}
         for pc in self.pieces:
             out.setdefault(pc.name, []).append(
-                (pc.start, pc.end, pc.param.numel(), pc.main.detach().clone(),
-                 pc.exp_avg.clone(), pc.exp_avg_sq.clone()))
+                (
+                    pc.start,
+                    pc.end,
+                    pc.param.numel(),
+                    pc.main.detach().clone(),
+                    pc.exp_avg.clone(),
+                    pc.exp_avg_sq.clone(),
+                )
+            )
         return out
 
     def state_dict(self):
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        sd = {"step": self.step_count, "param_groups": groups, "sharded": self.sharded,
-              "data_parallel_size": state.get().dp,
-              "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        sd = {
+            "step": self.step_count,
+            "param_groups": groups,
+            "sharded": self.sharded,
+            "data_parallel_size": state.get().dp,
+            "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
         if not self.sharded:
             sd["pieces"] = self._pieces_state()
         return sd
@@ -193,20 +242,25 @@ class MixedPrecisionOptimizer:
         """sd: what state_dict() saved. read_shard(dp_rank) returns the sharded_state_dict()
         that DP rank saved (needed when sd came from a distributed optimizer)."""
         if "param_groups" not in sd or "step" not in sd:
-            raise MegaliteError("the checkpoint's optimizer state is not a megalite "
-                                "mixed-precision optimizer state; resume with --no-load-optim")
+            raise MegaliteError(
+                "the checkpoint's optimizer state is not a megalite "
+                "mixed-precision optimizer state; resume with --no-load-optim"
+            )
         self.step_count = int(sd["step"])
         if self.scaler is not None and sd.get("loss_scaler"):
             self.scaler.load_state_dict(sd["loss_scaler"])
         for g, saved in zip(self.param_groups, sd["param_groups"]):
-            g.update({k: v for k, v in saved.items() if k in ("lr", "betas", "eps",
-                                                              "weight_decay")})
+            g.update(
+                {k: v for k, v in saved.items() if k in ("lr", "betas", "eps", "weight_decay")}
+            )
         if not sd["sharded"]:
             self._load_pieces([sd["pieces"]])
         else:
             if read_shard is None:
-                raise MegaliteError("the checkpoint's optimizer state is sharded over DP ranks "
-                                    "but no shard files were given")
+                raise MegaliteError(
+                    "the checkpoint's optimizer state is sharded over DP ranks "
+                    "but no shard files were given"
+                )
             saved_dp = int(sd["data_parallel_size"])
             # Same DP size (and bucket layout): my own file covers my pieces. Otherwise
             # re-shard: read every DP rank's file of this stage and cut out my ranges.
@@ -229,7 +283,8 @@ class MixedPrecisionOptimizer:
                 have = "missing" if parts is None else f"has {parts[0][2]} elements"
                 raise MegaliteError(
                     f"the checkpoint's optimizer state for {pc.name} is {have} (this model: "
-                    f"{pc.param.numel()}); the model changed: resume with --no-load-optim")
+                    f"{pc.param.numel()}); the model changed: resume with --no-load-optim"
+                )
             covered = 0
             for start, end, _, main, m, v in parts:
                 a, z = max(start, pc.start), min(end, pc.end)
@@ -242,7 +297,8 @@ class MixedPrecisionOptimizer:
                 raise MegaliteError(
                     f"the checkpoint's optimizer state for {pc.name}[{pc.start}:{pc.end}] is "
                     f"incomplete ({covered} of {pc.numel} elements): an optimizer shard file "
-                    f"is missing")
+                    f"is missing"
+                )
         for pc, a, z, start, main, m, v in fills:
             dst = slice(a - pc.start, z - pc.start)
             src = slice(a - start, z - start)
@@ -252,7 +308,7 @@ class MixedPrecisionOptimizer:
         return True
 
     def _after_load(self):
-        for pc in self.pieces:                 # model params <- main params (bf16 rounding)
+        for pc in self.pieces:  # model params <- main params (bf16 rounding)
             if pc.main is not pc.model:
                 pc.model.copy_(pc.main)
 
@@ -275,5 +331,4 @@ def memory_footprint(modules, ddp, optimizer) -> dict:
     params = total([p for m in modules for p in m.parameters()])
     grads = total(list(ddp.grad_buffers.values()))
     opt = total([optimizer.main_flat, optimizer.exp_avg_flat, optimizer.exp_avg_sq_flat])
-    return {"params": params, "grads": grads, "optimizer": opt,
-            "total": params + grads + opt}
+    return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}

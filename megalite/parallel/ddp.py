@@ -23,8 +23,10 @@ whose params are all ready launches its async collective.
 Gradient-accumulation fusion (Megatron's): a linear layer's backward may write its weight
 grad straight into main_grad (`param.accumulate_main_grad`, called by `ops.linear` with a
 function that runs the GEMM with beta 0 on the step's first micro-batch, 1 after), so that
-the grad is never materialised, added or copied; the hook then only marks the param. Buckets launch in index order only, so
-every rank issues the same collectives in the same order (a requirement of gloo and NCCL).
+the grad is never materialised, added or copied; the hook then only marks the param.
+
+Buckets launch in index order only, so every rank issues the same collectives in the same
+order (a requirement of gloo and NCCL).
 
 With the distributed optimizer (ZeRO-1) each bucket is padded to a multiple of DP and rank r
 owns the r-th 1/DP of it: the bucket is reduce-scattered (each rank needs only its shard
@@ -73,8 +75,9 @@ def assign_buckets(numels, dtypes, bucket_size_numel):
     if len(numels) != len(dtypes):
         raise ValueError(f"assign_buckets: {len(numels)} numels but {len(dtypes)} dtypes")
     if bucket_size_numel <= 0:
-        raise ValueError(f"assign_buckets: bucket_size_numel must be positive, got "
-                         f"{bucket_size_numel}")
+        raise ValueError(
+            f"assign_buckets: bucket_size_numel must be positive, got {bucket_size_numel}"
+        )
     open_bucket, filled, buckets = {}, {}, []
     for i, (n, dt) in enumerate(zip(numels, dtypes)):
         if n < 0:
@@ -84,7 +87,7 @@ def assign_buckets(numels, dtypes, bucket_size_numel):
             buckets.append(open_bucket[dt])
         open_bucket[dt].append(i)
         filled[dt] += n
-        if filled[dt] >= bucket_size_numel:      # full: the next param of this dtype opens one
+        if filled[dt] >= bucket_size_numel:  # full: the next param of this dtype opens one
             del open_bucket[dt]
     return sorted((b for b in buckets if b), key=lambda b: b[0])
 
@@ -95,19 +98,19 @@ class Bucket:
 
     def __init__(self, index, params, offsets, grad_data, param_data, dp):
         self.index = index
-        self.params = params                  # in buffer order
-        self.offsets = offsets                # param -> (start, end) within this bucket
-        self.grad_data = grad_data            # 1-D fp32 view of the grad buffer
-        self.param_data = param_data          # 1-D view of the param buffer, or None
+        self.params = params  # in buffer order
+        self.offsets = offsets  # param -> (start, end) within this bucket
+        self.grad_data = grad_data  # 1-D fp32 view of the grad buffer
+        self.param_data = param_data  # 1-D view of the param buffer, or None
         self.shard_size = grad_data.numel() // dp
-        self.ready = set()                    # params whose last grad of the step is in
-        self.has_grad = set()                 # params whose main_grad holds this step's grad
+        self.ready = set()  # params whose last grad of the step is in
+        self.has_grad = set()  # params whose main_grad holds this step's grad
         self.grad_work = None
         self.param_work = None
 
     def shard(self, flat, rank):
         """This rank's 1/DP of a bucket-sized flat tensor (distributed optimizer)."""
-        return flat[rank * self.shard_size:(rank + 1) * self.shard_size]
+        return flat[rank * self.shard_size : (rank + 1) * self.shard_size]
 
     @property
     def numel(self):
@@ -118,8 +121,15 @@ class DistributedDataParallel:
     """Grad buffers, buckets and hooks for this rank's model (a module or a list of model
     chunks); see the module docstring. bucket_size is in elements (--ddp-bucket-size)."""
 
-    def __init__(self, modules, *, bucket_size=None, overlap_grad_reduce=False,
-                 use_distributed_optimizer=False, overlap_param_gather=False):
+    def __init__(
+        self,
+        modules,
+        *,
+        bucket_size=None,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=False,
+        overlap_param_gather=False,
+    ):
         st = state.get()
         self.modules = _chunks(modules)
         self.dp, self.dp_rank, self.group = st.dp, st.dp_rank, st.dp_group
@@ -132,8 +142,9 @@ class DistributedDataParallel:
         # gloo has a reduce-scatter, but on CPU it is slower than its all-reduce (a 4 MB
         # bucket between two local processes: ~30 ms against ~7 ms), so on gloo the
         # distributed optimizer all-reduces its buckets and reads its shard of the result.
-        self.reduce_scatter = (use_distributed_optimizer and self.dp > 1 and
-                               dist.get_backend(self.group) != "gloo")
+        self.reduce_scatter = (
+            use_distributed_optimizer and self.dp > 1 and dist.get_backend(self.group) != "gloo"
+        )
 
         named = []
         self._chunk_of = {}
@@ -144,13 +155,13 @@ class DistributedDataParallel:
                     self._chunk_of[p] = c
         self._chunk_sync = {c: True for c in range(len(self.modules))}
         self.names = {p: n for n, p, _ in named}
-        self.params = [p for _, p, _ in named][::-1]           # reverse order of use
+        self.params = [p for _, p, _ in named][::-1]  # reverse order of use
         tied = {p for _, p, _ in named if tag_of(p).tied_embedding is not None}
 
         self.buckets = self._make_buckets(tied)
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._next_launch = 0
-        self._fused = set()                   # params whose grad a GEMM wrote into main_grad
+        self._fused = set()  # params whose grad a GEMM wrote into main_grad
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in self.params]
         for p in self.params:
             p.accumulate_main_grad = functools.partial(self._accumulate_fused, p)
@@ -176,8 +187,9 @@ class DistributedDataParallel:
             groups.append(run)
         index_buckets = []
         for g in groups:
-            assigned = assign_buckets([params[i].numel() for i in g],
-                                      [params[i].dtype for i in g], self.bucket_size)
+            assigned = assign_buckets(
+                [params[i].numel() for i in g], [params[i].dtype for i in g], self.bucket_size
+            )
             index_buckets += [[g[j] for j in b] for b in assigned if b]
         return sorted(index_buckets, key=lambda b: b[0])
 
@@ -186,7 +198,7 @@ class DistributedDataParallel:
         param buffer with the distributed optimizer) that the buckets are views of."""
         params = self.params
         pad = self.dp if self.use_distributed_optimizer else 1
-        layout = []              # (dtype, params, {p: (start, end)}, padded numel, offset)
+        layout = []  # (dtype, params, {p: (start, end)}, padded numel, offset)
         sizes = {}
         for idx in self._bucket_indices(tied):
             bparams = [params[i] for i in idx]
@@ -200,17 +212,22 @@ class DistributedDataParallel:
             sizes[dtype] = sizes.get(dtype, 0) + n
 
         device = params[0].device if params else state.get().device
-        self.grad_buffers = {dt: torch.zeros(n, dtype=torch.float32, device=device)
-                             for dt, n in sizes.items()}
+        self.grad_buffers = {
+            dt: torch.zeros(n, dtype=torch.float32, device=device) for dt, n in sizes.items()
+        }
         self.param_buffers = {}
         if self.use_distributed_optimizer:
-            self.param_buffers = {dt: torch.zeros(n, dtype=dt, device=device)
-                                  for dt, n in sizes.items()}
+            self.param_buffers = {
+                dt: torch.zeros(n, dtype=dt, device=device) for dt, n in sizes.items()
+            }
         buckets = []
         for k, (dtype, bparams, offsets, n, base) in enumerate(layout):
-            grad_data = self.grad_buffers[dtype][base:base + n]
-            param_data = self.param_buffers[dtype][base:base + n] \
-                if self.use_distributed_optimizer else None
+            grad_data = self.grad_buffers[dtype][base : base + n]
+            param_data = (
+                self.param_buffers[dtype][base : base + n]
+                if self.use_distributed_optimizer
+                else None
+            )
             for p in bparams:
                 s, e = offsets[p]
                 p.main_grad = grad_data[s:e].view(p.shape)
@@ -237,7 +254,7 @@ class DistributedDataParallel:
     def _grad_hook(self, param):
         b = self._bucket_of[param]
         grad, main, s = param.grad, param.main_grad, 1.0 / self.dp
-        if param in self._fused:               # already in main_grad; grad is a placeholder
+        if param in self._fused:  # already in main_grad; grad is a placeholder
             self._fused.discard(param)
             param.grad = None
         elif grad is not None:
@@ -250,7 +267,7 @@ class DistributedDataParallel:
                 main.copy_(grad)
             elif grad.dtype == main.dtype:
                 torch.mul(grad, s, out=main)
-            else:                              # bf16/fp16 grad: scale in fp32
+            else:  # bf16/fp16 grad: scale in fp32
                 main.copy_(grad).mul_(s)
             b.has_grad.add(param)
             param.grad = None
@@ -259,11 +276,12 @@ class DistributedDataParallel:
                 raise MegaliteError(
                     f"the grad of {self.names[param]} arrived after its bucket's reduction "
                     f"had started (the param was used in two backward passes of the last "
-                    f"micro-batch?); run without --overlap-grad-reduce")
+                    f"micro-batch?); run without --overlap-grad-reduce"
+                )
             b.ready.add(param)
-            while (self._next_launch < len(self.buckets) and
-                   len(self.buckets[self._next_launch].ready) ==
-                   len(self.buckets[self._next_launch].params)):
+            while self._next_launch < len(self.buckets) and len(
+                self.buckets[self._next_launch].ready
+            ) == len(self.buckets[self._next_launch].params):
                 self._launch(self.buckets[self._next_launch])
                 self._next_launch += 1
 
@@ -291,8 +309,9 @@ class DistributedDataParallel:
     def _launch(self, b):
         self._zero_missing(b)
         if self.reduce_scatter:
-            b.grad_work = _reduce_scatter(b.shard(b.grad_data, self.dp_rank), b.grad_data,
-                                          group=self.group, async_op=True)
+            b.grad_work = _reduce_scatter(
+                b.shard(b.grad_data, self.dp_rank), b.grad_data, group=self.group, async_op=True
+            )
         else:
             b.grad_work = dist.all_reduce(b.grad_data, group=self.group, async_op=True)
 
@@ -305,7 +324,7 @@ class DistributedDataParallel:
             for b in self.buckets:
                 self._zero_missing(b)
             return
-        for b in self.buckets[self._next_launch:]:
+        for b in self.buckets[self._next_launch :]:
             self._launch(b)
         self._next_launch = len(self.buckets)
         for b in self.buckets:
@@ -315,7 +334,7 @@ class DistributedDataParallel:
     def zero_grad_buffer(self):
         """Start a new step. No pass over memory: the first grad of each param is copied in."""
         for b in self.buckets:
-            if b.grad_work is not None:        # an aborted step: never leave a collective behind
+            if b.grad_work is not None:  # an aborted step: never leave a collective behind
                 b.grad_work.wait()
                 b.grad_work = None
             b.ready.clear()
@@ -334,9 +353,10 @@ class DistributedDataParallel:
             return
         overlap = self.overlap_param_gather if overlap is None else overlap
         self.finish_param_sync()
-        for b in reversed(self.buckets):       # the last bucket holds the first-used params
-            b.param_work = _all_gather_into(b.param_data, b.shard(b.param_data, self.dp_rank),
-                                            group=self.group, async_op=True)
+        for b in reversed(self.buckets):  # the last bucket holds the first-used params
+            b.param_work = _all_gather_into(
+                b.param_data, b.shard(b.param_data, self.dp_rank), group=self.group, async_op=True
+            )
         if not overlap:
             self.finish_param_sync()
 
@@ -352,7 +372,7 @@ class DistributedDataParallel:
         caught by the chunk's pre-hook: the first forward records which modules run, and
         from then on the chunk waits up front for the buckets of every module that did not."""
         self._seen = set()
-        self._unhooked = None                  # buckets the chunk pre-hook waits for
+        self._unhooked = None  # buckets the chunk pre-hook waits for
 
         def wait_for(module):
             self._seen.add(module)
@@ -363,8 +383,12 @@ class DistributedDataParallel:
 
         def chunk_hook(chunk, args):
             if self._unhooked is None and any(b.param_work is not None for b in self.buckets):
-                self._unhooked = {self._bucket_of[p] for m, bs in self._module_params.items()
-                                  if m not in self._seen for p in bs}
+                self._unhooked = {
+                    self._bucket_of[p]
+                    for m, bs in self._module_params.items()
+                    if m not in self._seen
+                    for p in bs
+                }
             for b in self._unhooked or ():
                 if b.param_work is not None:
                     b.param_work.wait()
@@ -377,8 +401,9 @@ class DistributedDataParallel:
                 own = [p for p in module.parameters(recurse=False) if p in self._bucket_of]
                 if own:
                     self._module_params[module] = own
-                    self._module_buckets[module] = sorted({self._bucket_of[p] for p in own},
-                                                          key=lambda b: b.index)
+                    self._module_buckets[module] = sorted(
+                        {self._bucket_of[p] for p in own}, key=lambda b: b.index
+                    )
                 if module is not chunk:
                     module.register_forward_pre_hook(lambda m, args: wait_for(m))
             chunk.register_forward_pre_hook(chunk_hook)
@@ -411,20 +436,26 @@ def finalize_model_grads(model, ddp=None) -> None:
         def grad(p):
             return p.main_grad
     else:
+
         def grad(p):
             return p.grad
-    params = [p for m in chunks for p in m.parameters()
-              if p.requires_grad and (ddp is not None or p.grad is not None)]
+
+    params = [
+        p
+        for m in chunks
+        for p in m.parameters()
+        if p.requires_grad and (ddp is not None or p.grad is not None)
+    ]
     # SP and tied-embedding sums run after the DP sync: all three are sums over disjoint
     # groups, so the order does not change the result. With the distributed optimizer only
     # this rank's shard of main_grad is meaningful, and it is the same shard on every TP rank
     # (same bucket layout) and on both embedding stages (the tied embedding has a bucket of
     # its own), so reducing whole tensors keeps the shards right.
     if st.tp > 1:
-        _all_reduce_coalesced([grad(p) for p in params if tag_of(p).sequence_parallel],
-                              st.tp_group)
+        _all_reduce_coalesced([grad(p) for p in params if tag_of(p).sequence_parallel], st.tp_group)
     if st.pp > 1 and st.embedding_group is not None and len(st.embedding_ranks) > 1:
-        _all_reduce_coalesced([grad(p) for p in params if tag_of(p).tied_embedding],
-                              st.embedding_group)
+        _all_reduce_coalesced(
+            [grad(p) for p in params if tag_of(p).tied_embedding], st.embedding_group
+        )
     if ddp is None and st.dp > 1:
         _all_reduce_coalesced([grad(p) for p in params], st.dp_group, scale=1.0 / st.dp)

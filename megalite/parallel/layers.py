@@ -21,10 +21,14 @@ from megalite import ops
 from megalite.errors import MegaliteError
 from megalite.parallel import state
 from megalite.parallel.tags import tag, tag_of
-from megalite.parallel.tensor import (copy_to_tp, copy_to_tp_replicas, gather_from_sp,
-                                      gather_from_tp, reduce_from_tp, reduce_scatter_to_sp)
-
-
+from megalite.parallel.tensor import (
+    copy_to_tp,
+    copy_to_tp_replicas,
+    gather_from_sp,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+)
 
 
 def _divide(n, tp, what):
@@ -48,8 +52,10 @@ def _local_rows(full_rows: int, tp: int, layout, what: str) -> int:
         _divide(groups, tp, f"{what}: number of groups")
         return full_rows // tp
     if tp % groups:
-        raise MegaliteError(f"{what}: tensor-parallel size {tp} is neither a divisor nor a "
-                            f"multiple of the {groups} groups")
+        raise MegaliteError(
+            f"{what}: tensor-parallel size {tp} is neither a divisor nor a "
+            f"multiple of the {groups} groups"
+        )
     return _divide(split, tp // groups, f"{what}: rows split within a group") + shared
 
 
@@ -61,9 +67,18 @@ class ColumnParallelLinear(nn.Module):
     group_layout: see the module docstring (fused QKV with grouped-query attention)
     """
 
-    def __init__(self, in_features, out_features, bias=True, gather_output=False,
-                 sequence_parallel=False, init_std=0.02, stride=1, group_layout=None,
-                 dtype=None):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        gather_output=False,
+        sequence_parallel=False,
+        init_std=0.02,
+        stride=1,
+        group_layout=None,
+        dtype=None,
+    ):
         super().__init__()
         tp = state.get().tp
         self.gather_output = gather_output
@@ -75,13 +90,22 @@ class ColumnParallelLinear(nn.Module):
         rows = _local_rows(out_features, tp, group_layout, "output features")
         # rows [0, split_local) are this rank's own; [split_local, rows) are shared by replicas
         self.split_local = rows - group_layout[2] if self.replicas > 1 else rows
-        self.weight = tag(nn.Parameter(torch.empty(rows, in_features, dtype=dtype)),
-                          partition_dim=0, init=("normal", init_std), partition_stride=stride,
-                          group_layout=group_layout)
+        self.weight = tag(
+            nn.Parameter(torch.empty(rows, in_features, dtype=dtype)),
+            partition_dim=0,
+            init=("normal", init_std),
+            partition_stride=stride,
+            group_layout=group_layout,
+        )
         self.bias = None
         if bias:
-            self.bias = tag(nn.Parameter(torch.empty(rows, dtype=dtype)), partition_dim=0,
-                            init=("zeros",), partition_stride=stride, group_layout=group_layout)
+            self.bias = tag(
+                nn.Parameter(torch.empty(rows, dtype=dtype)),
+                partition_dim=0,
+                init=("zeros",),
+                partition_stride=stride,
+                group_layout=group_layout,
+            )
 
     def _replicated(self, t):
         # Shared rows get grads from this rank's query heads only: sum them over the replicas.
@@ -102,9 +126,9 @@ def column_parallel_linear(x, weight, bias=None, sequence_parallel=False):
     The weight grad goes straight into the DDP buffer (gradient-accumulation fusion,
     ops.linear) unless the weight is also used elsewhere in the same backward: the input
     embedding that a tied head reuses gets its two grads summed by autograd first."""
-    x = gather_from_sp(x) if sequence_parallel else copy_to_tp(x)   # [s, b, in]
+    x = gather_from_sp(x) if sequence_parallel else copy_to_tp(x)  # [s, b, in]
     fuse = tag_of(weight).tied_embedding != "input"
-    return ops.linear(x, weight, bias, fuse_wgrad_accumulation=fuse)   # [s, b, out/tp]
+    return ops.linear(x, weight, bias, fuse_wgrad_accumulation=fuse)  # [s, b, out/tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -114,21 +138,35 @@ class RowParallelLinear(nn.Module):
     output [s, b, out], or [s/tp, b, out] with sequence parallelism (reduce-scattered)
     """
 
-    def __init__(self, in_features, out_features, bias=True, sequence_parallel=False,
-                 init_std=0.02, dtype=None):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        sequence_parallel=False,
+        init_std=0.02,
+        dtype=None,
+    ):
         super().__init__()
         tp = state.get().tp
         self.sequence_parallel = sequence_parallel and tp > 1
-        self.weight = tag(nn.Parameter(torch.empty(
-            out_features, _divide(in_features, tp, "input features"), dtype=dtype)),
-            partition_dim=1, init=("normal", init_std))
+        self.weight = tag(
+            nn.Parameter(
+                torch.empty(out_features, _divide(in_features, tp, "input features"), dtype=dtype)
+            ),
+            partition_dim=1,
+            init=("normal", init_std),
+        )
         self.bias = None
         if bias:
-            self.bias = tag(nn.Parameter(torch.empty(out_features, dtype=dtype)),
-                            init=("zeros",), sequence_parallel=self.sequence_parallel)
+            self.bias = tag(
+                nn.Parameter(torch.empty(out_features, dtype=dtype)),
+                init=("zeros",),
+                sequence_parallel=self.sequence_parallel,
+            )
 
     def forward(self, x):
-        if state.get().tp == 1:             # no reduction: the bias joins the GEMM
+        if state.get().tp == 1:  # no reduction: the bias joins the GEMM
             return ops.linear(x, self.weight, self.bias, fuse_wgrad_accumulation=True)
         y = ops.linear(x, self.weight, fuse_wgrad_accumulation=True)
         y = reduce_scatter_to_sp(y) if self.sequence_parallel else reduce_from_tp(y)
@@ -141,21 +179,23 @@ class VocabParallelEmbedding(nn.Module):
     input ids [b, s] -> output [s, b, h] ([s/tp, b, h] with sequence parallelism)
     """
 
-    def __init__(self, vocab_size, hidden_size, sequence_parallel=False, init_std=0.02,
-                 dtype=None):
+    def __init__(self, vocab_size, hidden_size, sequence_parallel=False, init_std=0.02, dtype=None):
         super().__init__()
         st = state.get()
         self.sequence_parallel = sequence_parallel and st.tp > 1
         per_rank = _divide(vocab_size, st.tp, "vocabulary size (padded)")
         self.vocab_start = st.tp_rank * per_rank
         self.vocab_end = self.vocab_start + per_rank
-        self.weight = tag(nn.Parameter(torch.empty(per_rank, hidden_size, dtype=dtype)),
-                          partition_dim=0, init=("normal", init_std))
+        self.weight = tag(
+            nn.Parameter(torch.empty(per_rank, hidden_size, dtype=dtype)),
+            partition_dim=0,
+            init=("normal", init_std),
+        )
 
     def forward(self, ids):
-        ids = ids.t()                                               # [s, b]
+        ids = ids.t()  # [s, b]
         if state.get().tp == 1:
-            return F.embedding(ids, self.weight)                    # [s, b, h]
+            return F.embedding(ids, self.weight)  # [s, b, h]
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
@@ -163,6 +203,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 # -- initialisation --------------------------------------------------------------------------
+
 
 def _seed_for(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
@@ -184,9 +225,9 @@ def full_shape(param) -> list:
 def init_parameters(module: nn.Module, seed: int) -> None:
     """Give every parameter its full value from (seed, name), then keep this rank's slice.
 
-    A parameter's tag may name another (`init_name`) to be initialised as it (the pipeline's last-stage
-    copy of a tied embedding starts equal to the first stage's embedding). The full value is
-    drawn on the CPU in fp32 whatever the layout, so every TP size slices the same numbers
+    A parameter's tag may name another (`init_name`) to be initialised as it (the pipeline's
+    last-stage copy of a tied embedding starts equal to the first stage's embedding). The full
+    value is drawn on the CPU in fp32 whatever the layout, so every TP size slices the same numbers
     (a vocabulary padded further for a larger TP only appends rows: the real rows are equal).
     """
     st = state.get()
@@ -212,7 +253,7 @@ def shard_of(full: torch.Tensor, param, tp: int, tp_rank: int) -> torch.Tensor:
     if group_replicas(layout, tp) > 1:
         groups, split, shared = layout
         r = tp // groups
-        block = full.chunk(groups, dim=dim)[tp_rank // r]          # [split + shared, ...]
+        block = full.chunk(groups, dim=dim)[tp_rank // r]  # [split + shared, ...]
         own = block.narrow(dim, 0, split).chunk(r, dim=dim)[tp_rank % r]
         return torch.cat([own, block.narrow(dim, split, shared)], dim=dim)
     blocks = full.chunk(stride, dim=dim)
@@ -229,9 +270,9 @@ def unshard(shards: list, dim, stride: int = 1, group_layout=None) -> torch.Tens
         own = split // r
         parts = []
         for g in range(groups):
-            replicas = shards[g * r:(g + 1) * r]
+            replicas = shards[g * r : (g + 1) * r]
             parts += [s.narrow(dim, 0, own) for s in replicas]
-            parts.append(replicas[0].narrow(dim, own, shared))    # equal on every replica
+            parts.append(replicas[0].narrow(dim, own, shared))  # equal on every replica
         return torch.cat(parts, dim=dim)
     per_rank = [s.chunk(stride, dim=dim) for s in shards]
     return torch.cat([torch.cat([r[k] for r in per_rank], dim=dim) for k in range(stride)], dim=dim)

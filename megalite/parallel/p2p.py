@@ -41,8 +41,9 @@ def exchange(transfers) -> None:
     """
     if not transfers:
         return
-    ops = [dist.P2POp(dist.isend if is_send else dist.irecv, t, peer)
-           for is_send, t, peer in transfers]
+    ops = [
+        dist.P2POp(dist.isend if is_send else dist.irecv, t, peer) for is_send, t, peer in transfers
+    ]
     for req in dist.batch_isend_irecv(ops):
         req.wait()
     if transfers[0][1].is_cuda:

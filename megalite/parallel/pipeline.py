@@ -36,12 +36,13 @@ from megalite.parallel.schedules import Backward, Forward, schedule_ops
 
 # -- executor ---------------------------------------------------------------------------------
 
+
 def deallocate_output(out: torch.Tensor) -> None:
     """Free a sent output's data but keep the tensor: its grad_fn is the root of this
     micro-batch's backward. Safe when no autograd node saved the output itself: a stage
     ends with a residual add, whose backward needs no operand. (Megatron's trick.)"""
     if out._base is not None or hasattr(out.grad_fn, "_saved_result"):
-        return   # a view of something bigger, or an op (tanh, exp...) that saves its result
+        return  # a view of something bigger, or an op (tanh, exp...) that saves its result
     out.data = torch.empty((1,), device=out.device, dtype=out.dtype)
 
 
@@ -50,15 +51,33 @@ def backward_from(out: torch.Tensor, grad: torch.Tensor) -> None:
     check grad's shape against out's (now [1]), so call the engine directly, as Megatron's
     custom_backward does."""
     torch.autograd.Variable._execution_engine.run_backward(
-        tensors=(out,), grad_tensors=(grad,), keep_graph=False, create_graph=False,
-        inputs=(), allow_unreachable=True, accumulate_grad=True)
+        tensors=(out,),
+        grad_tensors=(grad,),
+        keep_graph=False,
+        create_graph=False,
+        inputs=(),
+        allow_unreachable=True,
+        accumulate_grad=True,
+    )
 
 
 class _Executor:
     """Plays one rank's list of operations on its model chunks."""
 
-    def __init__(self, chunks, data_iterator, num_microbatches, *, forward_only, loss_scale,
-                 no_sync, tensor_shape, dtype, trace=None, on_op=None):
+    def __init__(
+        self,
+        chunks,
+        data_iterator,
+        num_microbatches,
+        *,
+        forward_only=False,
+        loss_scale=1.0,
+        no_sync=None,
+        tensor_shape=None,
+        dtype=None,
+        trace=None,
+        on_op=None,
+    ):
         self.chunks, self.data, self.M = chunks, data_iterator, num_microbatches
         self.forward_only, self.loss_scale = forward_only, loss_scale
         param = next(chunks[0].parameters())
@@ -67,10 +86,10 @@ class _Executor:
         self.device = param.device
         self.no_sync = no_sync
         self.trace, self.on_op = trace, on_op
-        self.inputs = {}    # (chunk, mb) -> received activation [s, b, h], needed for its grad
-        self.outputs = {}   # (chunk, mb) -> output (data freed once sent) or scaled loss
-        self.grads = {}     # (chunk, mb) -> received grad of the output [s, b, h]
-        self.to_send = {}   # (kind, chunk, mb) -> tensor waiting for its Comm
+        self.inputs = {}  # (chunk, mb) -> received activation [s, b, h], needed for its grad
+        self.outputs = {}  # (chunk, mb) -> output (data freed once sent) or scaled loss
+        self.grads = {}  # (chunk, mb) -> received grad of the output [s, b, h]
+        self.to_send = {}  # (kind, chunk, mb) -> tensor waiting for its Comm
         self.losses = []
 
     def run(self, ops):
@@ -95,20 +114,23 @@ class _Executor:
 
     def forward(self, c, mb):
         model = self.chunks[c]
-        x = None if model.pre_process else self.inputs[(c, mb)]           # [s, b, h]
+        x = None if model.pre_process else self.inputs[(c, mb)]  # [s, b, h]
         # Only the chunks at either end of the whole pipeline read data; each reads the
         # micro-batches in order, so taking the next batch is taking batch `mb`.
         batch = next(self.data) if model.pre_process or model.post_process else {}
         grad_mode = torch.no_grad() if self.forward_only else contextlib.nullcontext()
         with grad_mode:
-            out = model(tokens=batch.get("tokens") if model.pre_process else None,
-                        labels=batch.get("labels"), hidden_states=x)
+            out = model(
+                tokens=batch.get("tokens") if model.pre_process else None,
+                labels=batch.get("labels"),
+                hidden_states=x,
+            )
             if model.post_process:
-                loss = out.float().mean()                                # out: [b, s] losses
+                loss = out.float().mean()  # out: [b, s] losses
                 self.losses.append(loss.detach())
                 out = loss * (self.loss_scale / self.M)
             else:
-                self.to_send[("fwd", c, mb)] = out                       # [s, b, h]
+                self.to_send[("fwd", c, mb)] = out  # [s, b, h]
         if self.forward_only:
             self.inputs.pop((c, mb), None)
         else:
@@ -126,7 +148,7 @@ class _Executor:
             else:
                 backward_from(out, self.grads.pop((c, mb)).to(out.dtype))
         if x is not None:
-            self.to_send[("bwd", c, mb)] = x.grad                         # [s, b, h]
+            self.to_send[("bwd", c, mb)] = x.grad  # [s, b, h]
 
     def communicate(self, comm):
         transfers, received, sent = [], [], []
@@ -137,7 +159,8 @@ class _Executor:
                     raise MegaliteError(
                         f"pipeline stage {state.get().pp_rank} sends a tensor of shape "
                         f"{tuple(t.shape)}, but the schedule's fixed shape is {self.shape} "
-                        f"([seq (/tp with sequence parallelism), micro-batch, hidden])")
+                        f"([seq (/tp with sequence parallelism), micro-batch, hidden])"
+                    )
                 t = t.to(self.dtype).contiguous()
                 peer = p2p.next_rank() if op.kind == "fwd" else p2p.prev_rank()
                 transfers.append((True, t, peer))
@@ -160,22 +183,27 @@ class _Executor:
 
     def held_tensors(self):
         """Every tensor the schedule itself holds now (the memory test counts them)."""
-        return [t for d in (self.inputs, self.outputs, self.grads, self.to_send)
-                for t in d.values() if t is not None]
+        return [
+            t
+            for d in (self.inputs, self.outputs, self.grads, self.to_send)
+            for t in d.values()
+            if t is not None
+        ]
 
 
 # -- the entry point ---------------------------------------------------------------------------
 
-def forward_backward(model_chunks, data_iterator, num_microbatches, *, forward_only=False,
-                     loss_scale=1.0, no_sync=None, tensor_shape=None, dtype=None, trace=None,
-                     on_op=None):
+
+def forward_backward(
+    model_chunks, data_iterator, num_microbatches, *, forward_only=False, tensor_shape=None, **kw
+):
     """Run one global batch's micro-batches through this rank's model chunks, under the
     schedule of the layout (`schedules.schedule_ops`), accumulating grads unless forward_only.
 
-    no_sync: `ddp.no_sync` (called with a chunk index; it holds that chunk's grad sync back
-    around every backward but its last) or None. tensor_shape: of every activation passed
-    between stages (`p2p_tensor_shape`; needed only with PP > 1). dtype: of those transfers
-    (default: the parameters'). trace / on_op: instrumentation for the tests and benchmarks.
+    tensor_shape: of every activation passed between stages (`p2p_tensor_shape`; needed only
+    with PP > 1). kw, as for `run_schedule`: loss_scale; no_sync (`ddp.no_sync`, called with a
+    chunk index: it holds that chunk's grad sync back around every backward but its last);
+    dtype of the transfers (default: the parameters'); trace / on_op (instrumentation).
     Returns each micro-batch's mean loss on the last stage, [] elsewhere."""
     st = state.get()
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -184,19 +212,22 @@ def forward_backward(model_chunks, data_iterator, num_microbatches, *, forward_o
     if st.pp > 1 and tensor_shape is None:
         raise MegaliteError("a pipeline (PP > 1) needs the tensor_shape of its transfers")
     ops = schedule_ops(st.pp, st.pp_rank, num_microbatches, len(chunks), forward_only)
-    return run_schedule(ops, chunks, data_iterator, num_microbatches, forward_only=forward_only,
-                        loss_scale=loss_scale, no_sync=no_sync, tensor_shape=tensor_shape,
-                        dtype=dtype, trace=trace, on_op=on_op)
+    return run_schedule(
+        ops,
+        chunks,
+        data_iterator,
+        num_microbatches,
+        forward_only=forward_only,
+        tensor_shape=tensor_shape,
+        **kw,
+    )
 
 
-def run_schedule(ops, chunks, data_iterator, num_microbatches, *, forward_only=False,
-                 loss_scale=1.0, no_sync=None, tensor_shape=None, dtype=None, trace=None,
-                 on_op=None):
-    """Play a given list of operations (a schedule other than the layout's own, such as
-    GPipe's order in the memory test); same keywords as forward_backward."""
-    return _Executor(list(chunks), data_iterator, num_microbatches, forward_only=forward_only,
-                     loss_scale=loss_scale, no_sync=no_sync, tensor_shape=tensor_shape,
-                     dtype=dtype, trace=trace, on_op=on_op).run(ops)
+def run_schedule(ops, chunks, data_iterator, num_microbatches, **kw):
+    """Play a given list of operations (the layout's own, or another such as GPipe's order in
+    the memory test). kw: forward_only, loss_scale, no_sync, tensor_shape, dtype, trace,
+    on_op (see forward_backward)."""
+    return _Executor(list(chunks), data_iterator, num_microbatches, **kw).run(ops)
 
 
 def p2p_tensor_shape(cfg, tp: int) -> tuple:

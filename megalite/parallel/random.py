@@ -90,8 +90,12 @@ def checkpoint(function, *args):
     """function(*args), keeping only the inputs; reruns it in backward with the same RNG."""
     replay = _TrackerReplay()
     return torch.utils.checkpoint.checkpoint(
-        function, *args, use_reentrant=False, preserve_rng_state=True,
-        context_fn=lambda: (replay.first_run(), replay.rerun()))
+        function,
+        *args,
+        use_reentrant=False,
+        preserve_rng_state=True,
+        context_fn=lambda: (replay.first_run(), replay.rerun()),
+    )
 
 
 def seed_everything(seed: int, device: torch.device) -> None:

@@ -26,10 +26,10 @@ class ScheduleError(AssertionError):
 
 @dataclass
 class RankResult:
-    busy: float = 0.0               # time spent computing
-    end: float = 0.0                # when its last operation finished
-    peak_in_flight: int = 0         # most (chunk, micro-batch) pairs forwarded, not backwarded
-    timeline: list = field(default_factory=list)   # (op, start, end) of compute ops
+    busy: float = 0.0  # time spent computing
+    end: float = 0.0  # when its last operation finished
+    peak_in_flight: int = 0  # most (chunk, micro-batch) pairs forwarded, not backwarded
+    timeline: list = field(default_factory=list)  # (op, start, end) of compute ops
 
 
 def message(op, rank, pp, vp):
@@ -40,8 +40,17 @@ def message(op, rank, pp, vp):
     return (op.kind, v if upstream else v - 1, op.mb)
 
 
-def simulate(pp, num_microbatches, vp=1, forward_only=False, forward_cost=1.0,
-             backward_cost=2.0, programs=None, cost=None, comm_cost=0.0):
+def simulate(
+    pp,
+    num_microbatches,
+    vp=1,
+    forward_only=False,
+    forward_cost=1.0,
+    backward_cost=2.0,
+    programs=None,
+    cost=None,
+    comm_cost=0.0,
+):
     """Run the schedule of every rank; return [RankResult] or raise ScheduleError.
 
     programs: per-rank operation lists to play instead of megalite's schedule (tests use it
@@ -52,8 +61,8 @@ def simulate(pp, num_microbatches, vp=1, forward_only=False, forward_cost=1.0,
     M, V = num_microbatches, vp
     progs = programs or [schedule_ops(pp, r, M, V, forward_only) for r in range(pp)]
     pc, clock = [0] * pp, [0.0] * pp
-    posted = [None] * pp              # the open Comm of each rank: [(stream, index, is_send)]
-    sends = defaultdict(list)         # (src, dst) -> [(message, time posted)] in posting order
+    posted = [None] * pp  # the open Comm of each rank: [(stream, index, is_send)]
+    sends = defaultdict(list)  # (src, dst) -> [(message, time posted)] in posting order
     recvs = defaultdict(list)
     have = [set() for _ in range(pp)]  # what each rank holds: ("in"/"grad"/"out"/"dgrad", c, mb)
     in_flight = [0] * pp
@@ -106,8 +115,10 @@ def simulate(pp, num_microbatches, vp=1, forward_only=False, forward_cost=1.0,
             mine = (sends if op.send else recvs)[key][i]
             if mine[0] != other[i][0]:
                 sent, got = (mine[0], other[i][0]) if op.send else (other[i][0], mine[0])
-                raise ScheduleError(f"transfer {i} from rank {key[0]} to rank {key[1]} sends "
-                                    f"{sent} into the receive of {got}")
+                raise ScheduleError(
+                    f"transfer {i} from rank {key[0]} to rank {key[1]} sends "
+                    f"{sent} into the receive of {got}"
+                )
             done_at = max(done_at, other[i][1])
         for key, i, op in posted[r]:
             if not op.send:
@@ -133,15 +144,22 @@ def simulate(pp, num_microbatches, vp=1, forward_only=False, forward_cost=1.0,
                 progress = True
     stuck = [r for r in range(pp) if pc[r] < len(progs[r])]
     if stuck:
-        raise ScheduleError("deadlock: " + "; ".join(
-            f"rank {r} waits in {progs[r][pc[r]]}" for r in stuck))
+        raise ScheduleError(
+            "deadlock: " + "; ".join(f"rank {r} waits in {progs[r][pc[r]]}" for r in stuck)
+        )
     for key in set(sends) | set(recvs):
         if len(sends[key]) != len(recvs[key]):
-            raise ScheduleError(f"rank {key[0]} sends {len(sends[key])} tensors to rank "
-                                f"{key[1]}, which receives {len(recvs[key])}")
+            raise ScheduleError(
+                f"rank {key[0]} sends {len(sends[key])} tensors to rank "
+                f"{key[1]}, which receives {len(recvs[key])}"
+            )
     for r in range(pp):
-        want = {(k, c, mb) for c in range(V) for mb in range(M)
-                for k in (("out",) if forward_only else ("out", "dgrad"))}
+        want = {
+            (k, c, mb)
+            for c in range(V)
+            for mb in range(M)
+            for k in (("out",) if forward_only else ("out", "dgrad"))
+        }
         done = {h for h in have[r] if h[0] in ("out", "dgrad")}
         if done != want:
             raise ScheduleError(f"rank {r} computed {sorted(done ^ want)[:4]}... wrongly")

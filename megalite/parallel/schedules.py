@@ -18,6 +18,7 @@ from megalite.errors import MegaliteError
 
 # -- operations -------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Forward:
     chunk: int
@@ -36,6 +37,7 @@ class P2P:
     previous rank / to the next) or its gradient ("bwd": from the next / to the previous), of
     this rank's (chunk, mb): a send carries its output (fwd) or input grad (bwd), a receive
     brings its input (fwd) or output grad (bwd)."""
+
     send: bool
     kind: str
     chunk: int
@@ -65,10 +67,10 @@ def one_f_one_b(pp, rank, num_microbatches, forward_only=False) -> list:
     """
     M, ops = num_microbatches, []
     first, last = rank == 0, rank == pp - 1
-    recv_fwd = lambda mb: None if first else P2P(False, "fwd", 0, mb)   # noqa: E731
-    send_fwd = lambda mb: None if last else P2P(True, "fwd", 0, mb)     # noqa: E731
-    recv_bwd = lambda mb: None if last else P2P(False, "bwd", 0, mb)    # noqa: E731
-    send_bwd = lambda mb: None if first else P2P(True, "bwd", 0, mb)    # noqa: E731
+    recv_fwd = lambda mb: None if first else P2P(False, "fwd", 0, mb)  # noqa: E731
+    send_fwd = lambda mb: None if last else P2P(True, "fwd", 0, mb)  # noqa: E731
+    recv_bwd = lambda mb: None if last else P2P(False, "bwd", 0, mb)  # noqa: E731
+    send_bwd = lambda mb: None if first else P2P(True, "bwd", 0, mb)  # noqa: E731
 
     warmup = M if forward_only else min(pp - rank - 1, M)
     steady = M - warmup
@@ -106,12 +108,14 @@ def interleaved_1f1b(pp, rank, num_microbatches, vp, forward_only=False) -> list
     """
     M, V = num_microbatches, vp
     if M % pp:
-        raise MegaliteError(f"the interleaved schedule needs the number of micro-batches ({M}) "
-                            f"to be a multiple of --pipeline-model-parallel-size {pp}")
+        raise MegaliteError(
+            f"the interleaved schedule needs the number of micro-batches ({M}) "
+            f"to be a multiple of --pipeline-model-parallel-size {pp}"
+        )
     total, group = M * V, pp * V
     first, last = rank == 0, rank == pp - 1
     chunk_of = lambda k, fwd: (k % group) // pp if fwd else V - 1 - (k % group) // pp  # noqa
-    mb_of = lambda k: (k // group) * pp + k % pp                                       # noqa
+    mb_of = lambda k: (k // group) * pp + k % pp  # noqa
     # Receives bring the next micro-batch of a chunk, in order: count them per chunk.
     n_in, n_grad = [0] * V, [0] * V
 
@@ -165,8 +169,13 @@ def interleaved_1f1b(pp, rank, num_microbatches, vp, forward_only=False) -> list
             recv_g = chunk_of(bk + 1, False)
         if i == steady - 1:
             recv = None
-        _comm(ops, send_fwd(fk), send_bwd(bk), None if recv is None else recv_fwd(recv),
-              None if recv_g is None else recv_bwd(recv_g))
+        _comm(
+            ops,
+            send_fwd(fk),
+            send_bwd(bk),
+            None if recv is None else recv_fwd(recv),
+            None if recv_g is None else recv_bwd(recv_g),
+        )
     if not forward_only:
         if all_warmup and not last:
             _comm(ops, recv_bwd(V - 1))

@@ -34,14 +34,14 @@ class ParallelState:
     tp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     dp_group: Optional[dist.ProcessGroup] = None
-    mp_group: Optional[dist.ProcessGroup] = None         # TP x PP: one full model replica
+    mp_group: Optional[dist.ProcessGroup] = None  # TP x PP: one full model replica
     embedding_group: Optional[dist.ProcessGroup] = None  # first + last pipeline stage
     # The global ranks of each of my groups (tests and logs read them; so does pipeline p2p).
     tp_ranks: tuple = (0,)
     dp_ranks: tuple = (0,)
-    pp_ranks: tuple = (0,)                               # my pipeline, by stage
+    pp_ranks: tuple = (0,)  # my pipeline, by stage
     mp_ranks: tuple = (0,)
-    embedding_ranks: tuple = (0,)                        # () on a middle pipeline stage
+    embedding_ranks: tuple = (0,)  # () on a middle pipeline stage
 
     @property
     def world_size(self) -> int:
@@ -86,7 +86,8 @@ def check_layout(world_size: int, tp: int, pp: int) -> int:
     if world_size % (tp * pp):
         raise MegaliteError(
             f"world size {world_size} is not divisible by tensor-parallel {tp} x "
-            f"pipeline-parallel {pp}; launch a multiple of {tp * pp} processes")
+            f"pipeline-parallel {pp}; launch a multiple of {tp * pp} processes"
+        )
     return world_size // (tp * pp)
 
 
@@ -110,10 +111,17 @@ def group_ranks(tp: int, pp: int, dp: int) -> dict[str, list[list[int]]]:
     }
 
 
-def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
-               device: Optional[torch.device] = None, timeout_minutes: float = 10.0, *,
-               rank: Optional[int] = None, world_size: Optional[int] = None,
-               init_method: Optional[str] = None) -> ParallelState:
+def initialize(
+    tp: int = 1,
+    pp: int = 1,
+    backend: Optional[str] = None,
+    device: Optional[torch.device] = None,
+    timeout_minutes: float = 10.0,
+    *,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    init_method: Optional[str] = None,
+) -> ParallelState:
     """Build every group. Joins torch.distributed if needed: from torchrun's environment
     (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or explicitly (tests spawning ranks pass
     rank, world_size and an init_method such as tcp://127.0.0.1:PORT).
@@ -141,7 +149,10 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
         kw = {} if rank is None else dict(rank=rank, world_size=world)
         dist.init_process_group(
             backend=backend or ("nccl" if device.type == "cuda" else "gloo"),
-            init_method=init_method, timeout=datetime.timedelta(minutes=timeout_minutes), **kw)
+            init_method=init_method,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            **kw,
+        )
         # Tear the groups down before the interpreter does: left to its final teardown, a
         # gloo group's worker threads can be destroyed unjoined, and the process aborts
         # ("terminate called without an active exception") after a run that succeeded.
@@ -159,11 +170,22 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
     # A middle pipeline stage (PP > 2) holds no embedding copy: it is in no embedding group.
     embedding_group, embedding_ranks = mine.get("embedding", (None, ()))
     _STATE = ParallelState(
-        tp=tp, pp=pp, dp=dp, rank=me, device=device,
-        tp_group=mine["tp"][0], dp_group=mine["dp"][0], pp_group=mine["pp"][0],
-        mp_group=mine["mp"][0], embedding_group=embedding_group,
-        tp_ranks=mine["tp"][1], dp_ranks=mine["dp"][1], pp_ranks=mine["pp"][1],
-        mp_ranks=mine["mp"][1], embedding_ranks=embedding_ranks)
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        rank=me,
+        device=device,
+        tp_group=mine["tp"][0],
+        dp_group=mine["dp"][0],
+        pp_group=mine["pp"][0],
+        mp_group=mine["mp"][0],
+        embedding_group=embedding_group,
+        tp_ranks=mine["tp"][1],
+        dp_ranks=mine["dp"][1],
+        pp_ranks=mine["pp"][1],
+        mp_ranks=mine["mp"][1],
+        embedding_ranks=embedding_ranks,
+    )
     return _STATE
 
 

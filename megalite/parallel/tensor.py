@@ -86,7 +86,7 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
 def _all_reduce(x):
     if _tp() == 1:
         return x
-    x = x.clone(memory_format=torch.contiguous_format)      # never reduce a caller's buffer
+    x = x.clone(memory_format=torch.contiguous_format)  # never reduce a caller's buffer
     with _timed():
         dist.all_reduce(x, group=_group())
     return x
@@ -106,7 +106,7 @@ def _all_gather(x, dim):
     x = x.contiguous()
     out = torch.empty((tp * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     with _timed():
-        _all_gather_into(out, x, group=_group())             # [tp*s, ...] rank-major
+        _all_gather_into(out, x, group=_group())  # [tp*s, ...] rank-major
     if dim in (0, -x.dim()):
         return out
     # rank-major blocks along dim 0 -> concatenated along `dim`
@@ -118,8 +118,10 @@ def _reduce_scatter_dim0(x):
     if tp == 1:
         return x
     if x.shape[0] % tp:
-        raise ValueError(f"sequence length {x.shape[0]} is not divisible by tensor-parallel "
-                         f"size {tp} (sequence parallelism splits it)")
+        raise ValueError(
+            f"sequence length {x.shape[0]} is not divisible by tensor-parallel "
+            f"size {tp} (sequence parallelism splits it)"
+        )
     x = x.contiguous()
     out = torch.empty((x.shape[0] // tp,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     with _timed():
@@ -208,7 +210,7 @@ class _CopyToTPReplicas(torch.autograd.Function):
         # Gather every rank's partial grad, then sum my replica set's in rank order: the same
         # additions in the same order on every replica, so the copies stay bitwise equal.
         r = ctx.replicas
-        parts = _all_gather(g.unsqueeze(0), 0)              # [tp, *g.shape]
+        parts = _all_gather(g.unsqueeze(0), 0)  # [tp, *g.shape]
         first = state.get().tp_rank // r * r
         total = parts[first].clone()
         for k in range(first + 1, first + r):

@@ -27,7 +27,7 @@ class MockGPTDataset(Dataset):
 
 
 def collate(samples):
-    s = torch.from_numpy(np.stack(samples).astype(np.int64))   # [b, seq+1]
+    s = torch.from_numpy(np.stack(samples).astype(np.int64))  # [b, seq+1]
     return {"tokens": s[:, :-1].contiguous(), "labels": s[:, 1:].contiguous()}
 
 
@@ -36,16 +36,20 @@ def vocab_size(cfg) -> int:
     --vocab-size alone (mock data, pre-tokenized shards)."""
     if cfg.data.tokenizer_model:
         from megalite.data import build_tokenizer
+
         tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         if cfg.model.vocab_size and cfg.model.vocab_size != tok.vocab_size:
             raise MegaliteError(
                 f"--vocab-size {cfg.model.vocab_size} differs from the tokenizer's "
-                f"{tok.vocab_size} ({cfg.data.tokenizer_model}); drop --vocab-size")
+                f"{tok.vocab_size} ({cfg.data.tokenizer_model}); drop --vocab-size"
+            )
         return tok.vocab_size
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
-    raise MegaliteError("the vocabulary size is unknown: pass --tokenizer-model (the one the "
-                        "data was preprocessed with) or --vocab-size")
+    raise MegaliteError(
+        "the vocabulary size is unknown: pass --tokenizer-model (the one the "
+        "data was preprocessed with) or --vocab-size"
+    )
 
 
 def num_samples_needed(cfg):
@@ -61,28 +65,40 @@ def build_datasets(cfg, vocab_size):
     if not d.data_path and not d.mock_data:
         raise MegaliteError(
             "no training data: pass --data-path PREFIX (shards written by "
-            "tools/preprocess.py) or --mock-data")
+            "tools/preprocess.py) or --mock-data"
+        )
     n = num_samples_needed(cfg)
     if d.mock_data:
-        return tuple(MockGPTDataset(vocab_size, m.seq_length, k, cfg.training.seed + i)
-                     for i, k in enumerate(n))
+        return tuple(
+            MockGPTDataset(vocab_size, m.seq_length, k, cfg.training.seed + i)
+            for i, k in enumerate(n)
+        )
     from megalite.data import build_train_valid_test_datasets
+
     return build_train_valid_test_datasets(
-        d.data_path, d.split, m.seq_length, n, cfg.training.seed, d.data_cache_path)
+        d.data_path, d.split, m.seq_length, n, cfg.training.seed, d.data_cache_path
+    )
 
 
 def batch_iterator(dataset, micro_batch_size, consumed_samples, num_workers, vocab_size, device):
     """Endless iterator of this data-parallel rank's micro-batches, starting after
     `consumed_samples` global samples, checking token ids against the vocabulary."""
     from megalite.data import PretrainingSampler
+
     st = state.get()
-    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
-                                 st.dp_rank, st.dp)
+    sampler = PretrainingSampler(
+        len(dataset), consumed_samples, micro_batch_size, st.dp_rank, st.dp
+    )
     # A private generator: creating a loader iterator draws a seed from it, and drawing from
     # the global one would shift every later dropout mask (and break exact resume).
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )
     for batch in loader:
         top = int(batch["tokens"].max().item()) if batch["tokens"].numel() else 0
         top = max(top, int(batch["labels"][:, -1].max().item()) if batch["labels"].numel() else 0)
@@ -90,5 +106,6 @@ def batch_iterator(dataset, micro_batch_size, consumed_samples, num_workers, voc
             raise MegaliteError(
                 f"the data holds token id {top} but the vocabulary has {vocab_size} ids: the "
                 f"shards were made with another tokenizer; pass the --tokenizer-model they "
-                f"were preprocessed with (or re-run tools/preprocess.py)")
+                f"were preprocessed with (or re-run tools/preprocess.py)"
+            )
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}

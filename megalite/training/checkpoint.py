@@ -90,8 +90,10 @@ def _load_model_state(chunks, saved: dict, where: str) -> None:
     extra = [k for k in saved if k not in mine]
     if missing or extra:
         what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this model lacks"
-        raise MegaliteError(f"checkpoint {where} {what}: it was saved by another model "
-                            f"shape; load it with the settings it was trained with")
+        raise MegaliteError(
+            f"checkpoint {where} {what}: it was saved by another model "
+            f"shape; load it with the settings it was trained with"
+        )
     for chunk in chunks:
         chunk.load_state_dict({k: saved[k] for k in chunk.state_dict()})
 
@@ -106,24 +108,35 @@ def save_checkpoint(cfg, iteration, consumed_samples, chunks, optimizer) -> str:
         os.makedirs(tmp)
     _barrier()
     if st.dp_rank == 0:
-        _torch_save_fsync({
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "model": model_state_dict(chunks),
-            "partition": {n: tag_of(p).partition
-                          for c in chunks for n, p in c.named_parameters()},
-            "optimizer": optimizer.state_dict(),
-            "rng": prandom.get_rng_state(),
-        }, os.path.join(tmp, shard_name(st.tp_rank, st.pp_rank)))
+        _torch_save_fsync(
+            {
+                "iteration": iteration,
+                "consumed_samples": consumed_samples,
+                "model": model_state_dict(chunks),
+                "partition": {
+                    n: tag_of(p).partition for c in chunks for n, p in c.named_parameters()
+                },
+                "optimizer": optimizer.state_dict(),
+                "rng": prandom.get_rng_state(),
+            },
+            os.path.join(tmp, shard_name(st.tp_rank, st.pp_rank)),
+        )
     if optimizer.sharded:
         # ZeRO-1: no rank holds the whole optimizer state; each saves the pieces it owns
         # (keyed by parameter name and element range, so they can be re-cut on load).
-        _torch_save_fsync(optimizer.sharded_state_dict(),
-                          os.path.join(tmp, optim_shard_name(st.tp_rank, st.pp_rank, st.dp_rank)))
+        _torch_save_fsync(
+            optimizer.sharded_state_dict(),
+            os.path.join(tmp, optim_shard_name(st.tp_rank, st.pp_rank, st.dp_rank)),
+        )
     if st.rank == 0:
-        meta = {"iteration": iteration, "consumed_samples": consumed_samples,
-                "tensor_model_parallel_size": st.tp, "pipeline_model_parallel_size": st.pp,
-                "data_parallel_size": st.dp, "config": cfg.to_dict()}
+        meta = {
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "tensor_model_parallel_size": st.tp,
+            "pipeline_model_parallel_size": st.pp,
+            "data_parallel_size": st.dp,
+            "config": cfg.to_dict(),
+        }
         _fsync_write(os.path.join(tmp, "metadata.json"), json.dumps(meta, indent=1).encode())
     _barrier()
     if st.rank == 0:
@@ -134,7 +147,7 @@ def save_checkpoint(cfg, iteration, consumed_samples, chunks, optimizer) -> str:
         _fsync_write(os.path.join(root, LATEST), f"{iteration}\n".encode())
         _fsync_dir(root)
         if cfg.checkpoint.keep_last:
-            for old in list_iterations(root)[:-cfg.checkpoint.keep_last]:
+            for old in list_iterations(root)[: -cfg.checkpoint.keep_last]:
                 shutil.rmtree(iter_dir(root, old), ignore_errors=True)
     _barrier()
     return final
@@ -149,8 +162,10 @@ def load_checkpoint(cfg, chunks, optimizer):
     it = latest_iteration(ck.load) if os.path.isdir(ck.load) else None
     if it is None:
         if ck.load != ck.save:
-            raise MegaliteError(f"--load {ck.load} holds no checkpoint (no {LATEST}); check the "
-                                f"path, or drop --load to start from scratch")
+            raise MegaliteError(
+                f"--load {ck.load} holds no checkpoint (no {LATEST}); check the "
+                f"path, or drop --load to start from scratch"
+            )
         return None
     meta = read_metadata(ck.load, it)
     saved = (meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"])
@@ -158,10 +173,11 @@ def load_checkpoint(cfg, chunks, optimizer):
         raise MegaliteError(
             f"checkpoint {iter_dir(ck.load, it)} was saved with tensor-parallel {saved[0]} x "
             f"pipeline-parallel {saved[1]}, this run uses {st.tp} x {st.pp}; run with the "
-            f"saved sizes")
+            f"saved sizes"
+        )
     shard = read_shard(ck.load, it, st.tp_rank, st.pp_rank)
     _load_model_state(chunks, shard["model"], iter_dir(ck.load, it))
-    optimizer.reload_model_params()            # fp32 main params <- the loaded weights
+    optimizer.reload_model_params()  # fp32 main params <- the loaded weights
     iteration, consumed = 0, 0
     if not ck.no_load_optim:
         iteration, consumed = meta["iteration"], meta["consumed_samples"]
@@ -186,12 +202,16 @@ def latest_iteration(root):
         return None
     text = open(path).read().strip()
     if not text.isdigit():
-        raise MegaliteError(f"{path} is corrupt (holds {text[:40]!r}, not an iteration number); "
-                            f"write the iteration of a complete iter_* directory into it")
+        raise MegaliteError(
+            f"{path} is corrupt (holds {text[:40]!r}, not an iteration number); "
+            f"write the iteration of a complete iter_* directory into it"
+        )
     it = int(text)
     if not os.path.isdir(iter_dir(root, it)):
-        raise MegaliteError(f"{path} points to iteration {it} but {iter_dir(root, it)} is "
-                            f"missing; point it at one of {list_iterations(root) or 'none'}")
+        raise MegaliteError(
+            f"{path} points to iteration {it} but {iter_dir(root, it)} is "
+            f"missing; point it at one of {list_iterations(root) or 'none'}"
+        )
     return it
 
 
@@ -201,16 +221,20 @@ def read_metadata(root, iteration):
         with open(path) as fh:
             return json.load(fh)
     except FileNotFoundError:
-        raise MegaliteError(f"checkpoint {iter_dir(root, iteration)} has no metadata.json: it "
-                            f"is incomplete; point {LATEST} at an earlier iteration")
+        raise MegaliteError(
+            f"checkpoint {iter_dir(root, iteration)} has no metadata.json: it "
+            f"is incomplete; point {LATEST} at an earlier iteration"
+        )
     except json.JSONDecodeError as e:
-        raise MegaliteError(f"checkpoint file {path} is corrupt ({e.msg}); point {LATEST} at an "
-                            f"earlier iteration")
+        raise MegaliteError(
+            f"checkpoint file {path} is corrupt ({e.msg}); point {LATEST} at an earlier iteration"
+        )
 
 
 def read_shard(root, iteration, tp_rank, pp_rank):
-    return _load(os.path.join(iter_dir(root, iteration), shard_name(tp_rank, pp_rank)),
-                 "checkpoint shard")
+    return _load(
+        os.path.join(iter_dir(root, iteration), shard_name(tp_rank, pp_rank)), "checkpoint shard"
+    )
 
 
 def optimizer_shard_reader(root, iteration):
@@ -218,22 +242,28 @@ def optimizer_shard_reader(root, iteration):
     st = state.get()
 
     def read(dp_rank):
-        path = os.path.join(iter_dir(root, iteration),
-                            optim_shard_name(st.tp_rank, st.pp_rank, dp_rank))
+        path = os.path.join(
+            iter_dir(root, iteration), optim_shard_name(st.tp_rank, st.pp_rank, dp_rank)
+        )
         return _load(path, "the distributed optimizer's shard", " (or resume with --no-load-optim)")
+
     return read
 
 
 def _load(path, what, hint=""):
     if not os.path.exists(path):
-        raise MegaliteError(f"{what} {path} is missing; the checkpoint is incomplete: point "
-                            f"{LATEST} at an earlier iteration{hint}")
+        raise MegaliteError(
+            f"{what} {path} is missing; the checkpoint is incomplete: point "
+            f"{LATEST} at an earlier iteration{hint}"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or overwritten file surfaces as many error types
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MegaliteError(f"checkpoint file {path} is corrupt or truncated ({first[:120]}); "
-                            f"point {LATEST} at an earlier iteration")
+        raise MegaliteError(
+            f"checkpoint file {path} is corrupt or truncated ({first[:120]}); "
+            f"point {LATEST} at an earlier iteration"
+        )
 
 
 def load_full_model_state(root, iteration=None):

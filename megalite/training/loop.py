@@ -1,11 +1,11 @@
 """The training loop, top to bottom (docs/ARCHITECTURE.md, "One training step").
 
-    run = setup(cfg)        process groups and RNG; the model parallelised in one order (plain
-                            model for this rank's stage and TP slice, cast, DDP buffers,
-                            optimizer); LR schedule; resume from --load; data
-    loop:
-        stats = train_step(run)      one optimizer step over the global batch
-        maybe_log, maybe_evaluate, maybe_save, should_exit
+run = setup(cfg)        process groups and RNG; the model parallelised in one order (plain
+                        model for this rank's stage and TP slice, cast, DDP buffers,
+                        optimizer); LR schedule; resume from --load; data
+loop:
+    stats = train_step(run)      one optimizer step over the global batch
+    maybe_log, maybe_evaluate, maybe_save, should_exit
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from megalite.training.metrics import MetricsWriter, memory_stats, peak_tflops
 @dataclass
 class Window:
     """What the log line averages over: the iterations since the last one."""
+
     loss: float = 0.0
     iters: int = 0
     time_s: float = 0.0
@@ -47,16 +48,17 @@ class Run:
     """Everything a training run holds. One handle on the model: `chunks`, this rank's model
     chunks (one per virtual pipeline stage), used by the schedule, DDP, optimizer and
     checkpoints alike."""
+
     cfg: Config
     chunks: list
     ddp: DistributedDataParallel
-    optimizer: object                     # MixedPrecisionOptimizer or DistributedOptimizer
+    optimizer: object  # MixedPrecisionOptimizer or DistributedOptimizer
     lr_schedule: object
     train_iter: Iterator
     valid_ds: Optional[object]
     log: MetricsWriter
     vocab_size: int
-    p2p_shape: tuple                      # every activation passed between pipeline stages
+    p2p_shape: tuple  # every activation passed between pipeline stages
     flops_per_iter: float
     peak_tflops: Optional[float]
     iteration: int = 0
@@ -74,25 +76,33 @@ class StepStats:
     loss: float
     lr: float
     grad_norm: float
-    stepped: bool        # False: a grad held inf/nan and the step was skipped (fp16)
+    stepped: bool  # False: a grad held inf/nan and the step was skipped (fp16)
     time_s: float
 
 
 # -- setup ------------------------------------------------------------------------------------
 
+
 def setup(cfg: Config) -> Run:
     """Join the process groups, build and parallelise the model, resume, open the data."""
     t, par = cfg.training, cfg.parallel
-    st = state.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                          backend=par.distributed_backend, device=torch.device(t.device),
-                          timeout_minutes=par.distributed_timeout_minutes)
+    st = state.initialize(
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        backend=par.distributed_backend,
+        device=torch.device(t.device),
+        timeout_minutes=par.distributed_timeout_minutes,
+    )
     if st.world_size != cfg.world_size:
-        raise MegaliteError(f"the config was checked for {cfg.world_size} processes but this "
-                            f"run has {st.world_size}; parse it with world_size="
-                            f"{st.world_size}")
+        raise MegaliteError(
+            f"the config was checked for {cfg.world_size} processes but this "
+            f"run has {st.world_size}; parse it with world_size="
+            f"{st.world_size}"
+        )
     prandom.seed_everything(t.seed, st.device)
-    log = MetricsWriter(st.rank == st.world_size - 1, cfg.logging.metrics_file,
-                        cfg.logging.tensorboard_dir)
+    log = MetricsWriter(
+        st.rank == st.world_size - 1, cfg.logging.metrics_file, cfg.logging.tensorboard_dir
+    )
     vocab = vocab_size(cfg)
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, st.tp)
 
@@ -104,38 +114,54 @@ def setup(cfg: Config) -> Run:
     cast_params(chunks, t.params_dtype)
     # 3. data parallelism: fp32 grad buffers in buckets, synced during backward with
     #    --overlap-grad-reduce, params in a flat buffer with --use-distributed-optimizer;
-    ddp = DistributedDataParallel(chunks, bucket_size=par.ddp_bucket_size,
-                                  overlap_grad_reduce=par.overlap_grad_reduce,
-                                  use_distributed_optimizer=par.use_distributed_optimizer,
-                                  overlap_param_gather=par.overlap_param_gather)
+    ddp = DistributedDataParallel(
+        chunks,
+        bucket_size=par.ddp_bucket_size,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        overlap_param_gather=par.overlap_param_gather,
+    )
     # 4. the optimizer over those buffers (ZeRO-1 with --use-distributed-optimizer; it owns
     #    clipping and the fp16 loss scaler).
     optimizer = build_optimizer(chunks, cfg, ddp)
 
     counts = num_parameters(cfg.model, padded)
-    log.print(f"megalite: {counts['total'] / 1e6:.2f}M parameters "
-              f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {vocab} "
-              f"(padded {padded}), layout TP={st.tp} PP={st.pp} DP={st.dp}, "
-              f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'} on {st.device}")
+    log.print(
+        f"megalite: {counts['total'] / 1e6:.2f}M parameters "
+        f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {vocab} "
+        f"(padded {padded}), layout TP={st.tp} PP={st.pp} DP={st.dp}, "
+        f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'} on {st.device}"
+    )
     peak, peak_why = peak_tflops(st.device, t.bf16 or t.fp16, cfg.logging.peak_tflops)
     if peak is None:
         log.print(f"MFU not reported: {peak_why}")
-    run = Run(cfg, chunks, ddp, optimizer, build_lr_schedule(cfg), None, None, log, vocab,
-              p2p_tensor_shape(cfg, st.tp),
-              flops_per_token(cfg.model, padded) * t.global_batch_size * cfg.model.seq_length,
-              peak)
+    run = Run(
+        cfg,
+        chunks,
+        ddp,
+        optimizer,
+        build_lr_schedule(cfg),
+        None,
+        None,
+        log,
+        vocab,
+        p2p_tensor_shape(cfg, st.tp),
+        flops_per_token(cfg.model, padded) * t.global_batch_size * cfg.model.seq_length,
+        peak,
+    )
     _resume(run)
     # The data loader's position is the number of consumed samples, nothing else.
     train_ds, run.valid_ds, _ = build_datasets(cfg, vocab)
-    run.train_iter = batch_iterator(train_ds, t.micro_batch_size, run.consumed_samples,
-                                    cfg.data.num_workers, vocab, st.device)
+    run.train_iter = batch_iterator(
+        train_ds, t.micro_batch_size, run.consumed_samples, cfg.data.num_workers, vocab, st.device
+    )
     return run
 
 
 def _resume(run: Run) -> None:
     ck = run.cfg.checkpoint
     if ck.load == ck.save:
-        run.last_saved = 0             # nothing to save before the first step
+        run.last_saved = 0  # nothing to save before the first step
     if not ck.load:
         return
     resumed = ckpt.load_checkpoint(run.cfg, run.chunks, run.optimizer)
@@ -145,11 +171,13 @@ def _resume(run: Run) -> None:
     run.iteration, run.consumed_samples, where = resumed
     if ck.load == ck.save:
         run.last_saved = run.iteration
-    run.log.print(f"resumed from {where} (iteration {run.iteration}, "
-                  f"{run.consumed_samples} samples consumed)")
+    run.log.print(
+        f"resumed from {where} (iteration {run.iteration}, {run.consumed_samples} samples consumed)"
+    )
 
 
 # -- one step ---------------------------------------------------------------------------------
+
 
 def train_step(run: Run) -> StepStats:
     """One optimizer step over the global batch."""
@@ -160,10 +188,15 @@ def train_step(run: Run) -> StepStats:
         group["lr"] = lr
     # Every micro-batch through this rank's chunks under the layout's schedule; the grads
     # of each chunk's last backward start their bucket's DP reduction.
-    losses = forward_backward(run.chunks, run.train_iter, cfg.num_microbatches,
-                              loss_scale=opt.loss_scale, no_sync=run.ddp.no_sync,
-                              tensor_shape=run.p2p_shape)
-    finalize_model_grads(run.chunks, run.ddp)   # DP mean; SP sums over TP; tied embedding
+    losses = forward_backward(
+        run.chunks,
+        run.train_iter,
+        cfg.num_microbatches,
+        loss_scale=opt.loss_scale,
+        no_sync=run.ddp.no_sync,
+        tensor_shape=run.p2p_shape,
+    )
+    finalize_model_grads(run.chunks, run.ddp)  # DP mean; SP sums over TP; tied embedding
     # The global grad norm (over TP, PP and DP shards) is also the inf/nan check; clipping,
     # unscaling and the fp16 loss-scale update happen inside the step.
     stepped, grad_norm = opt.step()
@@ -171,15 +204,18 @@ def train_step(run: Run) -> StepStats:
     loss = global_mean_loss(losses).item()
     if opt.scaler is None and not (stepped and math.isfinite(loss)):
         what = f"gradient norm is {grad_norm}" if not stepped else f"loss is {loss}"
-        raise MegaliteError(f"the {what} at iteration {run.iteration + 1} (loss {loss:.4g}): "
-                            f"training diverged; lower --lr, raise --lr-warmup-iters or use "
-                            f"--clip-grad, then resume from the last checkpoint")
+        raise MegaliteError(
+            f"the {what} at iteration {run.iteration + 1} (loss {loss:.4g}): "
+            f"training diverged; lower --lr, raise --lr-warmup-iters or use "
+            f"--clip-grad, then resume from the last checkpoint"
+        )
     run.iteration += 1
     run.consumed_samples += cfg.training.global_batch_size
     return StepStats(loss, lr, grad_norm, stepped, time.perf_counter() - tic)
 
 
 # -- around the step --------------------------------------------------------------------------
+
 
 def maybe_log(run: Run, stats: StepStats) -> None:
     """Every --log-interval iterations: the window's mean loss and throughput."""
@@ -191,14 +227,25 @@ def maybe_log(run: Run, stats: StepStats) -> None:
     dt = w.time_s / w.iters
     tps = cfg.training.global_batch_size * cfg.model.seq_length / dt
     tflops = run.flops_per_iter / dt / cfg.world_size / 1e12
-    rec = {"iteration": run.iteration, "loss": w.loss / w.iters, "lr": stats.lr,
-           "grad_norm": stats.grad_norm, "tokens_per_sec": tps, "tflops_per_device": tflops,
-           "mfu": tflops / run.peak_tflops if run.peak_tflops else None, "iter_time_s": dt,
-           "consumed_samples": run.consumed_samples, **memory_stats(state.get().device)}
-    line = (f"iter {run.iteration:6d}/{cfg.training.train_iters} | loss {rec['loss']:.4f} | "
-            f"lr {stats.lr:.3e} | grad norm {stats.grad_norm:.3f} | {tps:,.0f} tok/s | "
-            f"{tflops:.2f} TFLOP/s" + (f" | MFU {rec['mfu']:.1%}" if run.peak_tflops else "")
-            + f" | {dt * 1000:.0f} ms/it | mem {rec['mem_peak_gb']:.2f} GB")
+    rec = {
+        "iteration": run.iteration,
+        "loss": w.loss / w.iters,
+        "lr": stats.lr,
+        "grad_norm": stats.grad_norm,
+        "tokens_per_sec": tps,
+        "tflops_per_device": tflops,
+        "mfu": tflops / run.peak_tflops if run.peak_tflops else None,
+        "iter_time_s": dt,
+        "consumed_samples": run.consumed_samples,
+        **memory_stats(state.get().device),
+    }
+    line = (
+        f"iter {run.iteration:6d}/{cfg.training.train_iters} | loss {rec['loss']:.4f} | "
+        f"lr {stats.lr:.3e} | grad norm {stats.grad_norm:.3f} | {tps:,.0f} tok/s | "
+        f"{tflops:.2f} TFLOP/s"
+        + (f" | MFU {rec['mfu']:.1%}" if run.peak_tflops else "")
+        + f" | {dt * 1000:.0f} ms/it | mem {rec['mem_peak_gb']:.2f} GB"
+    )
     if scaler is not None:
         rec.update(loss_scale=scaler.scale, skipped_iters=w.skipped)
         line += f" | scale {scaler.scale:g} | skipped {w.skipped}"
@@ -213,12 +260,14 @@ def evaluate(run: Run) -> float:
     cfg = run.cfg
     for c in run.chunks:
         c.eval()
-    it = batch_iterator(run.valid_ds, cfg.training.micro_batch_size, 0, 0, run.vocab_size,
-                        state.get().device)
+    it = batch_iterator(
+        run.valid_ds, cfg.training.micro_batch_size, 0, 0, run.vocab_size, state.get().device
+    )
     losses = []
     for _ in range(cfg.training.eval_iters):
-        losses += forward_backward(run.chunks, it, cfg.num_microbatches, forward_only=True,
-                                   tensor_shape=run.p2p_shape)
+        losses += forward_backward(
+            run.chunks, it, cfg.num_microbatches, forward_only=True, tensor_shape=run.p2p_shape
+        )
     for c in run.chunks:
         c.train()
     return global_mean_loss(losses).item()
@@ -231,15 +280,18 @@ def maybe_evaluate(run: Run) -> None:
         return
     loss = evaluate(run)
     ppl = math.exp(min(loss, 50))
-    run.log.log({"iteration": run.iteration, "valid_loss": loss, "valid_ppl": ppl},
-                f"validation at iter {run.iteration}: loss {loss:.4f} | ppl {ppl:.2f}")
+    run.log.log(
+        {"iteration": run.iteration, "valid_loss": loss, "valid_ppl": ppl},
+        f"validation at iter {run.iteration}: loss {loss:.4f} | ppl {ppl:.2f}",
+    )
     if loss < run.best_valid:
         run.best_valid, run.evals_without_gain = loss, 0
     else:
         run.evals_without_gain += 1
     if t.early_stop_patience and run.evals_without_gain >= t.early_stop_patience:
-        run.exit_reason = (f"early stop: no better validation loss in "
-                           f"{run.evals_without_gain} evaluations")
+        run.exit_reason = (
+            f"early stop: no better validation loss in {run.evals_without_gain} evaluations"
+        )
 
 
 def save(run: Run) -> None:
@@ -249,8 +301,9 @@ def save(run: Run) -> None:
     run.ddp.finish_param_sync()
     if run.cfg.checkpoint.save and run.last_saved != run.iteration:
         run.last_saved = run.iteration
-        where = ckpt.save_checkpoint(run.cfg, run.iteration, run.consumed_samples, run.chunks,
-                                     run.optimizer)
+        where = ckpt.save_checkpoint(
+            run.cfg, run.iteration, run.consumed_samples, run.chunks, run.optimizer
+        )
         run.log.print(f"saved checkpoint {where}")
 
 
@@ -301,6 +354,7 @@ def should_exit(run: Run, preemption: Preemption) -> Optional[str]:
 
 
 # -- the loop ---------------------------------------------------------------------------------
+
 
 def pretrain(cfg: Config) -> int:
     """Train per `cfg`; returns the last iteration (saved, when --save is given)."""

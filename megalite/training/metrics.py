@@ -47,8 +47,10 @@ def peak_tflops(device: torch.device, low_precision: bool, override=None):
 
 def memory_stats(device: torch.device) -> dict:
     if device.type == "cuda":
-        return {"mem_allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
-                "mem_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+        return {
+            "mem_allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
+            "mem_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
     # ru_maxrss is KiB on Linux: the process's peak resident memory.
     return {"mem_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -69,8 +71,9 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise MegaliteError("--tensorboard-dir needs the tensorboard package: "
-                                    "pip install tensorboard")
+                raise MegaliteError(
+                    "--tensorboard-dir needs the tensorboard package: pip install tensorboard"
+                )
             self.tb = SummaryWriter(tensorboard_dir)
 
     def print(self, *args):
@@ -94,4 +97,3 @@ class MetricsWriter:
             self.file.close()
         if self.tb:
             self.tb.close()
-

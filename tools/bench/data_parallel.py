@@ -21,14 +21,20 @@ import sys
 
 import cli_bench as cb
 
-VARIANTS = {"megalite": [], "megalite-overlap": ["--overlap-grad-reduce"],
-            "megalite-distopt": ["--use-distributed-optimizer", "--overlap-grad-reduce"]}
+VARIANTS = {
+    "megalite": [],
+    "megalite-overlap": ["--overlap-grad-reduce"],
+    "megalite-distopt": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
+}
 
 
 def main():
     p = cb.parser(__doc__, "--rounds", 3, 1, "OMP_NUM_THREADS of each of the 2 processes")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {', '.join(VARIANTS)}",
+    )
     a = cb.finish_args(p.parse_args(), min_rounds=3)
     names = a.variants.split(",")
     if not names or any(n not in VARIANTS for n in names):

@@ -84,7 +84,9 @@ def timed(fn, device, prepare=None):
     return time.perf_counter() - t0
 
 
-def compare(name, ours, baseline, device, repeats, prepare=None, bytes_moved=None, goal=None, note=""):
+def compare(
+    name, ours, baseline, device, repeats, prepare=None, bytes_moved=None, goal=None, note=""
+):
     """Time ours and baseline alternately; medians and ratio baseline/ours."""
     for fn in (baseline, ours):  # warm-up: first-touch of buffers, thread pool start
         timed(fn, device, prepare)
@@ -95,10 +97,19 @@ def compare(name, ours, baseline, device, repeats, prepare=None, bytes_moved=Non
     mo, mb = statistics.median(t_ours), statistics.median(t_base)
     # Also the median of the per-pair ratios: each pair ran back to back, under the same load.
     paired = statistics.median(b / o for b, o in zip(t_base, t_ours))
-    row = {"case": name, "device": device.type, "ours_ms": mo * 1e3, "baseline_ms": mb * 1e3,
-           "ratio": mb / mo, "ratio_paired": paired, "goal": goal, "note": note,
-           "ours_GBps": bytes_moved / mo / 1e9 if bytes_moved else None,
-           "ours_min_ms": min(t_ours) * 1e3, "baseline_min_ms": min(t_base) * 1e3}
+    row = {
+        "case": name,
+        "device": device.type,
+        "ours_ms": mo * 1e3,
+        "baseline_ms": mb * 1e3,
+        "ratio": mb / mo,
+        "ratio_paired": paired,
+        "goal": goal,
+        "note": note,
+        "ours_GBps": bytes_moved / mo / 1e9 if bytes_moved else None,
+        "ours_min_ms": min(t_ours) * 1e3,
+        "baseline_min_ms": min(t_base) * 1e3,
+    }
     row["meets_goal"] = None if goal is None else row["ratio"] >= goal
     return row
 
@@ -125,12 +136,30 @@ def bench_adamw_fp32(device, numel, tensors, repeats):
     torch_p = params()
     base = torch.optim.AdamW(torch_p, lr=1e-4, weight_decay=0.1, fused=True)
     # The goal's case: default arguments on both sides, the same contract (no inf/nan pass).
-    rows = [compare(name, default.step, base.step, device, repeats, bytes_moved=28 * numel,
-                    goal=goal, note="FusedAdamW() vs AdamW(fused=True): neither checks for inf/nan")]
+    rows = [
+        compare(
+            name,
+            default.step,
+            base.step,
+            device,
+            repeats,
+            bytes_moved=28 * numel,
+            goal=goal,
+            note="FusedAdamW() vs AdamW(fused=True): neither checks for inf/nan",
+        )
+    ]
     # Checking every grad first (32 B/param), against the same torch.
-    rows.append(compare(f"{name} ours checking", checking.step, base.step, device, repeats,
-                        bytes_moved=28 * numel,
-                        note="FusedAdamW(check_finite=True), torch does not check"))
+    rows.append(
+        compare(
+            f"{name} ours checking",
+            checking.step,
+            base.step,
+            device,
+            repeats,
+            bytes_moved=28 * numel,
+            note="FusedAdamW(check_finite=True), torch does not check",
+        )
+    )
     # Like for like: torch with an inf/nan check too (GradScaler's, scale 1).
     found_inf = torch.zeros(1, device=device)
     one = torch.ones(1, device=device)
@@ -142,8 +171,17 @@ def bench_adamw_fp32(device, numel, tensors, repeats):
         if found_inf.item() == 0:
             base.step()
 
-    rows.append(compare(f"{name} both checking", checking.step, checked, device, repeats,
-                        bytes_moved=28 * numel, note="baseline: inf/nan check + AdamW(fused)"))
+    rows.append(
+        compare(
+            f"{name} both checking",
+            checking.step,
+            checked,
+            device,
+            repeats,
+            bytes_moved=28 * numel,
+            note="baseline: inf/nan check + AdamW(fused)",
+        )
+    )
     return rows
 
 
@@ -171,14 +209,25 @@ def bench_adamw_mixed(device, numel, tensors, repeats, scale=1024.0, clip=1.0):
 
     def ours():  # one call: unscale, inf check, AdamW, bf16 copy
         step[0] += 1
-        ops.fused_adamw_(op, og, om, ov, step=step[0], grad_scale=scale, model_copies=ocopy, **hyper)
+        ops.fused_adamw_(
+            op, og, om, ov, step=step[0], grad_scale=scale, model_copies=ocopy, **hyper
+        )
 
     def ours_clipped():  # MixedPrecisionOptimizer.step: the norm, then one unchecked pass
         step[0] += 1
         norm = global_grad_norm(op, og).item() / scale
         if math.isfinite(norm):
-            ops.fused_adamw_(op, og, om, ov, step=step[0], grad_scale=scale / clip_coefficient(norm, clip),
-                             model_copies=ocopy, check_finite=False, **hyper)
+            ops.fused_adamw_(
+                op,
+                og,
+                om,
+                ov,
+                step=step[0],
+                grad_scale=scale / clip_coefficient(norm, clip),
+                model_copies=ocopy,
+                check_finite=False,
+                **hyper,
+            )
 
     # torch: what GradScaler + AdamW(fused) + a bf16 model copy amounts to.
     tp, tg, tcopy = side()
@@ -200,12 +249,30 @@ def bench_adamw_mixed(device, numel, tensors, repeats, scale=1024.0, clip=1.0):
         torch._foreach_copy_(tg, grads0)
 
     name = f"adamw_mixed {numel / 1e6:g}M/{tensors}"
-    return [compare(name, ours, baseline, device, repeats, prepare=refresh,
-                    bytes_moved=30 * numel, goal=1.5 if numel >= 50_000_000 else None,
-                    note="baseline: _amp_foreach_non_finite_check_and_unscale_ + AdamW(fused) + _foreach_copy_"),
-            compare(f"{name} + clip (trainer)", ours_clipped, lambda: baseline(clip_grads=True), device,
-                    repeats, prepare=refresh, bytes_moved=30 * numel,
-                    note="ours: grad norm + one unchecked pass; baseline adds clip_grad_norm_")]
+    return [
+        compare(
+            name,
+            ours,
+            baseline,
+            device,
+            repeats,
+            prepare=refresh,
+            bytes_moved=30 * numel,
+            goal=1.5 if numel >= 50_000_000 else None,
+            note="baseline: _amp_foreach_non_finite_check_and_unscale_ + AdamW(fused) "
+            "+ _foreach_copy_",
+        ),
+        compare(
+            f"{name} + clip (trainer)",
+            ours_clipped,
+            lambda: baseline(clip_grads=True),
+            device,
+            repeats,
+            prepare=refresh,
+            bytes_moved=30 * numel,
+            note="ours: grad norm + one unchecked pass; baseline adds clip_grad_norm_",
+        ),
+    ]
 
 
 def bench_norm(device, kind, rows, hidden, dtype, repeats):
@@ -231,8 +298,15 @@ def bench_norm(device, kind, rows, hidden, dtype, repeats):
         goal = 1.5 if dtype == torch.bfloat16 else 1.0 if dtype == torch.float32 else None
     esize = torch.finfo(dtype).bits // 8
     dt = str(dtype).replace("torch.", "")
-    return compare(f"{kind} {rows}x{hidden} {dt} fwd+bwd", run(ours_f), run(base_f), device, repeats,
-                   bytes_moved=5 * rows * hidden * esize, goal=goal)
+    return compare(
+        f"{kind} {rows}x{hidden} {dt} fwd+bwd",
+        run(ours_f),
+        run(base_f),
+        device,
+        repeats,
+        bytes_moved=5 * rows * hidden * esize,
+        goal=goal,
+    )
 
 
 def _per_call(row, calls, bytes_moved=None):
@@ -263,14 +337,22 @@ def bench_norm_small(device, rows, hidden, dtype, repeats):
         def go():
             for _ in range(calls):
                 torch.autograd.grad(f(x, w, b), (x, w, b), dy)
+
         return go
 
     esize = torch.finfo(dtype).bits // 8
     dt = str(dtype).replace("torch.", "")
     ours = run(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5))
     base = run(lambda x, w, b: F.layer_norm(x, (hidden,), w, b, 1e-5))
-    row = compare(f"layer_norm {rows}x{hidden} {dt} fwd+bwd", ours, base, device, repeats, goal=1.1,
-                  note=f"{calls} calls per sample")
+    row = compare(
+        f"layer_norm {rows}x{hidden} {dt} fwd+bwd",
+        ours,
+        base,
+        device,
+        repeats,
+        goal=1.1,
+        note=f"{calls} calls per sample",
+    )
     return _per_call(row, calls, 5 * rows * hidden * esize)
 
 
@@ -284,27 +366,37 @@ def bench_activation(device, kind, rows, n, dtype, repeats):
     dy = torch.randn(rows, n, generator=gen).to(device=device, dtype=dtype)
     if kind == "gelu_tanh":
         ours_f, base_f = ops.gelu_tanh, lambda t: F.gelu(t, approximate="tanh")
-        bytes_moved = 5 * rows * n   # x, y; dy, x, dx (elements)
+        bytes_moved = 5 * rows * n  # x, y; dy, x, dx (elements)
     else:
+
         def base_f(h):
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up
+
         ours_f = ops.swiglu
-        bytes_moved = 8 * rows * n   # h, y; dy, h, dh
+        bytes_moved = 8 * rows * n  # h, y; dy, h, dh
     calls = _calls(rows * cols)
 
     def run(f):
         def go():
             for _ in range(calls):
                 torch.autograd.grad(f(x), x, dy)
+
         return go
 
     esize = torch.finfo(dtype).bits // 8
     dt = str(dtype).replace("torch.", "")
     goal = 2.0 if dtype == torch.float32 and (rows, n) in ((512, 1024), (2048, 4096)) else None
     shape = f"{rows}x{cols}"
-    row = compare(f"{kind} {shape} {dt} fwd+bwd", run(ours_f), run(base_f), device, repeats,
-                  goal=goal, note=f"{calls} calls per sample" if calls > 1 else "")
+    row = compare(
+        f"{kind} {shape} {dt} fwd+bwd",
+        run(ours_f),
+        run(base_f),
+        device,
+        repeats,
+        goal=goal,
+        note=f"{calls} calls per sample" if calls > 1 else "",
+    )
     return _per_call(row, calls, bytes_moved * esize)
 
 
@@ -324,9 +416,16 @@ def bench_flatten(device, numel, tensors, repeats):
         flat_dst.copy_(flat_src)
         flat_src.copy_(flat_dst)
 
-    return compare(f"flatten+unflatten {tensors}x{per}", ours, memcpy, device, repeats,
-                   bytes_moved=2 * 2 * 4 * per * tensors, goal=0.8 if numel >= 25_000_000 else None,
-                   note="baseline: dst.copy_(src) of one contiguous tensor each way")
+    return compare(
+        f"flatten+unflatten {tensors}x{per}",
+        ours,
+        memcpy,
+        device,
+        repeats,
+        bytes_moved=2 * 2 * 4 * per * tensors,
+        goal=0.8 if numel >= 25_000_000 else None,
+        note="baseline: dst.copy_(src) of one contiguous tensor each way",
+    )
 
 
 def bench_sum_of_squares(device, numel, tensors, repeats):
@@ -339,9 +438,15 @@ def bench_sum_of_squares(device, numel, tensors, repeats):
     def torch_norm():
         return torch.stack(torch._foreach_norm(grads)).square().sum().item()
 
-    return compare(f"grad sum of squares {numel / 1e6:g}M/{tensors}", lambda: ops.sum_of_squares(grads).item(),
-                   torch_norm, device, repeats, bytes_moved=4 * numel,
-                   note="ops.sum_of_squares vs torch._foreach_norm, squared and summed")
+    return compare(
+        f"grad sum of squares {numel / 1e6:g}M/{tensors}",
+        lambda: ops.sum_of_squares(grads).item(),
+        torch_norm,
+        device,
+        repeats,
+        bytes_moved=4 * numel,
+        note="ops.sum_of_squares vs torch._foreach_norm, squared and summed",
+    )
 
 
 def bench_adamw_roofline(device, numel, tensors, repeats):
@@ -356,12 +461,31 @@ def bench_adamw_roofline(device, numel, tensors, repeats):
     dst = torch.empty_like(src)
 
     def ours():
-        ops.fused_adamw_(p, g, m, v, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=1,
-                         check_finite=False)
+        ops.fused_adamw_(
+            p,
+            g,
+            m,
+            v,
+            lr=1e-4,
+            beta1=0.9,
+            beta2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            step=1,
+            check_finite=False,
+        )
 
-    row = compare(f"adamw_fp32 {numel / 1e6:g}M vs D2D copy", ours, lambda: dst.copy_(src), device, repeats,
-                  bytes_moved=28 * numel, goal=0.85,
-                  note="ratio = copy time / AdamW time for the same bytes moved (the trainer's unchecked step)")
+    row = compare(
+        f"adamw_fp32 {numel / 1e6:g}M vs D2D copy",
+        ours,
+        lambda: dst.copy_(src),
+        device,
+        repeats,
+        bytes_moved=28 * numel,
+        goal=0.85,
+        note="ratio = copy time / AdamW time for the same bytes moved "
+        "(the trainer's unchecked step)",
+    )
     return row
 
 
@@ -382,11 +506,18 @@ def bench_linear(device, rows, in_features, out_features, dtype, repeats, force_
 
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
     ours = linear_onednn if force_onednn else ops.linear
-    return compare(f"linear {rows}x{in_features}->{out_features} {dt}"
-                   + (" oneDNN" if force_onednn else "") + " fwd+bwd",
-                   run(ours), run(F.linear), device, repeats,
-                   note="oneDNN fwd/dgrad forced (not what ops.linear runs for this dtype)"
-                   if force_onednn else "ops.linear (oneDNN fwd/dgrad for fp32 on CPU) vs F.linear")
+    return compare(
+        f"linear {rows}x{in_features}->{out_features} {dt}"
+        + (" oneDNN" if force_onednn else "")
+        + " fwd+bwd",
+        run(ours),
+        run(F.linear),
+        device,
+        repeats,
+        note="oneDNN fwd/dgrad forced (not what ops.linear runs for this dtype)"
+        if force_onednn
+        else "ops.linear (oneDNN fwd/dgrad for fp32 on CPU) vs F.linear",
+    )
 
 
 def bench_linear_fused(device, rows, in_features, out_features, repeats, alpha=0.5):
@@ -410,7 +541,7 @@ def bench_linear_fused(device, rows, in_features, out_features, repeats, alpha=0
     def ours():
         w, b, _ = sides["ours"]
         ops.linear(x, w, b, fuse_wgrad_accumulation=True).backward(dy)
-        x.grad = w.grad = b.grad = None          # w.grad: the placeholder, dropped
+        x.grad = w.grad = b.grad = None  # w.grad: the placeholder, dropped
 
     def baseline():
         w, b, main = sides["torch"]
@@ -418,9 +549,14 @@ def bench_linear_fused(device, rows, in_features, out_features, repeats, alpha=0
         main.add_(w.grad, alpha=alpha)
         x.grad = w.grad = b.grad = None
 
-    return compare(f"linear {rows}x{in_features}->{out_features} fp32 fused wgrad acc.",
-                   ours, baseline, device, repeats,
-                   note="ops.linear(fuse_wgrad_accumulation=True) vs F.linear + main_grad.add_()")
+    return compare(
+        f"linear {rows}x{in_features}->{out_features} fp32 fused wgrad acc.",
+        ours,
+        baseline,
+        device,
+        repeats,
+        note="ops.linear(fuse_wgrad_accumulation=True) vs F.linear + main_grad.add_()",
+    )
 
 
 def bench_flatten_loop(device, numel, tensors, repeats):
@@ -432,8 +568,14 @@ def bench_flatten_loop(device, numel, tensors, repeats):
     def loop():
         torch.cat([t.view(-1) for t in src], out=buf)
 
-    return compare(f"flatten {tensors}x{per} vs torch.cat", lambda: ops.flatten_into(src, buf), loop, device,
-                   repeats, bytes_moved=2 * 4 * per * tensors)
+    return compare(
+        f"flatten {tensors}x{per} vs torch.cat",
+        lambda: ops.flatten_into(src, buf),
+        loop,
+        device,
+        repeats,
+        bytes_moved=2 * 4 * per * tensors,
+    )
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -469,7 +611,10 @@ def run_all(args):
             rows.append(bench_norm(device, "layer_norm", norm_rows, hidden, dtype, reps))
     for dtype in (torch.bfloat16, torch.float32):
         rows.append(bench_norm(device, "rms_norm", norm_rows, 2048, dtype, reps))
-    for dtype in (torch.float32, torch.bfloat16):   # a small model's LayerNorms (the same in --quick)
+    for dtype in (
+        torch.float32,
+        torch.bfloat16,
+    ):  # a small model's LayerNorms (the same in --quick)
         for shape in ((512, 256), (2048, 256), (512, 1024)):
             rows.append(bench_norm_small(device, *shape, dtype, 3 * reps))
     for kind in ("gelu_tanh", "swiglu"):
@@ -482,26 +627,35 @@ def run_all(args):
     for in_f, out_f in ((256, 1024), (1024, 256)):
         rows.append(bench_linear(device, 512, in_f, out_f, torch.float32, 3 * reps))
         rows.append(bench_linear_fused(device, 512, in_f, out_f, 3 * reps))
-        if device.type == "cpu":   # bf16 runs F.linear (see megalite/ops/linear.py): re-check
-            rows.append(bench_linear(device, 512, in_f, out_f, torch.bfloat16, 3 * reps,
-                                     force_onednn=True))
+        if device.type == "cpu":  # bf16 runs F.linear (see megalite/ops/linear.py): re-check
+            rows.append(
+                bench_linear(device, 512, in_f, out_f, torch.bfloat16, 3 * reps, force_onednn=True)
+            )
     return rows
 
 
 def print_table(rows, meta):
-    print(f"# {meta['device_name']} | torch {meta['torch']} | threads {meta['threads']} | "
-          f"load avg {meta['load_avg'][0]:.1f} | malloc: {'reuse (launcher)' if meta['malloc_reuse'] else 'glibc default'} | kernels: "
-          + ", ".join(f"{r['op']}={r['impl']}" for r in meta["kernels"]))
-    header = (f"{'case':44s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>6s} {'paired':>6s} {'goal':>5s} {'ok':>3s} "
-              f"{'GB/s':>6s}")
+    print(
+        f"# {meta['device_name']} | torch {meta['torch']} | threads {meta['threads']} | "
+        f"load avg {meta['load_avg'][0]:.1f} | malloc: "
+        f"{'reuse (launcher)' if meta['malloc_reuse'] else 'glibc default'} | kernels: "
+        + ", ".join(f"{r['op']}={r['impl']}" for r in meta["kernels"])
+    )
+    header = (
+        f"{'case':44s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>6s} {'paired':>6s} {'goal':>5s} "
+        f"{'ok':>3s} "
+        f"{'GB/s':>6s}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         goal = "" if r["goal"] is None else f"{r['goal']:.2f}"
         ok = "" if r["meets_goal"] is None else ("yes" if r["meets_goal"] else "NO")
         gbs = "" if r["ours_GBps"] is None else f"{r['ours_GBps']:.1f}"
-        print(f"{r['case']:44s} {r['ours_ms']:9.2f} {r['baseline_ms']:9.2f} {r['ratio']:6.2f} "
-              f"{r['ratio_paired']:6.2f} {goal:>5s} {ok:>3s} {gbs:>6s}")
+        print(
+            f"{r['case']:44s} {r['ours_ms']:9.2f} {r['baseline_ms']:9.2f} {r['ratio']:6.2f} "
+            f"{r['ratio_paired']:6.2f} {goal:>5s} {ok:>3s} {gbs:>6s}"
+        )
 
 
 def main(argv=None):
@@ -509,23 +663,32 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats: a smoke test")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    ap.add_argument("--repeats", type=int, default=0, help="timed runs per side (default 9, quick 3)")
+    ap.add_argument(
+        "--repeats", type=int, default=0, help="timed runs per side (default 9, quick 3)"
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--system-malloc", action="store_true",
-                    help="glibc's default allocator settings instead of launch/pretrain.sh's (see module doc)")
+    ap.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="glibc's default allocator settings instead of launch/pretrain.sh's (see module doc)",
+    )
     args = ap.parse_args(argv)
     if not args.system_malloc and "GLIBC_TUNABLES" not in os.environ:
         env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
-        return subprocess.call([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])], env=env)
+        return subprocess.call(
+            [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])], env=env
+        )
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch.cuda.is_available() is False")
     rows = run_all(args)
     meta = {
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "malloc_reuse": os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES,
-        "quick": args.quick, "load_avg": os.getloadavg(),
+        "quick": args.quick,
+        "load_avg": os.getloadavg(),
         "kernels": ops.kernel_report(),
     }
     print_table(rows, meta)

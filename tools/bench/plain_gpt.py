@@ -93,18 +93,20 @@ def main():
     if rem or not n_micro:
         p.error("--global-batch-size must be a multiple of --micro-batch-size x WORLD_SIZE")
 
-    torch.manual_seed(a.seed)   # the same init on every rank (DDP broadcasts rank 0's anyway)
-    model = GPT(a.vocab_size, a.seq_length, a.hidden_size, a.num_layers,
-                a.num_attention_heads).to(device)
+    torch.manual_seed(a.seed)  # the same init on every rank (DDP broadcasts rank 0's anyway)
+    model = GPT(a.vocab_size, a.seq_length, a.hidden_size, a.num_layers, a.num_attention_heads).to(
+        device
+    )
     params = list(model.parameters())
-    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25) if world > 1 \
-        else None
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25) if world > 1 else None
     fwd = ddp or model
     # Weight decay on matrices and embeddings only, not on biases and LayerNorm parameters.
-    groups = [{"params": [q for q in params if q.ndim >= 2], "weight_decay": a.weight_decay},
-              {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [q for q in params if q.ndim >= 2], "weight_decay": a.weight_decay},
+        {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), fused=True)
-    gen = torch.Generator().manual_seed(a.seed + rank)   # each rank its own batches
+    gen = torch.Generator().manual_seed(a.seed + rank)  # each rank its own batches
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16)
     tokens_per_iter = a.global_batch_size * a.seq_length
 
@@ -113,8 +115,9 @@ def main():
         total = torch.zeros((), device=device)
         for i in range(n_micro):
             # Random tokens made inside the step, as megalite's --mock-data batches are.
-            s = torch.randint(0, a.vocab_size, (a.micro_batch_size, a.seq_length + 1),
-                              generator=gen).to(device)
+            s = torch.randint(
+                0, a.vocab_size, (a.micro_batch_size, a.seq_length + 1), generator=gen
+            ).to(device)
             # DDP all-reduces the grads in backward; accumulate locally until the last one.
             sync = ddp is None or i == n_micro - 1
             with contextlib.nullcontext() if sync else ddp.no_sync(), autocast:
@@ -132,13 +135,25 @@ def main():
             total /= world
         loss = total.item()
         dt = time.perf_counter() - t0
-        if a.metrics_file and rank == 0:   # appended after the timing, as megalite does
+        if a.metrics_file and rank == 0:  # appended after the timing, as megalite does
             with open(a.metrics_file, "a") as fh:
-                fh.write(json.dumps({"iteration": it, "loss": loss, "iter_time_s": dt,
-                                     "tokens_per_sec": tokens_per_iter / dt}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "iteration": it,
+                            "loss": loss,
+                            "iter_time_s": dt,
+                            "tokens_per_sec": tokens_per_iter / dt,
+                        }
+                    )
+                    + "\n"
+                )
         if rank == 0:
-            print(f"iter {it}/{a.train_iters} | loss {loss:.4f} | {tokens_per_iter / dt:,.0f} "
-                  f"tok/s | {dt * 1000:.0f} ms/it", flush=True)
+            print(
+                f"iter {it}/{a.train_iters} | loss {loss:.4f} | {tokens_per_iter / dt:,.0f} "
+                f"tok/s | {dt * 1000:.0f} ms/it",
+                flush=True,
+            )
     if world > 1:
         # Drop DDP's reducer before its process group: destroyed the other way round (or left
         # to interpreter teardown) gloo's threads can abort a run that succeeded.

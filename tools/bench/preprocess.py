@@ -3,7 +3,8 @@
 
     python tools/bench/preprocess.py [--workers 2] [--repeats 3] [--json out.json]
 
-Corpus: tinyshakespeare repeated (10x and 100x by default), as JSONL documents of ~10 paragraphs (~1.5 KB).
+Corpus: tinyshakespeare repeated (10x and 100x by default), as JSONL documents of ~10
+paragraphs (~1.5 KB).
 Tokenizer: a sentencepiece BPE (vocab 4000) trained on tinyshakespeare by tools/train_tokenizer.py.
 
   ceiling      the same documents, already in memory, batch-encoded by --workers processes
@@ -102,8 +103,19 @@ def end_to_end(corpus, model, out, workers, sample_memory=False):
 
     Memory is sampled only in runs that are not timed: reading /proc/*/smaps_rollup 50 times a
     second costs CPU that the 2-core machine would take from the run being timed."""
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess.py"), "--input", corpus,
-           "--tokenizer-model", model, "--append-eod", "--workers", str(workers), "--output-prefix", out]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "preprocess.py"),
+        "--input",
+        corpus,
+        "--tokenizer-model",
+        model,
+        "--append-eod",
+        "--workers",
+        str(workers),
+        "--output-prefix",
+        out,
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -145,37 +157,64 @@ def index_build(tmp):
     with open(prefix + ".bin", "wb") as f:
         f.truncate(int(lengths.sum()) * 2)
     t0 = time.perf_counter()
-    GPTDataset(prefix, "train", None, 2048, int(lengths.sum()) // 2048 - 1, 0, os.path.join(tmp, "cache"))
+    GPTDataset(
+        prefix, "train", None, 2048, int(lengths.sum()) // 2048 - 1, 0, os.path.join(tmp, "cache")
+    )
     return int(lengths.sum()), time.perf_counter() - t0
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each kind (median reported)")
-    p.add_argument("--memory-runs", type=int, default=1, help="extra, untimed runs that sample memory")
-    p.add_argument("--scales", type=int, nargs=2, default=[10, 100], metavar=("SMALL", "LARGE"),
-                   help="copies of tinyshakespeare in the small and the large input")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of each kind (median reported)"
+    )
+    p.add_argument(
+        "--memory-runs", type=int, default=1, help="extra, untimed runs that sample memory"
+    )
+    p.add_argument(
+        "--scales",
+        type=int,
+        nargs=2,
+        default=[10, 100],
+        metavar=("SMALL", "LARGE"),
+        help="copies of tinyshakespeare in the small and the large input",
+    )
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
     res = {"workers": a.workers, "repeats": a.repeats, "cpus": os.cpu_count(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "tok")
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input",
-                        SHAKESPEARE, "--vocab-size", "4000", "--output-prefix", model], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "tools", "train_tokenizer.py"),
+                "--input",
+                SHAKESPEARE,
+                "--vocab-size",
+                "4000",
+                "--output-prefix",
+                model,
+            ],
+            check=True,
+            capture_output=True,
+        )
         model += ".model"
         for copies in a.scales:
             corpus = os.path.join(tmp, f"corpus{copies}.jsonl")
             _DOCS[:] = make_corpus(corpus, copies)
             mb = os.path.getsize(corpus) / 2**20
-            pool = mp.get_context("fork").Pool(a.workers, initializer=_init_encoder, initargs=(model,))
+            pool = mp.get_context("fork").Pool(
+                a.workers, initializer=_init_encoder, initargs=(model,)
+            )
             ceil, e2e, ceil_cpu, e2e_cpu = [], [], [], []
             for _ in range(a.repeats):
                 tokens, sec, cpu = ceiling(pool, a.workers)
                 ceil.append(tokens / sec)
                 ceil_cpu.append(tokens / cpu)
-                t2, sec2, cpu2, _, summary = end_to_end(corpus, model, os.path.join(tmp, "out"), a.workers)
+                t2, sec2, cpu2, _, summary = end_to_end(
+                    corpus, model, os.path.join(tmp, "out"), a.workers
+                )
                 assert t2 == tokens, (t2, tokens)  # both count the same text tokens
                 e2e.append(t2 / sec2)
                 e2e_cpu.append(t2 / cpu2)
@@ -183,19 +222,30 @@ def main():
             pool.join()
             mem, mem_median = [], []
             for _ in range(a.memory_runs):
-                *_, samples, _ = end_to_end(corpus, model, os.path.join(tmp, "out"), a.workers, sample_memory=True)
+                *_, samples, _ = end_to_end(
+                    corpus, model, os.path.join(tmp, "out"), a.workers, sample_memory=True
+                )
                 mem.append(max(samples) / 2**20)
                 mem_median.append(statistics.median(samples) / 2**20)
-            run = {"input_mb": round(mb, 1), "documents": len(_DOCS), "tokens": tokens,
-                   "ceiling_tokens_per_s": statistics.median(ceil), "e2e_tokens_per_s": statistics.median(e2e),
-                   "ratio": statistics.median(e2e) / statistics.median(ceil),
-                   "ceiling_tokens_per_cpu_s": statistics.median(ceil_cpu),
-                   "e2e_tokens_per_cpu_s": statistics.median(e2e_cpu),
-                   "cpu_ratio": statistics.median(e2e_cpu) / statistics.median(ceil_cpu),
-                   "peak_pss_mb": statistics.median(mem), "median_pss_mb": statistics.median(mem_median),
-                   "all_ceiling": ceil, "all_e2e": e2e, "all_pss_mb": mem,
-                   "all_ceiling_per_cpu_s": ceil_cpu, "all_e2e_per_cpu_s": e2e_cpu,
-                   "last_summary": summary}
+            run = {
+                "input_mb": round(mb, 1),
+                "documents": len(_DOCS),
+                "tokens": tokens,
+                "ceiling_tokens_per_s": statistics.median(ceil),
+                "e2e_tokens_per_s": statistics.median(e2e),
+                "ratio": statistics.median(e2e) / statistics.median(ceil),
+                "ceiling_tokens_per_cpu_s": statistics.median(ceil_cpu),
+                "e2e_tokens_per_cpu_s": statistics.median(e2e_cpu),
+                "cpu_ratio": statistics.median(e2e_cpu) / statistics.median(ceil_cpu),
+                "peak_pss_mb": statistics.median(mem),
+                "median_pss_mb": statistics.median(mem_median),
+                "all_ceiling": ceil,
+                "all_e2e": e2e,
+                "all_pss_mb": mem,
+                "all_ceiling_per_cpu_s": ceil_cpu,
+                "all_e2e_per_cpu_s": e2e_cpu,
+                "last_summary": summary,
+            }
             res["runs"][f"{copies}x"] = run
             _DOCS.clear()
         tokens, seconds = index_build(tmp)
@@ -203,17 +253,32 @@ def main():
     small, large = (res["runs"][f"{c}x"] for c in a.scales)
     res["memory_growth"] = large["peak_pss_mb"] / small["peak_pss_mb"]
 
-    print(f"preprocess vs raw batch encode, {a.workers} processes, median of {a.repeats} timed runs, "
-          f"memory from {a.memory_runs} more ({os.cpu_count()} CPUs)")
-    print(f"{'input':>6} {'MB':>6} {'tokens':>11} {'ceiling tok/s':>14} {'e2e tok/s':>11} {'ratio':>6} "
-          f"{'cpu ratio':>9} {'peak PSS MB':>12} {'median PSS MB':>14}")
+    print(
+        f"preprocess vs raw batch encode, {a.workers} processes, median of {a.repeats} timed runs, "
+        f"memory from {a.memory_runs} more ({os.cpu_count()} CPUs)"
+    )
+    print(
+        f"{'input':>6} {'MB':>6} {'tokens':>11} {'ceiling tok/s':>14} {'e2e tok/s':>11} "
+        f"{'ratio':>6} "
+        f"{'cpu ratio':>9} {'peak PSS MB':>12} {'median PSS MB':>14}"
+    )
     for name, r in res["runs"].items():
-        print(f"{name:>6} {r['input_mb']:>6.1f} {r['tokens']:>11,} {r['ceiling_tokens_per_s']:>14,.0f} "
-              f"{r['e2e_tokens_per_s']:>11,.0f} {r['ratio']:>6.2f} {r['cpu_ratio']:>9.2f} {r['peak_pss_mb']:>12.1f} {r['median_pss_mb']:>14.1f}")
-    print(f"load average during the run: {os.getloadavg()[0]:.1f} (above {os.cpu_count()}: wall ratios are noisy; "
-          f"'cpu ratio' compares tokens per CPU-second, main process and start-up included)")
+        print(
+            f"{name:>6} {r['input_mb']:>6.1f} {r['tokens']:>11,} "
+            f"{r['ceiling_tokens_per_s']:>14,.0f} "
+            f"{r['e2e_tokens_per_s']:>11,.0f} {r['ratio']:>6.2f} {r['cpu_ratio']:>9.2f} "
+            f"{r['peak_pss_mb']:>12.1f} {r['median_pss_mb']:>14.1f}"
+        )
+    print(
+        f"load average during the run: {os.getloadavg()[0]:.1f} (above {os.cpu_count()}: wall "
+        "ratios are noisy; "
+        f"'cpu ratio' compares tokens per CPU-second, main process and start-up included)"
+    )
     print(f"peak memory {a.scales[1]}x / {a.scales[0]}x input: {res['memory_growth']:.2f}")
-    print(f"index build: {res['index_build']['tokens']:,} tokens in {res['index_build']['seconds']:.2f} s")
+    print(
+        f"index build: {res['index_build']['tokens']:,} tokens in "
+        f"{res['index_build']['seconds']:.2f} s"
+    )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

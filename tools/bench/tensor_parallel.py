@@ -38,8 +38,12 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 # (label, TP, sequence parallel, threads per rank)
-LAYOUTS = [("TP=1, 1 thread", 1, False, 1), ("TP=1, 2 threads", 1, False, 2),
-           ("TP=2", 2, False, 1), ("TP=2 + SP", 2, True, 1)]
+LAYOUTS = [
+    ("TP=1, 1 thread", 1, False, 1),
+    ("TP=1, 2 threads", 1, False, 2),
+    ("TP=2", 2, False, 1),
+    ("TP=2 + SP", 2, True, 1),
+]
 
 
 def _free_port():
@@ -61,18 +65,33 @@ def _worker(rank, world, port, out_dir, a, sp, threads):
     from megalite.parallel.ddp import finalize_model_grads
     from megalite.parallel.layers import init_parameters
     from megalite.parallel.tensor import comm_timer
+
     torch.set_num_threads(threads)
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-    st = state.initialize(world, backend="nccl" if device.type == "cuda" else "gloo",
-                          device=device, rank=rank, world_size=world,
-                          init_method=f"tcp://127.0.0.1:{port}")
-    cfg = ModelConfig(**MODEL_STYLES["gpt2"], num_layers=a.layers, hidden_size=a.hidden,
-                      num_attention_heads=a.heads, seq_length=a.seq)
-    model = GPTModel(cfg, padded_vocab_size(a.vocab, 128, st.tp), sequence_parallel=sp,
-                     unpadded_vocab_size=a.vocab)
+    st = state.initialize(
+        world,
+        backend="nccl" if device.type == "cuda" else "gloo",
+        device=device,
+        rank=rank,
+        world_size=world,
+        init_method=f"tcp://127.0.0.1:{port}",
+    )
+    cfg = ModelConfig(
+        **MODEL_STYLES["gpt2"],
+        num_layers=a.layers,
+        hidden_size=a.hidden,
+        num_attention_heads=a.heads,
+        seq_length=a.seq,
+    )
+    model = GPTModel(
+        cfg,
+        padded_vocab_size(a.vocab, 128, st.tp),
+        sequence_parallel=sp,
+        unpadded_vocab_size=a.vocab,
+    )
     init_parameters(model, 1234)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
@@ -88,7 +107,7 @@ def _worker(rank, world, port, out_dir, a, sp, threads):
         loss.backward()
         _sync(device)
         t1 = time.perf_counter()
-        finalize_model_grads(model)          # all communication when DP = 1
+        finalize_model_grads(model)  # all communication when DP = 1
         _sync(device)
         t2 = time.perf_counter()
         opt.step()
@@ -106,8 +125,12 @@ def _worker(rank, world, port, out_dir, a, sp, threads):
 
 def run_layout(a, tp, sp, threads):
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(tp, _free_port(), d, a, sp, threads), nprocs=tp,
-                           start_method="forkserver")
+        mp.start_processes(
+            _worker,
+            args=(tp, _free_port(), d, a, sp, threads),
+            nprocs=tp,
+            start_method="forkserver",
+        )
         with open(os.path.join(d, "rank0.json")) as fh:
             return json.load(fh)
 
@@ -136,6 +159,7 @@ def main():
             return 1
         layouts = [("TP=1", 1, False, 1), ("TP=2", 2, False, 1), ("TP=2 + SP", 2, True, 1)]
     import multiprocessing
+
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed"])
 
     runs = {label: {"steps": [], "comms": []} for label, *_ in layouts}
@@ -154,31 +178,62 @@ def main():
         step = statistics.median(steps)
         comm = statistics.median(comms)
         share = statistics.median(c / s for c, s in zip(comms, steps))
-        rows.append(dict(layout=label, tp=tp, sequence_parallel=sp, threads_per_rank=threads,
-                         step_ms=1e3 * step, comm_ms=1e3 * comm, comm_share=share,
-                         speedup_vs_tp1_1thread=base1 / step, speedup_vs_tp1_2threads=base2 / step,
-                         collectives_per_step=runs[label]["collectives_per_step"],
-                         steps_timed=len(steps)))
-    shape = dict(layers=a.layers, hidden=a.hidden, heads=a.heads, seq=a.seq, vocab=a.vocab,
-                 micro_batch=a.micro_batch)
+        rows.append(
+            dict(
+                layout=label,
+                tp=tp,
+                sequence_parallel=sp,
+                threads_per_rank=threads,
+                step_ms=1e3 * step,
+                comm_ms=1e3 * comm,
+                comm_share=share,
+                speedup_vs_tp1_1thread=base1 / step,
+                speedup_vs_tp1_2threads=base2 / step,
+                collectives_per_step=runs[label]["collectives_per_step"],
+                steps_timed=len(steps),
+            )
+        )
+    shape = dict(
+        layers=a.layers,
+        hidden=a.hidden,
+        heads=a.heads,
+        seq=a.seq,
+        vocab=a.vocab,
+        micro_batch=a.micro_batch,
+    )
     backend = "CPU gloo" if a.device == "cpu" else f"{torch.cuda.get_device_name()} NCCL"
-    print(f"tensor parallel step (fwd+bwd+finalize+AdamW), GPT-2 {a.layers}L h{a.hidden} "
-          f"s{a.seq} b{a.micro_batch} v{a.vocab}, fp32, {backend}, medians of "
-          f"{a.rounds}x{a.iters} steps; load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    print(
+        f"tensor parallel step (fwd+bwd+finalize+AdamW), GPT-2 {a.layers}L h{a.hidden} "
+        f"s{a.seq} b{a.micro_batch} v{a.vocab}, fp32, {backend}, medians of "
+        f"{a.rounds}x{a.iters} steps; load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    )
     cpu = a.device == "cpu"
-    print(f"  {'layout':18s} {'step ms':>9s} {'comm ms':>9s} {'comm %':>7s} "
-          f"{'vs TP1 1t' if cpu else 'vs TP1':>10s}" + (f" {'vs TP1 2t':>10s}" if cpu else ""))
+    print(
+        f"  {'layout':18s} {'step ms':>9s} {'comm ms':>9s} {'comm %':>7s} "
+        f"{'vs TP1 1t' if cpu else 'vs TP1':>10s}" + (f" {'vs TP1 2t':>10s}" if cpu else "")
+    )
     for r in rows:
-        print(f"  {r['layout']:18s} {r['step_ms']:9.1f} {r['comm_ms']:9.1f} "
-              f"{100 * r['comm_share']:6.1f}% {r['speedup_vs_tp1_1thread']:9.2f}x"
-              + (f" {r['speedup_vs_tp1_2threads']:9.2f}x" if cpu else ""))
+        print(
+            f"  {r['layout']:18s} {r['step_ms']:9.1f} {r['comm_ms']:9.1f} "
+            f"{100 * r['comm_share']:6.1f}% {r['speedup_vs_tp1_1thread']:9.2f}x"
+            + (f" {r['speedup_vs_tp1_2threads']:9.2f}x" if cpu else "")
+        )
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"shape": shape, "device": backend, "cores": os.cpu_count(),
-                       "load_average": os.getloadavg()[0], "torch": torch.__version__,
-                       "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-                       "rows": rows}, fh, indent=1)
+            json.dump(
+                {
+                    "shape": shape,
+                    "device": backend,
+                    "cores": os.cpu_count(),
+                    "load_average": os.getloadavg()[0],
+                    "torch": torch.__version__,
+                    "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+                    "rows": rows,
+                },
+                fh,
+                indent=1,
+            )
     return 0
 
 

@@ -22,8 +22,13 @@ import cli_bench as cb
 
 
 def main():
-    p = cb.parser(__doc__, "--pairs", 5, min(2, os.cpu_count()),
-                  "OMP_NUM_THREADS of both sides: the whole 2-core machine")
+    p = cb.parser(
+        __doc__,
+        "--pairs",
+        5,
+        min(2, os.cpu_count()),
+        "OMP_NUM_THREADS of both sides: the whole 2-core machine",
+    )
     a = cb.finish_args(p.parse_args(), min_rounds=3)
     env = cb.bench_env(a.threads, a.system_malloc)
     sides = {"megalite": cb.side_argv("megalite", a), "plain": cb.side_argv("plain", a)}
