@@ -260,6 +260,8 @@ class GPTDataset(CachedIndices):
         cache_dir=None,
         allow_build=True,
     ):
+        # (Over ~60 lines: argument checks with one-line errors, then build-or-map the cached
+        # sample index, in the order every rank must follow.)
         self.indexed = indexed if isinstance(indexed, IndexedDataset) else IndexedDataset(indexed)
         self.split_name = split_name
         self.seq_length = int(seq_length)

@@ -242,7 +242,10 @@ class GPTModel(nn.Module):
         ignores the padding ids, so it is the same for every TP size; default: all real).
         layer_numbers: global numbers of this stage's layers (default: all).
         recompute_granularity: None, "full" (the first recompute_num_layers layers of this
-        stage, default all) or "selective" (attention's core in every layer)."""
+        stage, default all) or "selective" (attention's core in every layer).
+
+        Over ~60 lines (half of it the signature): the model's modules, listed once in
+        forward order."""
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size

@@ -79,7 +79,10 @@ class FusedAdamW(torch.optim.Optimizer):
         """One AdamW step, the grads divided by grad_scale (None: 1, unscaled). Returns the
         closure's loss (if a closure is given). Checks for inf/nan when a grad scale is given or
         check_finite=True (never with check_finite=False) and sets self.found_inf: True when a
-        grad held inf/nan and nothing was updated (see the module docstring)."""
+        grad held inf/nan and nothing was updated (see the module docstring).
+
+        Longer than ~60 lines on purpose: torch.optim's contract (closure, per-group options,
+        lazy state, found_inf) and the one fused kernel call read best in one place."""
         check = self.check_finite if self.check_finite is not None else grad_scale is not None
         grad_scale = 1.0 if grad_scale is None else float(grad_scale)
         loss = None

@@ -95,9 +95,8 @@ def setup(cfg: Config) -> Run:
     )
     if st.world_size != cfg.world_size:
         raise MegaliteError(
-            f"the config was checked for {cfg.world_size} processes but this "
-            f"run has {st.world_size}; parse it with world_size="
-            f"{st.world_size}"
+            f"the config was checked for {cfg.world_size} processes but this run has "
+            f"{st.world_size}; parse it with world_size={st.world_size}"
         )
     prandom.seed_everything(t.seed, st.device)
     log = MetricsWriter(
@@ -105,13 +104,37 @@ def setup(cfg: Config) -> Run:
     )
     vocab = vocab_size(cfg)
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, st.tp)
+    chunks, ddp, optimizer = parallelize(cfg, padded, vocab)
+    counts = num_parameters(cfg.model, padded)
+    log.print(
+        f"megalite: {counts['total'] / 1e6:.2f}M parameters "
+        f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {vocab} "
+        f"(padded {padded}), layout TP={st.tp} PP={st.pp} DP={st.dp}, "
+        f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'} on {st.device}"
+    )
+    peak, peak_why = peak_tflops(st.device, t.bf16 or t.fp16, cfg.logging.peak_tflops)
+    if peak is None:
+        log.print(f"MFU not reported: {peak_why}")
+    flops = flops_per_token(cfg.model, padded) * t.global_batch_size * cfg.model.seq_length
+    run = Run(cfg, chunks, ddp, optimizer, build_lr_schedule(cfg), None, None, log, vocab,
+              p2p_tensor_shape(cfg, st.tp), flops, peak)  # fmt: skip
+    _resume(run)
+    # The data loader's position is the number of consumed samples, nothing else.
+    train_ds, run.valid_ds, _ = build_datasets(cfg, vocab)
+    run.train_iter = batch_iterator(
+        train_ds, t.micro_batch_size, run.consumed_samples, cfg.data.num_workers, vocab, st.device
+    )
+    return run
 
-    # Parallelism, applied in this one order:
+
+def parallelize(cfg: Config, vocab_size: int, unpadded_vocab_size: int):
+    """Parallelism, applied in this one order; returns (chunks, ddp, optimizer)."""
+    par = cfg.parallel
     # 1. the plain model of this rank's pipeline stage(s), each layer holding its TP slice
     #    (initialised from (seed, parameter name), so every layout starts from one model);
-    chunks = build_model(cfg, padded, vocab)
+    chunks = build_model(cfg, vocab_size, unpadded_vocab_size)
     # 2. the training dtype: bf16/fp16 params (fp32 main params live in the optimizer);
-    cast_params(chunks, t.params_dtype)
+    cast_params(chunks, cfg.training.params_dtype)
     # 3. data parallelism: fp32 grad buffers in buckets, synced during backward with
     #    --overlap-grad-reduce, params in a flat buffer with --use-distributed-optimizer;
     ddp = DistributedDataParallel(
@@ -123,39 +146,7 @@ def setup(cfg: Config) -> Run:
     )
     # 4. the optimizer over those buffers (ZeRO-1 with --use-distributed-optimizer; it owns
     #    clipping and the fp16 loss scaler).
-    optimizer = build_optimizer(chunks, cfg, ddp)
-
-    counts = num_parameters(cfg.model, padded)
-    log.print(
-        f"megalite: {counts['total'] / 1e6:.2f}M parameters "
-        f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {vocab} "
-        f"(padded {padded}), layout TP={st.tp} PP={st.pp} DP={st.dp}, "
-        f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'} on {st.device}"
-    )
-    peak, peak_why = peak_tflops(st.device, t.bf16 or t.fp16, cfg.logging.peak_tflops)
-    if peak is None:
-        log.print(f"MFU not reported: {peak_why}")
-    run = Run(
-        cfg,
-        chunks,
-        ddp,
-        optimizer,
-        build_lr_schedule(cfg),
-        None,
-        None,
-        log,
-        vocab,
-        p2p_tensor_shape(cfg, st.tp),
-        flops_per_token(cfg.model, padded) * t.global_batch_size * cfg.model.seq_length,
-        peak,
-    )
-    _resume(run)
-    # The data loader's position is the number of consumed samples, nothing else.
-    train_ds, run.valid_ds, _ = build_datasets(cfg, vocab)
-    run.train_iter = batch_iterator(
-        train_ds, t.micro_batch_size, run.consumed_samples, cfg.data.num_workers, vocab, st.device
-    )
-    return run
+    return chunks, ddp, build_optimizer(chunks, cfg, ddp)
 
 
 def _resume(run: Run) -> None:
