@@ -23,9 +23,11 @@ from setuptools import find_packages, setup
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError:
-    sys.exit("megalite builds its kernels against the torch you have installed, and this build "
-             "environment has none: install torch first, then `pip install "
-             "--no-build-isolation -e .`")
+    sys.exit(
+        "megalite builds its kernels against the torch you have installed, and this build "
+        "environment has none: install torch first, then `pip install "
+        "--no-build-isolation -e .`"
+    )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,7 +35,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # libgomp it links is the one torch has already loaded, so there is one thread pool, not two.
 # -fno-math-errno lets sqrt vectorise; -ffp-contract=off keeps results identical whichever ISA
 # clone runs (no FMA in one clone and not in another).
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
+CXX_FLAGS = [
+    "-O3",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-ffp-contract=off",
+    "-Wall",
+    "-Wno-unknown-pragmas",
+]
 NVCC_FLAGS = ["-O3", "-lineinfo"]  # no --use_fast_math: the optimizer wants IEEE sqrt and division
 CUDA_ARCHS = ["80", "90"]
 
@@ -50,8 +59,10 @@ def cpp_extension():
         if os.path.basename(path) != "bindings.cpp":
             with open(path) as f:
                 if re.search(r"^\s*PYBIND11_MODULE\s*\(", f.read(), re.M):
-                    _fail(f"{path} defines PYBIND11_MODULE, but csrc/bindings.cpp owns megalite._C's "
-                          "module init: register functions with MEGALITE_REGISTER (csrc/megalite.h)")
+                    _fail(
+                        f"{path} defines PYBIND11_MODULE, but csrc/bindings.cpp owns megalite._C's "
+                        "module init: register functions with MEGALITE_REGISTER (csrc/megalite.h)"
+                    )
     return CppExtension(
         "megalite._C",
         sources,
@@ -75,7 +86,10 @@ def want_cuda():
         problems.append(f"torch {torch.__version__} has no CUDA")
     from torch.utils.cpp_extension import CUDA_HOME
 
-    if not (shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))):
+    if not (
+        shutil.which("nvcc")
+        or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    ):
         problems.append("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     if problems and flag == "1":
         _fail("MEGALITE_BUILD_CUDA=1 but " + "; ".join(problems))
