@@ -29,6 +29,15 @@ def run_cli(args, timeout=300, env=None, **kw):
     )
 
 
+def trainer(nproc: int = 1) -> list:
+    """The trainer's command line as users run it: `-m megalite.train` for one process,
+    under torchrun (`--standalone`) for several. Arguments for run_cli."""
+    if nproc == 1:
+        return ["-m", "megalite.train"]
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "megalite.train"]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def byte_corpus(tmp_path_factory):
     """Tiny Shakespeare as a byte-level (vocab 256) Megatron shard, one document per

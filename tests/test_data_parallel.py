@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from conftest import rank_guard, run_cli, spawn
+from conftest import rank_guard, run_cli, spawn, trainer
 
 WORLD = 4
 SEED = 1234
@@ -374,53 +374,17 @@ def test_report(results, reference):
 
 # -- through the command line -------------------------------------------------------------------
 
-CLI = [
-    "--num-layers",
-    "4",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "8",
-    "--train-iters",
-    "10",
-    "--log-interval",
-    "1",
-    "--eval-interval",
-    "1000",
-    "--lr",
-    "3e-3",
-    "--lr-warmup-iters",
-    "2",
-    "--vocab-size",
-    "256",
-    "--split",
-    "95,5,0",
-    "--device",
-    "cpu",
-]
+CLI = (
+    "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+    "--micro-batch-size 2 --global-batch-size 8 --train-iters 10 --log-interval 1 "
+    "--eval-interval 1000 --lr 3e-3 --lr-warmup-iters 2 --vocab-size 256 --split 95,5,0 "
+    "--device cpu"
+).split()
 
 
 def cli_losses(tmp_path, corpus, tag, nproc, *args):
     metrics = tmp_path / f"{tag}.jsonl"
-    launch = (
-        ["-m", "megalite.train"]
-        if nproc == 1
-        else [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            "-m",
-            "megalite.train",
-        ]
-    )
+    launch = trainer(nproc)
     p = run_cli(
         [*launch, *CLI, "--data-path", corpus, "--metrics-file", str(metrics), *args], timeout=240
     )

@@ -15,56 +15,21 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, trainer
 
-ARGS = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "8",
-    "--train-iters",
-    "10",
-    "--log-interval",
-    "1",
-    "--eval-interval",
-    "1000",
-    "--lr",
-    "3e-3",
-    "--lr-warmup-iters",
-    "2",
-    "--vocab-size",
-    "256",
-    "--split",
-    "95,5,0",
-    "--device",
-    "cpu",
-    "--bf16",
-    "--use-distributed-optimizer",
-    "--overlap-grad-reduce",
-    "--overlap-param-gather",
-    "--ddp-bucket-size",
-    "20000",
-]
+ARGS = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+    "--micro-batch-size 2 --global-batch-size 8 --train-iters 10 --log-interval 1 "
+    "--eval-interval 1000 --lr 3e-3 --lr-warmup-iters 2 --vocab-size 256 --split 95,5,0 "
+    "--device cpu --bf16 --use-distributed-optimizer --overlap-grad-reduce "
+    "--overlap-param-gather --ddp-bucket-size 20000"
+).split()
 
 
 def train(corpus, nproc, metrics, *args):
     p = run_cli(
         [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            "-m",
-            "megalite.train",
+            *trainer(nproc),
             *ARGS,
             "--data-path",
             corpus,

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, trainer
 
 
 def tiny(style="llama"):
@@ -126,50 +126,15 @@ def test_the_loss_scaler_travels_in_the_optimizer_state_dict():
 
 # -- through the command line -------------------------------------------------------------------
 
-ARGS = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "4",
-    "--global-batch-size",
-    "8",
-    "--log-interval",
-    "1",
-    "--eval-interval",
-    "1000",
-    "--lr",
-    "3e-3",
-    "--lr-warmup-iters",
-    "5",
-    "--vocab-size",
-    "256",
-    "--split",
-    "95,5,0",
-    "--device",
-    "cpu",
-]
+ARGS = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+    "--micro-batch-size 4 --global-batch-size 8 --log-interval 1 --eval-interval 1000 "
+    "--lr 3e-3 --lr-warmup-iters 5 --vocab-size 256 --split 95,5,0 --device cpu"
+).split()
 
 
 def run(corpus, metrics, *args, nproc=1):
-    launch = (
-        ["-m", "megalite.train"]
-        if nproc == 1
-        else [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            "-m",
-            "megalite.train",
-        ]
-    )
+    launch = trainer(nproc)
     p = run_cli(
         [*launch, *ARGS, "--data-path", corpus, "--metrics-file", str(metrics), *args], timeout=240
     )

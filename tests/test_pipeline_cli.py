@@ -7,44 +7,17 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, trainer
 
-TINY = [
-    "--num-layers",
-    "8",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "8",
-    "--log-interval",
-    "1",
-    "--mock-data",
-    "--vocab-size",
-    "256",
-    "--lr",
-    "3e-3",
-    "--lr-warmup-iters",
-    "2",
-    "--eval-interval",
-    "5",
-    "--eval-iters",
-    "2",
-]
+TINY = (
+    "--num-layers 8 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+    "--micro-batch-size 2 --global-batch-size 8 --log-interval 1 --mock-data --vocab-size "
+    "256 --lr 3e-3 --lr-warmup-iters 2 --eval-interval 5 --eval-iters 2"
+).split()
 
 
 def train(nproc, *args, timeout=240):
-    launcher = (
-        ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-        if nproc > 1
-        else []
-    )
-    p = run_cli([*launcher, "-m", "megalite.train", *TINY, *args], timeout=timeout)
+    p = run_cli([*trainer(nproc), *TINY, *args], timeout=timeout)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
 

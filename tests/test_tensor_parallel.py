@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import free_port, rank_guard, run_cli, spawn
+from conftest import free_port, rank_guard, run_cli, spawn, trainer
 from megalite.config import MODEL_STYLES, ModelConfig, make_config
 from megalite.errors import MegaliteError
 
@@ -529,52 +529,17 @@ def test_bad_layout_fails_before_joining(tmp_path):
 
 # -- the command line: TP=2 trains like TP=1 -------------------------------------------------
 
-CLI = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "4",
-    "--global-batch-size",
-    "8",
-    "--train-iters",
-    "10",
-    "--log-interval",
-    "1",
-    "--eval-interval",
-    "1000",
-    "--lr",
-    "3e-3",
-    "--lr-warmup-iters",
-    "2",
-    "--mock-data",
-    "--vocab-size",
-    "200",
-    "--device",
-    "cpu",
-]
+CLI = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+    "--micro-batch-size 4 --global-batch-size 8 --train-iters 10 --log-interval 1 "
+    "--eval-interval 1000 --lr 3e-3 --lr-warmup-iters 2 --mock-data --vocab-size 200 "
+    "--device cpu"
+).split()
 
 
 def _train(tmp_path, tag, tp, *args):
     metrics = tmp_path / f"{tag}.jsonl"
-    launch = (
-        ["-m", "megalite.train"]
-        if tp == 1
-        else [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(tp),
-            "-m",
-            "megalite.train",
-        ]
-    )
+    launch = trainer(tp)
     p = run_cli(
         [
             *launch,

@@ -13,32 +13,11 @@ import pytest
 
 from conftest import REPO, SHAKESPEARE, run_cli
 
-TINY = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "4",
-    "--global-batch-size",
-    "8",
-    "--log-interval",
-    "1",
-    "--eval-interval",
-    "1000",
-    "--eval-iters",
-    "2",
-    "--lr",
-    "3e-3",
-    "--lr-warmup-iters",
-    "5",
-    "--split",
-    "95,5,0",
-]
+TINY = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
+    "--micro-batch-size 4 --global-batch-size 8 --log-interval 1 --eval-interval 1000 "
+    "--eval-iters 2 --lr 3e-3 --lr-warmup-iters 5 --split 95,5,0"
+).split()
 
 
 def train(corpus, *args, timeout=300):
