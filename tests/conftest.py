@@ -14,6 +14,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
 
 
+def pytest_configure(config):
+    # `make test` (and CI) runs everything; a quick local run skips these:
+    #   make test PYTEST_ARGS='-m "not slow"'
+    config.addinivalue_line("markers", "slow: over ~30 s on 2 cores; skipped by -m 'not slow'")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
