@@ -4,7 +4,7 @@ TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 STAMP := build/.installed
 
-.PHONY: install demo test bench lint format clean
+.PHONY: install demo test bench gpu-check lint format clean
 
 # Installs torch only when none is importable (an existing CUDA build is never replaced),
 # then the dependencies and megalite itself, building the kernels against that torch.
@@ -30,6 +30,15 @@ bench: $(STAMP)
 	$(PYTHON) tools/bench/tensor_parallel.py
 	$(PYTHON) tools/bench/pipeline.py
 	$(PYTHON) tools/bench/data_parallel.py
+
+# Everything that needs a GPU, in one command and one markdown report (tools/gpu_check.py): it
+# builds the kernels in place against the installed torch, so it needs no install step (none that
+# could replace a CUDA torch) and no network. Without CUDA it prints one line and succeeds.
+REPORT ?= gpu-check.md
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --report $(REPORT) $(GPU_CHECK_ARGS)
 
 # What CI checks besides the tests (ruff and clang-format come from PyPI, pinned).
 LINT_TOOLS := ruff==0.17.6 clang-format==23.1.3

@@ -75,21 +75,40 @@ def sync(device):
 
 
 def timed(fn, device, prepare=None):
+    """Seconds one call of fn takes. On CUDA, between two events on the stream (the device's
+    time from the call's first launch to its last kernel's end, host launch gaps included), not
+    a host clock around synchronisations, whose latency would be counted too."""
     if prepare is not None:
         prepare()
     sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     fn()
-    sync(device)
     return time.perf_counter() - t0
 
 
 def compare(
-    name, ours, baseline, device, repeats, prepare=None, bytes_moved=None, goal=None, note=""
+    name,
+    ours,
+    baseline,
+    device,
+    repeats,
+    prepare=None,
+    bytes_moved=None,
+    goal=None,
+    note="",
+    warmup=1,
 ):
     """Time ours and baseline alternately; medians and ratio baseline/ours."""
-    for fn in (baseline, ours):  # warm-up: first-touch of buffers, thread pool start
-        timed(fn, device, prepare)
+    for _ in range(warmup):  # first-touch of buffers, thread pool start, GPU clocks ramping up
+        for fn in (baseline, ours):
+            timed(fn, device, prepare)
     t_ours, t_base = [], []
     for _ in range(repeats):
         t_base.append(timed(baseline, device, prepare))
@@ -275,36 +294,49 @@ def bench_adamw_mixed(device, numel, tensors, repeats, scale=1024.0, clip=1.0):
     ]
 
 
-def bench_norm(device, kind, rows, hidden, dtype, repeats):
+def norm_fwd_bwd(device, kind, rows, hidden, dtype):
+    """{"ours": ..., "torch": ...}: ops.<kind> and F.<kind> fwd+bwd over the same inputs, each a
+    callable of no arguments; plus make(f), which wraps another implementation f(x, w, b, eps)
+    (b is None for rms_norm) the same way, and the bytes one fwd+bwd moves at least (x, y; dy,
+    x, dx)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     w = torch.randn(hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     b = torch.randn(hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     dy = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype)
+    if kind == "rms_norm":
+        b = None
+    inputs = (x, w) if b is None else (x, w, b)
+
+    def make(f):
+        return lambda: torch.autograd.grad(f(x, w, b, 1e-5), inputs, dy)
+
     if kind == "layer_norm":
-        ours_f = lambda: ops.layer_norm(x, w, b, 1e-5)  # noqa: E731
-        base_f = lambda: F.layer_norm(x, (hidden,), w, b, 1e-5)  # noqa: E731
-        inputs = (x, w, b)
+        sides = {
+            "ours": make(ops.layer_norm),
+            "torch": make(lambda x, w, b, eps: F.layer_norm(x, (hidden,), w, b, eps)),
+        }
     else:
-        ours_f = lambda: ops.rms_norm(x, w, 1e-5)  # noqa: E731
-        base_f = lambda: F.rms_norm(x, (hidden,), w, 1e-5)  # noqa: E731
-        inputs = (x, w)
+        sides = {
+            "ours": make(lambda x, w, b, eps: ops.rms_norm(x, w, eps)),
+            "torch": make(lambda x, w, b, eps: F.rms_norm(x, (hidden,), w, eps)),
+        }
+    return sides, make, 5 * rows * hidden * (torch.finfo(dtype).bits // 8)
 
-    def run(f):
-        return lambda: torch.autograd.grad(f(), inputs, dy)
 
+def bench_norm(device, kind, rows, hidden, dtype, repeats):
+    sides, _, bytes_moved = norm_fwd_bwd(device, kind, rows, hidden, dtype)
     goal = None
     if kind == "layer_norm" and rows >= 8192:
         goal = 1.5 if dtype == torch.bfloat16 else 1.0 if dtype == torch.float32 else None
-    esize = torch.finfo(dtype).bits // 8
     dt = str(dtype).replace("torch.", "")
     return compare(
         f"{kind} {rows}x{hidden} {dt} fwd+bwd",
-        run(ours_f),
-        run(base_f),
+        sides["ours"],
+        sides["torch"],
         device,
         repeats,
-        bytes_moved=5 * rows * hidden * esize,
+        bytes_moved=bytes_moved,
         goal=goal,
     )
 
@@ -428,12 +460,13 @@ def bench_flatten(device, numel, tensors, repeats):
     )
 
 
-def bench_sum_of_squares(device, numel, tensors, repeats):
+def bench_sum_of_squares(device, numel, tensors, repeats, warmup=1):
     """For information: the global grad norm's pass against torch._foreach_norm (what
     clip_grad_norm_ runs), over the same fp32 grads."""
     per = numel // tensors
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    grads = [torch.randn(per, generator=gen).to(device) for _ in range(tensors)]
+    # Drawn where they live: a GPU-sized list (tools/gpu_check.py) would take seconds on the CPU.
+    gen = torch.Generator(device=device).manual_seed(0)
+    grads = [torch.randn(per, generator=gen, device=device) for _ in range(tensors)]
 
     def torch_norm():
         return torch.stack(torch._foreach_norm(grads)).square().sum().item()
@@ -446,6 +479,7 @@ def bench_sum_of_squares(device, numel, tensors, repeats):
         repeats,
         bytes_moved=4 * numel,
         note="ops.sum_of_squares vs torch._foreach_norm, squared and summed",
+        warmup=warmup,
     )
 
 
