@@ -28,6 +28,7 @@ def _optional(name):
 def report() -> list[tuple[str, str]]:
     import megalite
     from megalite import ops
+    from megalite.ops import dispatch
 
     rows = [
         ("megalite", f"{megalite.__version__} ({os.path.dirname(megalite.__file__)})"),
@@ -40,10 +41,18 @@ def report() -> list[tuple[str, str]]:
         ),
     ]
     if torch.cuda.is_available():
+        # Per GPU, which kernels it gets: a GPU that none of the compiled code runs on (an arch
+        # the install's nvcc did not build) takes the reference path; say so, and why.
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
+            impl, why = dispatch.cuda_device_path(i)
+            path = "CUDA kernels" if impl == "cuda" else "reference kernels"
             rows.append(
-                (f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+                (
+                    f"cuda:{i}",
+                    f"{p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}"
+                    f" -> {path} ({why})",
+                )
             )
     else:
         rows.append(
@@ -60,6 +69,8 @@ def report() -> list[tuple[str, str]]:
 
     for mod, what in (("megalite._C", "C++ kernels"), ("megalite._cuda", "CUDA kernels")):
         rows.append((what, "built" if importlib.util.find_spec(mod) else "not built"))
+    if dispatch._cuda is not None and hasattr(dispatch._cuda, "compiled_archs"):
+        rows[-1] = ("CUDA kernels", "built for " + " ".join(dispatch._cuda.compiled_archs()))
     if os.environ.get("MEGALITE_KERNELS"):
         rows.append(("MEGALITE_KERNELS", os.environ["MEGALITE_KERNELS"]))
     for r in ops.kernel_report():

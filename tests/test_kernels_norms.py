@@ -1,5 +1,7 @@
-"""LayerNorm / RMSNorm kernels against the pure-PyTorch reference (and the reference against
-torch's own layer_norm / rms_norm), forward and backward, on awkward sizes."""
+"""LayerNorm / RMSNorm kernels, and the pure-PyTorch reference they fall back to, against torch's
+own F.layer_norm / F.rms_norm and their autograd evaluated in float64 on the same inputs,
+forward and backward, on awkward sizes. The oracle is never megalite.ops.reference itself, so
+the MEGALITE_KERNELS=reference runs (the `impl` fixture) check the reference too."""
 
 import pytest
 import torch
@@ -32,8 +34,24 @@ def _grads(out, dy, *ts):
     return [next(it) if t is not None else None for t in ts]
 
 
+def torch_layer_norm(x, w, b, eps, dy):
+    """The oracle: F.layer_norm and torch's autograd of it in float64, on x, w, b and dy as given
+    (already rounded to their dtypes). Returns y, dx, dw, db (None for an absent param)."""
+    ts = [None if t is None else t.detach().double().requires_grad_() for t in (x, w, b)]
+    y = F.layer_norm(ts[0], (x.shape[-1],), ts[1], ts[2], eps)
+    return [y.detach(), *_grads(y, dy.double(), *ts)]
+
+
+def torch_rms_norm(x, w, eps, dy):
+    """F.rms_norm and its autograd in float64: y, dx, dw."""
+    ts = [None if t is None else t.detach().double().requires_grad_() for t in (x, w)]
+    y = F.rms_norm(ts[0], (x.shape[-1],), ts[1], eps)
+    return [y.detach(), *_grads(y, dy.double(), *ts)]
+
+
 def _ref_layer_norm(x, w, b, eps, dy):
-    """The oracle: reference forward + backward on detached inputs."""
+    """megalite.ops.reference's forward + backward on detached inputs (what the CUDA path falls
+    back to); checked against torch in test_reference_matches_torch."""
     x2 = x.detach().reshape(-1, x.shape[-1])
     w32 = None if w is None else w.detach().float()
     b32 = None if b is None else b.detach().float()
@@ -50,6 +68,20 @@ def _ref_rms_norm(x, w, eps, dy):
     return y.reshape(x.shape), dx.reshape(x.shape), dw
 
 
+def assert_norm_close(got, want, dtype):
+    """got (y, dx, dweight[, dbias]) against the oracle's, at the dtype's tolerance; dweight and
+    dbias sum over all rows, so they are compared relative to their largest element."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None
+            continue
+        assert g is not None and g.shape == w.shape
+        if i >= 2:
+            scale = max(1.0, w.abs().max().item())
+            g, w = g.float() / scale, w / scale
+        torch.testing.assert_close(g.float(), w.float(), **TOL[dtype])
+
+
 def _close(actual, expected, dtype):
     if expected is None:
         assert actual is None
@@ -64,18 +96,10 @@ def test_layer_norm_fwd_bwd(impl, shape, dtype):
         x, w, b, dy = _inputs(shape, dtype, seed=shape[-1], affine=affine, bias=bias)
         y = ops.layer_norm(x, w, b, 1e-5)
         assert y.dtype == dtype and y.shape == x.shape
-        dx, dw, db = _grads(y, dy, x, w, b)
-        ry, rdx, rdw, rdb = _ref_layer_norm(x, w, b, 1e-5, dy)
-        _close(y, ry, dtype)
-        _close(dx, rdx, dtype)
-        # dweight/dbias sum over rows: compare relative to their scale.
-        for got, want in ((dw, rdw), (db, rdb)):
-            if want is None:
-                assert got is None
-                continue
-            assert got.dtype == dtype
-            scale = max(1.0, want.abs().max().item())
-            torch.testing.assert_close(got.float() / scale, want.float() / scale, **TOL[dtype])
+        got = [y, *_grads(y, dy, x, w, b)]
+        for t in got[2:]:
+            assert t is None or t.dtype == dtype
+        assert_norm_close(got, torch_layer_norm(x, w, b, 1e-5, dy), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -84,15 +108,9 @@ def test_rms_norm_fwd_bwd(impl, shape, dtype):
     for affine in (True, False):
         x, w, _, dy = _inputs(shape, dtype, seed=shape[-1] + 1, affine=affine, bias=False)
         y = ops.rms_norm(x, w, 1e-6)
-        dx, dw = _grads(y, dy, x, w)
-        ry, rdx, rdw = _ref_rms_norm(x, w, 1e-6, dy)
-        _close(y, ry, dtype)
-        _close(dx, rdx, dtype)
-        if rdw is None:
-            assert dw is None
-        else:
-            scale = max(1.0, rdw.abs().max().item())
-            torch.testing.assert_close(dw.float() / scale, rdw.float() / scale, **TOL[dtype])
+        assert y.dtype == dtype and y.shape == x.shape
+        got = [y, *_grads(y, dy, x, w)]
+        assert_norm_close(got, torch_rms_norm(x, w, 1e-6, dy), dtype)
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (3, 17), (4, 5, 64), (7, 1000)])  # hidden 1: degenerate
@@ -206,17 +224,10 @@ def test_large_outputs_streaming_path(dtype):
     """Outputs of 8 MB and more are written with streaming stores (another code path)."""
     rows = (8 << 20) // (1027 * torch.finfo(dtype).bits // 8) + 3
     x, w, b, dy = _inputs((rows, 1027), dtype, seed=11)
-    for rms in (False, True):
-        y = ops.rms_norm(x, w, 1e-5) if rms else ops.layer_norm(x, w, b, 1e-5)
-        got = [y] + _grads(y, dy, x, w)
-        if rms:
-            want = _ref_rms_norm(x, w, 1e-5, dy)
-        else:
-            want = _ref_layer_norm(x, w, b, 1e-5, dy)[:3]
-        for g_, w_ in zip(got[:2], want[:2]):
-            _close(g_, w_, dtype)
-        scale = max(1.0, want[2].abs().max().item())
-        torch.testing.assert_close(got[2].float() / scale, want[2].float() / scale, **TOL[dtype])
+    y = ops.layer_norm(x, w, b, 1e-5)
+    assert_norm_close([y, *_grads(y, dy, x, w, b)], torch_layer_norm(x, w, b, 1e-5, dy), dtype)
+    y = ops.rms_norm(x, w, 1e-5)
+    assert_norm_close([y, *_grads(y, dy, x, w)], torch_rms_norm(x, w, 1e-5, dy), dtype)
 
 
 def _fwd_bwd(fn, x, w, b, dy):
@@ -272,12 +283,12 @@ def test_frozen_params_and_inputs(impl):
     w.requires_grad_(False)
     y = ops.layer_norm(x, w, b, 1e-5)
     dx, db = torch.autograd.grad(y, (x, b), dy)
-    ry, rdx, _, rdb = _ref_layer_norm(x, w, b, 1e-5, dy)
+    ry, rdx, _, rdb = torch_layer_norm(x, w, b, 1e-5, dy)
     _close(dx, rdx, torch.float32)
     _close(db, rdb, torch.float32)
     x2 = x.detach()
     w.requires_grad_(True)
     (dw,) = torch.autograd.grad(ops.rms_norm(x2, w, 1e-5), (w,), dy)
-    _close(dw, _ref_rms_norm(x2, w, 1e-5, dy)[2], torch.float32)
+    _close(dw, torch_rms_norm(x2, w, 1e-5, dy)[2], torch.float32)
     with torch.no_grad():
         _close(ops.layer_norm(x, w, b, 1e-5), ry, torch.float32)

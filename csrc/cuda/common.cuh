@@ -1,5 +1,12 @@
-// Device helpers shared by the .cu files: dtype conversion, block reductions, the device guard,
-// and the multi-tensor launcher (apex's multi_tensor_apply, reduced to what megalite needs).
+// Device helpers shared by the .cu files: dtype conversion, 16-byte packed loads and stores,
+// block reductions, and the multi-tensor launcher (apex's multi_tensor_apply, reduced to what
+// megalite needs).
+//
+// There is no device guard here: every launcher runs on the current device, which the binding
+// (bindings.cpp) sets to the tensors' device with torch's own guard. That guard restores the
+// previous device only where a context already exists, whereas a plain cudaSetDevice(previous)
+// would create a context (hundreds of MB) on that device, typically GPU 0, in every
+// process.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "kernels.h"
 
@@ -17,21 +25,6 @@ namespace megalite_cuda {
     cudaError_t err_ = (expr);            \
     if (err_ != cudaSuccess) return err_; \
   } while (0)
-
-// Run on the tensors' device and give the caller's device back afterwards.
-struct DeviceGuard {
-  int previous = -1;
-  cudaError_t status = cudaSuccess;
-  explicit DeviceGuard(int device) {
-    status = cudaGetDevice(&previous);
-    if (status == cudaSuccess && previous != device) status = cudaSetDevice(device);
-  }
-  ~DeviceGuard() {
-    int now = -1;
-    if (previous >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous)
-      cudaSetDevice(previous);
-  }
-};
 
 inline int sm_count(int device) {
   int sms = 0;
@@ -59,6 +52,69 @@ struct Cvt<__half> {
   static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
 };
+
+// ---- packed access ----------------------------------------------------------------------------
+// N consecutive elements of T moved with the widest access they allow: 16 bytes per instruction
+// (float4, 8 x bf16, 8 x fp16), or the whole pack when it is smaller. p must be aligned to that
+// width; callers check it on the host (aligned16) and otherwise use N = 1.
+template <int Bytes>
+struct Word;
+template <>
+struct Word<16> {
+  using type = uint4;
+};
+template <>
+struct Word<8> {
+  using type = uint2;
+};
+template <>
+struct Word<4> {
+  using type = unsigned int;
+};
+template <>
+struct Word<2> {
+  using type = unsigned short;
+};
+
+template <typename T, int N>
+struct PackShape {
+  static constexpr int kBytes = int(sizeof(T)) * N;
+  static constexpr int kWordBytes = kBytes < 16 ? kBytes : 16;
+  static constexpr int kWords = kBytes / kWordBytes;
+  static constexpr int kPerWord = kWordBytes / int(sizeof(T));
+  using W = typename Word<kWordBytes>::type;
+};
+
+template <int N, typename T>
+__device__ __forceinline__ void load_f32(const T* __restrict__ p, float (&out)[N]) {
+  using S = PackShape<T, N>;
+#pragma unroll
+  for (int w = 0; w < S::kWords; ++w) {
+    const typename S::W word = reinterpret_cast<const typename S::W*>(p)[w];
+    T vals[S::kPerWord];
+    memcpy(vals, &word, S::kWordBytes);
+#pragma unroll
+    for (int i = 0; i < S::kPerWord; ++i) out[w * S::kPerWord + i] = Cvt<T>::load(vals[i]);
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_f32(T* __restrict__ p, const float (&in)[N]) {
+  using S = PackShape<T, N>;
+#pragma unroll
+  for (int w = 0; w < S::kWords; ++w) {
+    T vals[S::kPerWord];
+#pragma unroll
+    for (int i = 0; i < S::kPerWord; ++i) vals[i] = Cvt<T>::store(in[w * S::kPerWord + i]);
+    typename S::W word;
+    memcpy(&word, vals, S::kWordBytes);
+    reinterpret_cast<typename S::W*>(p)[w] = word;
+  }
+}
+
+inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 // Call fn(T{}) with the storage type of a DType (returns false for an unknown one).
 template <typename Fn>

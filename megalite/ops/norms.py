@@ -26,7 +26,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
-_MODULES = {}  # (op, device type) -> compiled module or None (fixed once the extensions load)
+# (op, device) -> compiled module or None, fixed once the extensions load. Per device, not per
+# device type: GPUs of different capabilities may get different paths (dispatch.cuda_code_for).
+_MODULES = {}
 _UNSET = object()
 # megalite._C's C++ autograd nodes (absent from an extension built before they existed).
 _CPP_NODES = _C is not None and hasattr(_C, "layer_norm") and hasattr(_C, "rms_norm")
@@ -37,7 +39,7 @@ def _impl(op, x):
     no kernel is compiled for)."""
     if x.dtype not in _DTYPES or forced_reference():
         return reference
-    key = (op, x.device.type)
+    key = (op, x.device)
     module = _MODULES.get(key, _UNSET)
     if module is _UNSET:
         module = _MODULES[key] = choose(op, x.device)[1]
