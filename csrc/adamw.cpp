@@ -12,6 +12,10 @@
 // torch's fused AdamW, which checks nothing, moves 28. A caller that has already read every grad
 // for another reason (the trainer's global grad norm is inf/nan exactly when some grad is) passes
 // check_finite=false and gets the single 28-byte sweep.
+//
+// The trainer passes its grad scale (loss scale / clip coefficient) and its "the norm is not
+// finite" flag as 1-element tensors, so that on CUDA the step reads nothing back; here they are
+// CPU tensors, which this kernel simply reads.
 #include <atomic>
 #include <cmath>
 
@@ -146,8 +150,20 @@ void check_tensor(const at::Tensor& t, const char* what, size_t i, int64_t numel
               " elements, the param ", numel);
 }
 
-// Returns true (and writes nothing) if any grad holds an inf or a nan. With check_finite=false
-// the grads are not checked (the caller vouches for them) and the result is always false.
+// A 1-element CPU tensor argument (grad_scale, found_inf) of the given dtype: its one value. A
+// CPU tensor is host memory, so reading it costs nothing (the CUDA kernel reads its twin on the
+// device instead).
+template <typename T>
+T host_scalar(const at::Tensor& t, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.numel() == 1 && t.scalar_type() == dtype,
+              "fused_adamw: ", what, " must be a 1-element ", dtype, " tensor on the CPU");
+  return *t.data_ptr<T>();
+}
+
+// Returns true (and writes nothing) if any grad holds an inf or a nan, or found_inf is set. With
+// check_finite=false the grads are not checked (the caller vouches for them, or passes found_inf)
+// and the result is always false. grad_scale (optional, 1-element fp32) replaces inv_scale by
+// 1 / grad_scale; found_inf (optional, 1-element int32): nonzero updates nothing.
 bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                  const std::vector<at::Tensor>& exp_avgs,
                  const std::vector<at::Tensor>& exp_avg_sqs,
@@ -155,7 +171,10 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
                  const std::vector<double>& lr, const std::vector<double>& beta1,
                  const std::vector<double>& beta2, const std::vector<double>& eps,
                  const std::vector<double>& weight_decay, const std::vector<double>& step,
-                 double inv_scale, bool check_finite) {
+                 double inv_scale, bool check_finite, const c10::optional<at::Tensor>& grad_scale,
+                 const c10::optional<at::Tensor>& found_inf) {
+  if (grad_scale.has_value() && grad_scale->defined())
+    inv_scale = 1.0 / double(host_scalar<float>(*grad_scale, at::kFloat, "grad_scale"));
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
               "fused_adamw: tensor lists differ in length");
@@ -199,6 +218,9 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
   const int64_t total = offsets.back();
   constexpr int64_t kGrain = 32768;  // below this, threads cost more than they save
 
+  if (found_inf.has_value() && found_inf->defined() &&
+      host_scalar<int32_t>(*found_inf, at::kInt, "found_inf") != 0)
+    return check_finite;
   if (check_finite) {
     std::atomic<uint32_t> found{0};
     at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
@@ -230,11 +252,14 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
 void register_adamw(pybind11::module_& m) {
   m.def("fused_adamw", &fused_adamw,
         "AdamW step over lists of tensors with per-tensor hyperparameters; returns True (and "
-        "updates nothing) if a grad holds an inf or nan; check_finite=False skips that check",
+        "updates nothing) if a grad holds an inf or nan; check_finite=False skips that check. "
+        "grad_scale (1-element fp32 tensor) replaces inv_scale by its reciprocal; found_inf "
+        "(1-element int32 tensor) nonzero updates nothing",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("model_copies"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("step"), py::arg("inv_scale"),
-        py::arg("check_finite") = true);
+        py::arg("check_finite") = true, py::arg("grad_scale") = py::none(),
+        py::arg("found_inf") = py::none());
 }
 
 }  // namespace

@@ -5,8 +5,10 @@
 // the update, whose blocks return at once when the flag is set. The host reads the flag only
 // after both (one synchronisation, which the bool result needs anyway), so "nothing is updated
 // on an inf" costs one extra read of the grads and no round trip. Unchecked calls
-// (check_finite=False: the caller already knows the grads are finite) launch only the update and
-// do not synchronise at all.
+// (check_finite=False: the caller already knows the grads are finite, or hands over its own
+// flag, found_inf, already in device memory) launch only the update and do not synchronise at
+// all; the grad scale may also come from device memory, so the trainer's step, whose scale
+// depends on the global grad norm, never waits for the host.
 #include <type_traits>
 #include <vector>
 
@@ -36,8 +38,12 @@ __global__ void __launch_bounds__(kThreads) check_kernel(AdamwArgs args, int* fo
 
 template <typename G, typename C, bool kCopy>
 __global__ void __launch_bounds__(kThreads)
-    update_kernel(AdamwArgs args, float inv_scale, const int* found) {
-  if (*found) return;  // the check (earlier on this stream) saw an inf/nan: update nothing
+    update_kernel(AdamwArgs args, float inv_scale, const float* grad_scale, const int* found) {
+  // found: the check (earlier on this stream) or the caller saw an inf/nan: update nothing
+  if (*found) return;
+  // A scale in device memory (the trainer's loss scale / clip coefficient, computed there):
+  // its correctly rounded reciprocal, the float the CPU kernel gets from 1.0 / double(scale).
+  if (grad_scale != nullptr) inv_scale = __frcp_rn(*grad_scale);
   const AdamwTensor& t = args.tensors[args.block_tensor[blockIdx.x]];
   const int64_t start = (int64_t)args.block_chunk[blockIdx.x] * kChunk;
   const int64_t end = min(start + kChunk, t.n);
@@ -93,8 +99,6 @@ std::vector<AdamwTensor> select(const AdamwTensor* tensors, int count, int g_dty
 }  // namespace
 
 int adamw_check(const AdamwTensor* tensors, int count, int* d_found, int device, void* stream) {
-  DeviceGuard guard(device);
-  MEGALITE_CUDA_TRY(guard.status);
   auto s = static_cast<cudaStream_t>(stream);
   for (int g_dtype : {kF32, kBF16, kF16}) {
     const std::vector<AdamwTensor> group = select(tensors, count, g_dtype, kNoType, true);
@@ -114,10 +118,8 @@ int adamw_check(const AdamwTensor* tensors, int count, int* d_found, int device,
   return cudaSuccess;
 }
 
-int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const int* d_found,
-                 int device, void* stream) {
-  DeviceGuard guard(device);
-  MEGALITE_CUDA_TRY(guard.status);
+int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const float* d_grad_scale,
+                 const int* d_found, int device, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   for (int g_dtype : {kF32, kBF16, kF16}) {
     for (int c_dtype : {kNoType, kF32, kBF16, kF16}) {
@@ -131,7 +133,8 @@ int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const i
         err = multi_tensor_apply<AdamwArgs, kMaxTensors, kMaxBlocks>(
             group.data(), (int)group.size(), kChunk, numel_of,
             [&](const AdamwArgs& args, int blocks) {
-              update_kernel<G, C, kCopy><<<blocks, kThreads, 0, s>>>(args, inv_scale, d_found);
+              update_kernel<G, C, kCopy>
+                  <<<blocks, kThreads, 0, s>>>(args, inv_scale, d_grad_scale, d_found);
               return cudaGetLastError();
             });
       };

@@ -6,6 +6,10 @@
 // nvcc on any machine that has the toolkit (torch's CPU wheel ships incomplete CUDA headers);
 // the binding includes only torch's CPU headers. Every launcher returns a cudaError_t as int
 // (0 = success); error_string turns it into text.
+//
+// Every launcher runs on the current device: the binding makes the tensors' device current
+// (torch's device guard) before calling it. `device` is that same index, used only to query the
+// device's attributes (its SM count).
 #pragma once
 
 #include <cstdint>
@@ -31,10 +35,11 @@ struct AdamwTensor {
 
 // Sweep 1 sets *d_found (device int, zeroed by the caller) if any grad holds an inf/nan;
 // sweep 2 updates everything unless *d_found is set. Both run on `stream`, in that order, so no
-// host synchronisation is needed between them.
+// host synchronisation is needed between them. The grads are multiplied by inv_scale, or, when
+// d_grad_scale (one device float) is given, by its reciprocal, read on the device.
 int adamw_check(const AdamwTensor* tensors, int count, int* d_found, int device, void* stream);
-int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const int* d_found,
-                 int device, void* stream);
+int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const float* d_grad_scale,
+                 const int* d_found, int device, void* stream);
 
 // ---- LayerNorm / RMSNorm (norms.cu) --------------------------------------------------------
 // x, y, dy, dx: [rows, hidden] in `dtype`; weight/bias fp32 (nullptr: none); mean/rstd fp32
@@ -42,7 +47,8 @@ int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const i
 int norm_fwd(bool rms, int dtype, const void* x, const float* w, const float* b, void* y,
              float* mean, float* rstd, int64_t rows, int64_t hidden, float eps, int device,
              void* stream);
-// Floats of scratch the backward needs for its per-block dw/db partial sums.
+// Floats of scratch the backward needs for its per-row-block dw/db partial sums (16-byte aligned
+// for the vectorised kernels: torch's allocator gives that).
 int64_t norm_bwd_workspace(int64_t rows, int64_t hidden, int device);
 int norm_bwd(bool rms, int dtype, const void* dy, const void* x, const float* mean,
              const float* rstd, const float* w, void* dx, float* dw, float* db, float* workspace,

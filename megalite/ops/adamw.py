@@ -12,6 +12,12 @@ trainer has through its global grad norm, passes check_finite=False and gets tor
 sweep. (The optimizer class, megalite.optim.FusedAdamW, follows torch.optim.AdamW's contract
 instead: it passes check_finite=True only for steps given a grad scale, or when asked.)
 
+A step need not read anything back either: `grad_scale` may be a 1-element fp32 tensor on the
+params' device (the trainer's loss scale / clip coefficient, computed there from the global grad
+norm) and `found_inf` a 1-element flag there (nonzero: update nothing; the trainer's is "the
+norm is not finite"). The kernels read both where they run: the CUDA one from device memory
+inside the update, the CPU one from host memory (a CPU tensor is host memory: no sync).
+
 The compiled kernels take fp32 params and moments, contiguous tensors, grads in fp32/bf16/fp16
 and model copies in bf16/fp16/fp32; anything else (for example bf16 params without fp32 master
 weights) runs the reference, which handles any floating dtype.
@@ -61,6 +67,16 @@ def _validate(params, grads, exp_avgs, exp_avg_sqs, model_copies, hyper):
                 )
 
 
+def _device_scalar(t, name, device, dtypes):
+    """A 1-element tensor argument on the params' device, checked without reading it."""
+    if t.numel() != 1 or t.device != device or t.dtype not in dtypes:
+        names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(
+            f"fused_adamw_: {name} must be a float or a 1-element {names} tensor on {device}, "
+            f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+        )
+
+
 def multi_tensor_adamw_(
     params,
     grads,
@@ -76,6 +92,7 @@ def multi_tensor_adamw_(
     grad_scale=1.0,
     model_copies=None,
     check_finite=True,
+    found_inf=None,
 ):
     """AdamW with one hyperparameter value per tensor (lists); see fused_adamw_."""
     hyper = {
@@ -89,9 +106,15 @@ def multi_tensor_adamw_(
     _validate(params, grads, exp_avgs, exp_avg_sqs, model_copies, hyper)
     if not params:
         return False
-    if not (grad_scale > 0 and grad_scale != float("inf")):
+    device = params[0].device
+    scale_tensor = grad_scale if isinstance(grad_scale, torch.Tensor) else None
+    if scale_tensor is not None:  # its value is not checked: that would read it back
+        _device_scalar(scale_tensor, "grad_scale", device, (torch.float32,))
+    elif not (grad_scale > 0 and grad_scale != float("inf")):
         raise ValueError(f"fused_adamw_: grad_scale must be positive and finite, got {grad_scale}")
-    _, module, _ = choose("fused_adamw", params[0].device)
+    if found_inf is not None:
+        _device_scalar(found_inf, "found_inf", device, (torch.bool, torch.int32, torch.float32))
+    _, module, _ = choose("fused_adamw", device)
     if module is not None and _compiled_ok(params, grads, exp_avgs, exp_avg_sqs, model_copies):
         hyper = {k: [float(x) for x in v] for k, v in hyper.items()}
         return bool(
@@ -107,8 +130,11 @@ def multi_tensor_adamw_(
                 hyper["eps"],
                 hyper["weight_decay"],
                 hyper["step"],
-                1.0 / float(grad_scale),
+                1.0 if scale_tensor is not None else 1.0 / float(grad_scale),
                 bool(check_finite),
+                grad_scale=None if scale_tensor is None else scale_tensor.reshape(1),
+                # the kernels take an int32 flag: "nonzero" for any dtype, nan included
+                found_inf=None if found_inf is None else found_inf.reshape(1).ne(0).int(),
             )
         )
     return reference.multi_tensor_adamw_(
@@ -119,6 +145,7 @@ def multi_tensor_adamw_(
         grad_scale=grad_scale,
         model_copies=model_copies,
         check_finite=check_finite,
+        found_inf=found_inf,
         **hyper,
     )
 
@@ -138,15 +165,24 @@ def fused_adamw_(
     grad_scale=1.0,
     model_copies=None,
     check_finite=True,
+    found_inf=None,
 ):
     """One AdamW step (decoupled weight decay, bias correction; torch.optim.AdamW's arithmetic)
-    over lists of tensors, in place. grads are multiplied by 1/grad_scale. model_copies, if
-    given, receive the updated params in their own dtype (bf16/fp16 model weights); an entry
-    may be None (that param has no copy), so params with and without copies share one call.
+    over lists of tensors, in place. grads are multiplied by 1/grad_scale: a positive finite
+    float, or a 1-element fp32 tensor on the params' device (read there, never by the host;
+    its value is the caller's to vouch for). model_copies, if given, receive the updated params
+    in their own dtype (bf16/fp16 model weights); an entry may be None (that param has no
+    copy), so params with and without copies share one call.
 
-    Returns True if any grad holds an inf or nan; then nothing at all was updated.
-    check_finite=False skips that check (one read of every grad): only for callers that know
-    the grads are finite; an inf/nan then reaches the params, as with torch.optim.AdamW."""
+    found_inf: an optional 1-element tensor (bool, int32 or fp32) on the params' device; if it
+    is nonzero nothing at all is updated. It is read on the device, so a caller that computed
+    it there (from a global grad norm) steps without a host synchronisation.
+
+    Returns True if any grad holds an inf or nan (or found_inf is set); then nothing at all was
+    updated. check_finite=False skips that check (one read of every grad, and on CUDA a host
+    synchronisation) and returns False: only for callers that know the grads are finite, or
+    that pass their own found_inf; an inf/nan then reaches the params, as with
+    torch.optim.AdamW."""
     n = len(params)
     return multi_tensor_adamw_(
         params,
@@ -162,4 +198,5 @@ def fused_adamw_(
         grad_scale=grad_scale,
         model_copies=model_copies,
         check_finite=check_finite,
+        found_inf=found_inf,
     )

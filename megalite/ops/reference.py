@@ -151,12 +151,16 @@ def fused_adamw_(
     grad_scale=1.0,
     model_copies=None,
     check_finite=True,
+    found_inf=None,
 ):
     """One AdamW step over lists of tensors, in place. Returns True (and touches nothing) if any
-    grad holds an inf or nan (check_finite=False: not checked, the caller vouches).
-    params/exp_avgs/exp_avg_sqs are fp32; grads fp32, bf16 or fp16 and multiplied by
-    1/grad_scale; model_copies (optional) receive the updated params in their own
-    (low-precision) dtype; an entry may be None (no copy for that param)."""
+    grad holds an inf or nan (check_finite=False: not checked, the caller vouches, and the
+    result is False). params/exp_avgs/exp_avg_sqs are fp32; grads fp32, bf16 or fp16 and
+    multiplied by 1/grad_scale (a float, or a 1-element fp32 tensor on the params' device);
+    model_copies (optional) receive the updated params in their own (low-precision) dtype; an
+    entry may be None (no copy for that param). found_inf (optional 1-element tensor): nonzero
+    skips the whole update, decided on the device (nothing is read back unless check_finite,
+    whose result then also reports it)."""
     n = len(params)
     return multi_tensor_adamw_(
         params,
@@ -172,6 +176,7 @@ def fused_adamw_(
         grad_scale=grad_scale,
         model_copies=model_copies,
         check_finite=check_finite,
+        found_inf=found_inf,
     )
 
 
@@ -191,25 +196,38 @@ def multi_tensor_adamw_(
     grad_scale=1.0,
     model_copies=None,
     check_finite=True,
+    found_inf=None,
 ):
     """fused_adamw_ with per-tensor hyperparameters (lists, one entry per tensor), so that several
     param groups step in one call and one inf check covers all of them."""
-    if check_finite and any_non_finite(grads):
+    if check_finite and (any_non_finite(grads) or (found_inf is not None and bool(found_inf))):
         return True
-    inv_scale = 1.0 / grad_scale
+    if isinstance(grad_scale, torch.Tensor):  # 0-dim: it must not promote the grads' dtype
+        inv_scale = torch.reciprocal(grad_scale.reshape(()).float())
+    else:
+        inv_scale = None if grad_scale == 1.0 else 1.0 / grad_scale
+    # A device flag skips by selecting the old values: no host read.
+    skip = None if found_inf is None else found_inf.reshape(()).ne(0)
+
+    def store(dst, new):
+        dst.copy_(new if skip is None else torch.where(skip, dst, new.to(dst.dtype)))
+
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         bc1 = 1.0 - beta1[i] ** step[i]
         bc2_sqrt = math.sqrt(1.0 - beta2[i] ** step[i])
         g = g.to(m.dtype)
-        if inv_scale != 1.0:
+        if inv_scale is not None:
             g = g * inv_scale
-        p.mul_(1.0 - lr[i] * weight_decay[i])
-        m.lerp_(g, 1.0 - beta1[i])
-        v.mul_(beta2[i]).addcmul_(g, g, value=1.0 - beta2[i])
-        denom = (v.sqrt() / bc2_sqrt).add_(eps[i])
-        p.addcdiv_(m, denom, value=-lr[i] / bc1)
+        p_new = p * (1.0 - lr[i] * weight_decay[i])
+        m_new = torch.lerp(m, g, 1.0 - beta1[i])
+        v_new = (v * beta2[i]).addcmul_(g, g, value=1.0 - beta2[i])
+        denom = (v_new.sqrt() / bc2_sqrt).add_(eps[i])
+        p_new.addcdiv_(m_new, denom, value=-lr[i] / bc1)
+        store(p, p_new)
+        store(m, m_new)
+        store(v, v_new)
         if model_copies is not None and model_copies[i] is not None:
-            model_copies[i].copy_(p)
+            store(model_copies[i], p_new)
     return False
 
 

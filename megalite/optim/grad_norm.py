@@ -35,21 +35,25 @@ def global_grad_norm(params, grads=None) -> torch.Tensor:
         unique_part(p, g) for p, g in zip(params, grads) if g is not None and counts_in_norm(p)
     ]
     device = grads[0].device if grads else st.device
-    sq = sum_of_squares(grads).to(device)
+    sq = sum_of_squares(grads).to(device) if grads else torch.zeros((), device=device)
     if st.mp_group is not None and st.tp * st.pp > 1:
         dist.all_reduce(sq, group=st.mp_group)
     return sq.sqrt()
 
 
 def _unique_mask(p):
-    """Which elements of p (flattened) count in the norm on this rank; None for all of them."""
-    idx = torch.arange(p.numel(), device=p.device).view(p.shape)
-    kept = unique_part(p, idx)
-    if kept.numel() == p.numel():
-        return None
-    mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-    mask[kept.reshape(-1)] = True
-    return mask
+    """Which elements of p (flattened) count in the norm on this rank; None for all of them.
+    Kept on the param: its layout never changes, and building the mask takes an index per
+    element (8 bytes each), too much to do every step."""
+    if not hasattr(p, "_norm_mask"):
+        idx = torch.arange(p.numel(), device=p.device).view(p.shape)
+        kept = unique_part(p, idx)
+        mask = None
+        if kept.numel() != p.numel():
+            mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+            mask[kept.reshape(-1)] = True
+        p._norm_mask = mask
+    return p._norm_mask
 
 
 def sharded_grad_norm(pieces) -> torch.Tensor:
@@ -64,10 +68,10 @@ def sharded_grad_norm(pieces) -> torch.Tensor:
             continue
         if tag_of(p).group_layout is not None:
             mask = _unique_mask(p)
-            if mask is not None:
-                g = g[mask[start:end]]
+            if mask is not None:  # zeros, not g[mask]: a boolean index syncs with the host
+                g = torch.where(mask[start:end], g, 0.0)
         grads.append(g)
-    sq = sum_of_squares(grads).to(st.device)
+    sq = sum_of_squares(grads).to(st.device) if grads else torch.zeros((), device=st.device)
     if st.dp_group is not None and st.dp > 1:
         dist.all_reduce(sq, group=st.dp_group)  # the DP shards of my stage and TP slice
     if st.mp_group is not None and st.tp * st.pp > 1:
@@ -75,8 +79,13 @@ def sharded_grad_norm(pieces) -> torch.Tensor:
     return sq.sqrt()
 
 
-def clip_coefficient(total_norm: float, max_norm: float) -> float:
-    """Multiply grads by this to clip (1.0 when the norm is already small enough)."""
+def clip_coefficient(total_norm, max_norm: float):
+    """Multiply grads by this to clip (1.0 when the norm is already small enough; always 1.0
+    when clipping is off). total_norm: a float, or a tensor: then the coefficient is a tensor
+    computed on its device, so the trainer never reads the norm back to clip (a nan norm gives
+    a nan coefficient; the step is skipped then anyway)."""
     if max_norm <= 0:
         return 1.0
+    if isinstance(total_norm, torch.Tensor):
+        return (max_norm / (total_norm + 1e-6)).clamp_(max=1.0)
     return min(1.0, max_norm / (total_norm + 1e-6))

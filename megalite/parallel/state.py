@@ -111,6 +111,28 @@ def group_ranks(tp: int, pp: int, dp: int) -> dict[str, list[list[int]]]:
     }
 
 
+def device_index(local_rank: int, device_count: int) -> int:
+    """The GPU a process drives, among those it sees. torchrun on a node of 8 GPUs: local rank
+    i drives GPU i. srun with one task per GPU (CUDA_VISIBLE_DEVICES leaves each task one GPU,
+    while LOCAL_RANK still counts the node's tasks): every task drives its device 0. Two
+    processes per GPU (a test on a small machine) share round-robin."""
+    if device_count < 1:
+        raise MegaliteError(
+            "--device cuda but this process sees no GPU; check CUDA_VISIBLE_DEVICES or train "
+            "with --device cpu"
+        )
+    return local_rank % device_count
+
+
+def local_device(device: torch.device) -> torch.device:
+    """`device` with this process's GPU index: the one asked for, or else LOCAL_RANK's
+    (`device_index`)."""
+    if device.index is not None:
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
+
+
 def initialize(
     tp: int = 1,
     pp: int = 1,
@@ -130,6 +152,11 @@ def initialize(
     at once on every rank instead of waiting in a collective. Calling it again in a joined
     world (tests trying several TP sizes) builds a fresh set of groups.
 
+    On CUDA every path (one process, joining, or a world already joined) first makes this
+    process's GPU current (`local_device`): LOCAL_RANK modulo the visible devices. The GPU is
+    also handed to init_process_group as device_id, so NCCL forms its communicators at once
+    (and splits the sub-groups from them) instead of on the first collective.
+
     Over ~60 lines (a third of it the signature): joining, building every group in the
     collective order, and recording mine are one sequence every rank must run alike.
     """
@@ -141,19 +168,20 @@ def initialize(
     dp = check_layout(world, tp, pp)
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        device = local_device(device)
+        torch.cuda.set_device(device)
     if world == 1 and not dist.is_initialized():
         _STATE = ParallelState(device=device)
         return _STATE
 
     if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            device = torch.device("cuda", torch.cuda.current_device())
         kw = {} if rank is None else dict(rank=rank, world_size=world)
         dist.init_process_group(
             backend=backend or ("nccl" if device.type == "cuda" else "gloo"),
             init_method=init_method,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
             **kw,
         )
         # Tear the groups down before the interpreter does: left to its final teardown, a

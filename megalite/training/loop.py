@@ -6,6 +6,12 @@ run = setup(cfg)        process groups and RNG; the model parallelised in one or
 loop:
     stats = train_step(run)      one optimizer step over the global batch
     maybe_log, maybe_evaluate, maybe_save, should_exit
+
+Host synchronisations: a step reads nothing back from the device (with fp16, one flag: see
+MixedPrecisionOptimizer.step). Its loss, grad norm and "stepped" flag stay there as tensors;
+`read_window` reads all of a log window's at once (one transfer), on log iterations and before
+a save, and raises "training diverged" then. The stop flags' all-reduce is read one iteration
+late on CUDA (`RankFlags`). On the CPU the same code runs, and its reads cost nothing.
 """
 
 from __future__ import annotations
@@ -33,12 +39,39 @@ from megalite.training.batches import batch_iterator, build_datasets, vocab_size
 from megalite.training.metrics import MetricsWriter, memory_stats, peak_tflops
 
 
+class StepClock:
+    """The time of one step. On the CPU, the host's clock. On CUDA the host runs ahead of the
+    device (a step reads nothing back), so its time is that between two events on the current
+    stream, which the window reads once they have completed (`read_window` waits for them)."""
+
+    def __init__(self, device: torch.device):
+        self.events = None
+        if device.type == "cuda":
+            self.events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(2))
+            self.events[0].record()
+        self.started = time.perf_counter()
+        self.host_s = None
+
+    def stop(self) -> "StepClock":
+        if self.events is not None:
+            self.events[1].record()
+        self.host_s = time.perf_counter() - self.started
+        return self
+
+    def seconds(self) -> float:
+        if self.events is None:
+            return self.host_s
+        return self.events[0].elapsed_time(self.events[1]) / 1000
+
+
 @dataclass
 class Window:
-    """What the log line averages over: the iterations since the last one."""
+    """What the log line averages over: the iterations since the last one. `pending` holds
+    the steps whose stats are still on the device; `read_window` moves them to the lists."""
 
-    loss: float = 0.0
-    iters: int = 0
+    pending: list = field(default_factory=list)  # StepStats
+    losses: list = field(default_factory=list)  # floats, in iteration order
+    grad_norms: list = field(default_factory=list)
     time_s: float = 0.0
     skipped: int = 0
 
@@ -69,15 +102,20 @@ class Run:
     evals_without_gain: int = 0
     exit_reason: Optional[str] = None
     start_time: float = field(default_factory=time.time)
+    stop_flags: Optional["RankFlags"] = None  # should_exit's, made on first use
 
 
 @dataclass
 class StepStats:
-    loss: float
+    """One step. loss, grad_norm and stepped are 0-dim tensors on the device: the loop reads
+    them only in `read_window`, a whole window's at once."""
+
+    iteration: int  # the iteration this step completed
+    loss: torch.Tensor  # the global batch's mean loss
     lr: float
-    grad_norm: float
-    stepped: bool  # False: a grad held inf/nan and the step was skipped (fp16)
-    time_s: float
+    grad_norm: torch.Tensor
+    stepped: torch.Tensor  # bool; False: a grad held inf/nan and the step was skipped
+    clock: StepClock
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -171,9 +209,10 @@ def _resume(run: Run) -> None:
 
 
 def train_step(run: Run) -> StepStats:
-    """One optimizer step over the global batch."""
+    """One optimizer step over the global batch. It reads nothing back from the device
+    (except fp16's skip flag): divergence is found when the window is read."""
     cfg, opt = run.cfg, run.optimizer
-    tic = time.perf_counter()
+    clock = StepClock(state.get().device)
     lr = run.lr_schedule(run.iteration)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -192,37 +231,59 @@ def train_step(run: Run) -> StepStats:
     # unscaling and the fp16 loss-scale update happen inside the step.
     stepped, grad_norm = opt.step()
     opt.zero_grad()
-    loss = global_mean_loss(losses).item()
-    if opt.scaler is None and not (stepped and math.isfinite(loss)):
-        what = f"gradient norm is {grad_norm}" if not stepped else f"loss is {loss}"
-        raise MegaliteError(
-            f"the {what} at iteration {run.iteration + 1} (loss {loss:.4g}): "
-            f"training diverged; lower --lr, raise --lr-warmup-iters or use "
-            f"--clip-grad, then resume from the last checkpoint"
-        )
+    loss = global_mean_loss(losses)
     run.iteration += 1
     run.consumed_samples += cfg.training.global_batch_size
-    return StepStats(loss, lr, grad_norm, stepped, time.perf_counter() - tic)
+    return StepStats(run.iteration, loss, lr, grad_norm, stepped, clock.stop())
+
+
+def read_window(run: Run) -> None:
+    """Read the window's pending steps from the device: one transfer for all of them. Raises
+    if one diverged (without a loss scaler: a non-finite grad norm or loss). Its update was
+    skipped on the device, so the params are still finite, and this runs before any save."""
+    w = run.window
+    if not w.pending:
+        return
+    rows = torch.stack(
+        [t for s in w.pending for t in (s.loss, s.grad_norm, s.stepped.to(s.loss.dtype))]
+    ).tolist()
+    for i, s in enumerate(w.pending):
+        loss, grad_norm, stepped = rows[3 * i : 3 * i + 3]
+        if run.optimizer.scaler is None and not (stepped and math.isfinite(loss)):
+            what = f"gradient norm is {grad_norm}" if not stepped else f"loss is {loss}"
+            raise MegaliteError(
+                f"the {what} at iteration {s.iteration} (loss {loss:.4g}): "
+                f"training diverged; lower --lr, raise --lr-warmup-iters or use "
+                f"--clip-grad, then resume from the last checkpoint"
+            )
+        w.losses.append(loss)
+        w.grad_norms.append(grad_norm)
+        w.skipped += int(not stepped)
+        w.time_s += s.clock.seconds()
+    w.pending = []
 
 
 # -- around the step --------------------------------------------------------------------------
 
 
 def maybe_log(run: Run, stats: StepStats) -> None:
-    """Every --log-interval iterations: the window's mean loss and throughput."""
+    """Every --log-interval iterations: the window's mean loss and throughput (the one read
+    from the device of those iterations, `read_window`)."""
     w, cfg, scaler = run.window, run.cfg, run.optimizer.scaler
-    w.loss, w.iters, w.time_s = w.loss + stats.loss, w.iters + 1, w.time_s + stats.time_s
-    w.skipped += int(not stats.stepped)
+    w.pending.append(stats)
     if run.iteration % cfg.logging.log_interval and run.iteration != cfg.training.train_iters:
         return
-    dt = w.time_s / w.iters
+    read_window(run)
+    iters = len(w.losses)
+    dt = w.time_s / iters
     tps = cfg.training.global_batch_size * cfg.model.seq_length / dt
     tflops = run.flops_per_iter / dt / cfg.world_size / 1e12
+    grad_norm = w.grad_norms[-1]
     rec = {
         "iteration": run.iteration,
-        "loss": w.loss / w.iters,
+        "loss": sum(w.losses) / iters,
         "lr": stats.lr,
-        "grad_norm": stats.grad_norm,
+        "grad_norm": grad_norm,
         "tokens_per_sec": tps,
         "tflops_per_device": tflops,
         "mfu": tflops / run.peak_tflops if run.peak_tflops else None,
@@ -232,7 +293,7 @@ def maybe_log(run: Run, stats: StepStats) -> None:
     }
     line = (
         f"iter {run.iteration:6d}/{cfg.training.train_iters} | loss {rec['loss']:.4f} | "
-        f"lr {stats.lr:.3e} | grad norm {stats.grad_norm:.3f} | {tps:,.0f} tok/s | "
+        f"lr {stats.lr:.3e} | grad norm {grad_norm:.3f} | {tps:,.0f} tok/s | "
         f"{tflops:.2f} TFLOP/s"
         + (f" | MFU {rec['mfu']:.1%}" if run.peak_tflops else "")
         + f" | {dt * 1000:.0f} ms/it | mem {rec['mem_peak_gb']:.2f} GB"
@@ -290,6 +351,7 @@ def save(run: Run) -> None:
     # Params all-gathered in the background must be whole before they are saved (and
     # before the process exits).
     run.ddp.finish_param_sync()
+    read_window(run)  # a diverged run stops here, with its one-line error, and is never saved
     if run.cfg.checkpoint.save and run.last_saved != run.iteration:
         run.last_saved = run.iteration
         where = ckpt.save_checkpoint(
@@ -318,30 +380,72 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
-def any_rank(flags: list[bool], device) -> list[bool]:
-    """Each flag True on every rank if it is True on any rank (so all ranks stop together);
-    one small all-reduce per iteration for all of them."""
-    if not dist.is_initialized():
-        return flags
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+class RankFlags:
+    """Flags that every rank must see alike: each call OR-s them over the ranks with one small
+    MAX all-reduce, launched every call. On the CPU (gloo), or in a single process, the result
+    is read at once, at no cost. On CUDA it is copied to pinned host memory behind an event and
+    read at the next call, after waiting for that event: work queued a whole iteration
+    earlier, so the wait never drains the device (it only keeps the host from running more
+    than a step ahead of it). So on CUDA a flag takes effect one call after it was raised, on
+    every rank at the same call."""
+
+    def __init__(self, device: torch.device, n: int):
+        self.device, self.pending = device, None
+        self.lagged = dist.is_initialized() and device.type == "cuda"
+        if self.lagged:  # pinned: both copies run on the stream, without the host
+            self.host_in = torch.zeros(n, pin_memory=True)
+            self.host_out = torch.zeros(n, pin_memory=True)
+
+    def __call__(self, flags: list[bool]) -> Optional[list[bool]]:
+        """The flags OR-ed over every rank: these (CPU), or the previous call's (CUDA; None
+        at the first call)."""
+        if not dist.is_initialized():
+            return flags
+        if not self.lagged:
+            t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return [bool(v) for v in t.tolist()]
+        agreed = None
+        if self.pending is not None:
+            self.pending.synchronize()  # recorded a step ago: already done, or nearly
+            agreed = [bool(v) for v in self.host_out.tolist()]
+        # host_in and host_out are free again: the event waited for covers both copies
+        self.host_in.copy_(torch.tensor([1.0 if f else 0.0 for f in flags]))
+        t = self.host_in.to(self.device, non_blocking=True)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.host_out.copy_(t, non_blocking=True)
+        self.pending = torch.cuda.Event()
+        self.pending.record()
+        return agreed
 
 
 def should_exit(run: Run, preemption: Preemption) -> Optional[str]:
     """Why to stop now (SIGTERM, --exit-interval, --exit-duration-in-mins, early stop, or
-    another rank's reason), or None. Every rank gets the same answer."""
+    another rank's reason), or None. Every rank gets the same answer at the same iteration.
+
+    --exit-interval and early stopping follow from numbers every rank shares (the iteration,
+    the all-reduced validation loss), so they act at once. SIGTERM and the time limit are one
+    rank's own, and are OR-ed over the ranks (`RankFlags`): on the CPU at once; on CUDA one
+    iteration late, so a stop there comes at most one iteration (and its save) after the
+    signal or the limit."""
     t = run.cfg.training
-    reason = run.exit_reason
-    if t.exit_interval and run.iteration % t.exit_interval == 0:
-        reason = reason or f"--exit-interval {t.exit_interval}"
     minutes = (time.time() - run.start_time) / 60
-    if t.exit_duration_in_mins and minutes >= t.exit_duration_in_mins:
-        reason = reason or f"--exit-duration-in-mins {t.exit_duration_in_mins}"
-    sigterm, stop = any_rank([preemption.requested, reason is not None], state.get().device)
+    out_of_time = bool(t.exit_duration_in_mins and minutes >= t.exit_duration_in_mins)
+    if run.stop_flags is None:
+        run.stop_flags = RankFlags(state.get().device, 2)
+    agreed = run.stop_flags([preemption.requested, out_of_time])
+    sigterm, time_up = agreed if agreed is not None else (False, False)
     if sigterm:
         return "SIGTERM"
-    return (reason or "another rank") if stop else None
+    if run.exit_reason:
+        return run.exit_reason
+    if t.exit_interval and run.iteration % t.exit_interval == 0:
+        return f"--exit-interval {t.exit_interval}"
+    if time_up:
+        return f"--exit-duration-in-mins {t.exit_duration_in_mins}" + (
+            "" if out_of_time else " (another rank)"
+        )
+    return None
 
 
 # -- the loop ---------------------------------------------------------------------------------
