@@ -155,7 +155,16 @@ class ParallelConfig:
     distributed_backend: Optional[Literal["nccl", "gloo"]] = _f(
         None, "torch.distributed backend (default: nccl on CUDA, gloo on CPU)"
     )
-    distributed_timeout_minutes: float = _f(10.0, "timeout of collective operations")
+    distributed_timeout_minutes: float = _f(
+        10.0,
+        "how long a collective may wait for its peers before failing (a hung rank; a dead "
+        "or cut-off node is caught sooner by --heartbeat-timeout)",
+    )
+    heartbeat_timeout: float = _f(
+        60.0,
+        "seconds without a heartbeat after which a rank counts as lost and every rank stops "
+        "with an error naming it (under torchrun, several ranks; 0: off)",
+    )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ Every layout's 10 losses match one process within 1e-4; a checkpoint saved by 2 
 processes resumes on 1 node x 4 processes and continues bitwise."""
 
 import json
+import subprocess
+import time
 
 import pytest
 
@@ -85,3 +87,69 @@ def test_checkpoint_from_two_nodes_resumes_on_one(tmp_path, one_process):
     assert "resumed from" in p.stdout and "iteration 10" in p.stdout, p.stdout[-2000:]
     assert losses(m) == whole[10:], (losses(m), whole[10:])
     assert_close(whole, one_process, 20)
+
+
+# -- a lost node ------------------------------------------------------------------------------
+
+
+def _train_until_running(c, nproc=1):
+    """Start a long DP=2 run on both nodes; return once node 1 has logged iterations."""
+    args = [*TINY, "--train-iters", "100000", "--log-interval", "20"]
+    procs = [c.launch(i, args, nproc=nproc) for i in range(2)]
+    deadline = time.time() + 120
+    while "iter     20/" not in c.log(1):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), c.tails()
+        time.sleep(0.5)
+    return procs
+
+
+def _survivor_exit(c, p, node, within):
+    t0 = time.time()
+    try:
+        code = p.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"node {node} still running {within} s after the fault\n" + c.tails())
+    took = time.time() - t0
+    errors = [ln for ln in c.log(node).splitlines() if ln.startswith("error: ")]
+    print(f"\nnode {node}: exit {code} {took:.1f} s after the fault: {errors}")
+    assert code != 0 and errors, c.tails()
+    return took, errors[0]
+
+
+def test_killed_node_is_named_at_once(tmp_path):
+    with Cluster(2, tmp_path) as c:
+        procs = _train_until_running(c)
+        c.kill_node(1)
+        took, error = _survivor_exit(c, procs[0], 0, within=120)
+    assert "lost a peer during a collective" in error or "lost rank 1" in error, error
+    assert took < 120
+
+
+def test_cut_link_stops_every_rank_within_two_minutes(tmp_path):
+    """Node 1's cable is cut: nothing is closed, so only the heartbeat (default 60 s) can
+    tell. Node 0 names the lost rank; node 1 says it lost the store."""
+    with Cluster(2, tmp_path) as c:
+        procs = _train_until_running(c)
+        c.link_down(1)
+        t0 = time.time()
+        _, error0 = _survivor_exit(c, procs[0], 0, within=120)
+        _, error1 = _survivor_exit(c, procs[1], 1, within=max(1, 120 - (time.time() - t0)))
+    assert "lost rank 1 (node 1" in error0, error0
+    assert "lost contact with the rendezvous store" in error1, error1
+
+
+def test_lost_peer_message_names_peer_and_operation():
+    from megalite.parallel.heartbeat import lost_peer_message
+
+    def finish_grad_sync():  # stands in for the waiting megalite function
+        raise RuntimeError(
+            "[../gloo/transport/tcp/pair.cc:537] Read error [10.1.2.3]:4242: Connection reset "
+            "by peer. This is typically caused by a remote worker hanging"
+        )
+
+    try:
+        finish_grad_sync()
+    except RuntimeError as e:
+        msg = lost_peer_message(e)
+    assert msg.startswith("lost a peer during a collective") and "(10.1.2.3)" in msg, msg
+    assert lost_peer_message(RuntimeError("shape mismatch")) is None

@@ -30,6 +30,7 @@ from megalite.errors import MegaliteError
 from megalite.layout import padded_vocab_size
 from megalite.model.gpt import build_model, cast_params, flops_per_token, num_parameters
 from megalite.optim import build_lr_schedule, build_optimizer
+from megalite.parallel import heartbeat
 from megalite.parallel import random as prandom
 from megalite.parallel import state
 from megalite.parallel.ddp import DistributedDataParallel, finalize_model_grads
@@ -101,6 +102,7 @@ class Run:
     best_valid: float = math.inf
     evals_without_gain: int = 0
     exit_reason: Optional[str] = None
+    heartbeat: Optional[heartbeat.Heartbeat] = None  # watches the next rank (lost nodes)
     start_time: float = field(default_factory=time.time)
     stop_flags: Optional["RankFlags"] = None  # should_exit's, made on first use
 
@@ -162,6 +164,9 @@ def setup(cfg: Config) -> Run:
     run.train_iter = batch_iterator(
         train_ds, t.micro_batch_size, run.consumed_samples, cfg.data.num_workers, vocab, st.device
     )
+    # Started last: building indices for a large corpus can hold the GIL for minutes, and a
+    # starved heartbeat would look like a lost rank.
+    run.heartbeat = heartbeat.start(st.rank, st.world_size, par.heartbeat_timeout)
     return run
 
 
@@ -468,6 +473,13 @@ def pretrain(cfg: Config) -> int:
                 return run.iteration
         save(run)
         return run.iteration
+    except RuntimeError as e:  # torch.distributed's errors: a peer that went away gets one line
+        lost = heartbeat.lost_peer_message(e)
+        if lost is None:
+            raise
+        raise MegaliteError(lost) from e
     finally:
         preemption.restore()
         run.log.close()
+        if run.heartbeat is not None:
+            run.heartbeat.stop()
