@@ -6,6 +6,17 @@
 #   NPROC=4 launch/pretrain.sh --tensor-model-parallel-size 2 ...   # 4 processes (also on CPU)
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 launch/pretrain.sh ...  # on node0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 MASTER_PORT=29500 launch/pretrain.sh ...  # on node1
+#
+# Preemption: on SIGTERM the trainer finishes its iteration, saves (with --save) and exits 0.
+# On a large model that save takes minutes, and torchrun kills its workers 30 s after it
+# forwards a signal. MEGALITE_SHUTDOWN_TIMEOUT (seconds, default 600) is how long they get:
+#   - a SIGTERM to this script (kill PID, a container stopping its PID 1) goes to the workers
+#     themselves, not through torchrun, so torchrun returns the workers' own status: 0 after a
+#     clean save. Workers still running MEGALITE_SHUTDOWN_TIMEOUT seconds later are killed.
+#   - a SIGTERM that also reaches torchrun (SLURM signals every process of the job step; so
+#     does `kill -TERM -- -PGID`): torchrun runs with --shutdown-timeout
+#     MEGALITE_SHUTDOWN_TIMEOUT, so it waits that long for the workers before SIGKILL. Having
+#     been signalled, torchrun then exits 1 even when every worker saved and exited 0.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -21,6 +32,12 @@ fi
 
 if [ "$#" -eq 0 ]; then
   exec "$PYTHON" "$here/tools/demo.py"
+fi
+
+SHUTDOWN_TIMEOUT="${MEGALITE_SHUTDOWN_TIMEOUT:-600}"
+if ! [[ "$SHUTDOWN_TIMEOUT" =~ ^[0-9]+$ ]]; then
+  echo "error: MEGALITE_SHUTDOWN_TIMEOUT must be a whole number of seconds, not '$SHUTDOWN_TIMEOUT'" >&2
+  exit 1
 fi
 
 if [ -z "${NPROC:-}" ]; then
@@ -43,4 +60,34 @@ if [ -z "${OMP_NUM_THREADS:-}" ] && ! "$PYTHON" -c 'import torch,sys; sys.exit(n
 fi
 
 cd "$here"
-exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" -m megalite.train "$@"
+# torchrun runs as a child (not exec'd) so that this script can catch SIGTERM (header).
+"$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" \
+  --shutdown-timeout "$SHUTDOWN_TIMEOUT" -m megalite.train "$@" &
+torchrun=$!
+sigterm_at=""
+forward_sigterm() {
+  sigterm_at="${sigterm_at:-$SECONDS}"
+  # torchrun's children are the workers (before it has started them: torchrun itself).
+  pkill -TERM -P "$torchrun" 2>/dev/null || kill -TERM "$torchrun" 2>/dev/null || true
+}
+trap forward_sigterm TERM
+# Ctrl-C reaches torchrun too (it is in this script's process group), and torchrun stops the
+# workers: keep waiting for it, so the shell prompt comes back once they are gone.
+trap '' INT
+
+set +e
+while :; do
+  wait "$torchrun"
+  status=$?
+  kill -0 "$torchrun" 2>/dev/null || break # torchrun exited: $status is its own
+  # `wait` returned to run the trap: the workers are saving; give them SHUTDOWN_TIMEOUT.
+  while kill -0 "$torchrun" 2>/dev/null && ((SECONDS - sigterm_at < SHUTDOWN_TIMEOUT)); do
+    sleep 1
+  done
+  if kill -0 "$torchrun" 2>/dev/null; then
+    echo "launch/pretrain.sh: workers still running ${SHUTDOWN_TIMEOUT}s after SIGTERM" \
+      "(MEGALITE_SHUTDOWN_TIMEOUT); killing them" >&2
+    pkill -KILL -P "$torchrun"
+  fi
+done
+exit "$status"

@@ -120,6 +120,7 @@ def test_resume_is_bitwise_exact(byte_corpus, tmp_path):
 
 
 def test_sigterm_saves_at_iteration_end_and_exits_zero(byte_corpus, tmp_path):
+    """One process, no torchrun; through launch/pretrain.sh with 2: tests/test_launch.py."""
     ck, m = str(tmp_path / "ck"), tmp_path / "m.jsonl"
     cmd = [
         sys.executable,

@@ -16,8 +16,8 @@ Memory per param with bf16 params: 2 (param) + 4 (grad) + 12 / DP (main, m, v).
 
 Checkpoints: each DP rank saves its own pieces (`sharded_state_dict`), keyed by parameter name
 and element range. On load, a rank whose layout is unchanged reads only its own file; under
-another DP size (or bucket size) each rank reads every shard file of its stage and cuts out its
-new ranges (MixedPrecisionOptimizer.load_state_dict).
+another DP size (or bucket size) each rank opens every shard file of its stage, memory-mapped,
+and copies out only its new ranges (MixedPrecisionOptimizer.load_state_dict).
 """
 
 from __future__ import annotations
@@ -55,5 +55,6 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         self.ddp.start_param_sync(overlap=False)
 
     def sharded_state_dict(self):
-        """This DP rank's pieces (what it alone owns), for its own checkpoint file."""
+        """This DP rank's pieces (what it alone owns), for its own checkpoint file: views of
+        the live state, which save_checkpoint moves to the host as it writes."""
         return self._pieces_state()

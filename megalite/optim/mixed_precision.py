@@ -20,8 +20,6 @@ so a checkpoint loads under another DP size, bucket size or optimizer kind.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megalite.errors import MegaliteError
@@ -165,27 +163,42 @@ class MixedPrecisionOptimizer:
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Check, clip and apply one AdamW step. Returns (stepped, grad_norm): stepped is False
-        when a grad held inf/nan (every rank decides alike: the norm is global); then nothing
-        changed and, with fp16, the loss scale was updated."""
+        """Check, clip and apply one AdamW step. Returns (stepped, grad_norm) as 0-dim tensors
+        on the device (bool; fp32, the norm of the unscaled grads): stepped is False when a
+        grad held inf/nan (every rank decides alike: the norm is global); then nothing changed
+        and, with fp16, the loss scale was updated.
+
+        Nothing is read back to the host without a loss scaler: the norm, the inf/nan flag and
+        the grad scale (loss scale / clip coefficient) are computed on the device and handed to
+        the fused kernel there, which skips the whole update when the flag is set. Then a
+        non-finite norm is divergence: the params stay as they were, step_count still counts
+        the step (its state is never saved: the loop raises "training diverged" when it next
+        reads the step's stats, before any save). With fp16's dynamic loss scaler skipped
+        steps are routine, and the next step's bias correction needs the number of steps
+        taken: one read of the flag per step, after the update has been launched."""
         scale = self.loss_scale
-        norm = self.grad_norm().item() / scale
-        found_inf = not math.isfinite(norm)
-        if not found_inf:
-            self._adamw(grad_scale=scale / clip_coefficient(norm, self.clip_grad))
+        norm = self.grad_norm() / scale
+        found_inf = ~torch.isfinite(norm)
+        self._adamw(grad_scale=scale / clip_coefficient(norm, self.clip_grad), found_inf=found_inf)
         if self.scaler is not None:
-            self.scaler.update(found_inf)
-        if found_inf:
-            return False, norm
+            skipped = bool(found_inf)  # fp16: the one host read of a step
+            self.scaler.update(skipped)
+            if skipped:
+                return ~found_inf, norm
         self.step_count += 1
         self._after_step()
-        return True, norm
+        return ~found_inf, norm
 
-    def _adamw(self, grad_scale) -> None:
+    def _adamw(self, grad_scale, found_inf=None) -> None:
         """One fused kernel call per kind of piece (with or without a low-precision copy).
-        The caller has checked the global grad norm, which is finite only if every grad is
-        (a grad a rank leaves out of the norm, such as a TP-replicated one, is an all-reduced
-        copy of one that counts), so the kernel skips its own read-only check of the grads."""
+        grad_scale: a float or a 1-element device tensor; found_inf: the device flag "the
+        global grad norm is not finite", which is set if any grad is (a grad a rank leaves out
+        of the norm, such as a TP-replicated one, is an all-reduced copy of one that counts),
+        so the kernel skips its own read-only check of the grads."""
+        if isinstance(grad_scale, torch.Tensor):
+            grad_scale = grad_scale.reshape(1)
+        if found_inf is not None:
+            found_inf = found_inf.reshape(1)
         step = float(self.step_count + 1)
         for pcs, tensors in self._kinds:
             groups = [self.param_groups[pc.group] for pc in pcs]  # lr changes every step
@@ -199,6 +212,7 @@ class MixedPrecisionOptimizer:
                 step=[step] * len(pcs),
                 grad_scale=grad_scale,
                 check_finite=False,
+                found_inf=found_inf,
             )
 
     def _after_step(self):
@@ -209,18 +223,15 @@ class MixedPrecisionOptimizer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _pieces_state(self):
-        """{name: [(start, end, numel, main, exp_avg, exp_avg_sq)]} of this rank's pieces."""
+        """{name: [(start, end, numel, main, exp_avg, exp_avg_sq)]} of this rank's pieces.
+
+        The tensors are views of the live state, as in torch.optim's state_dict: a copy here
+        would double the state on its device (12 bytes per param at once). save_checkpoint
+        moves them to the host chunk by chunk as it writes (checkpoint.to_host)."""
         out = {}
         for pc in self.pieces:
             out.setdefault(pc.name, []).append(
-                (
-                    pc.start,
-                    pc.end,
-                    pc.param.numel(),
-                    pc.main.detach().clone(),
-                    pc.exp_avg.clone(),
-                    pc.exp_avg_sq.clone(),
-                )
+                (pc.start, pc.end, pc.param.numel(), pc.main, pc.exp_avg, pc.exp_avg_sq)
             )
         return out
 
@@ -263,7 +274,8 @@ class MixedPrecisionOptimizer:
                 )
             saved_dp = int(sd["data_parallel_size"])
             # Same DP size (and bucket layout): my own file covers my pieces. Otherwise
-            # re-shard: read every DP rank's file of this stage and cut out my ranges.
+            # re-shard: open every DP rank's file of this stage and cut out my ranges (the
+            # files are memory-mapped, so only the pages of those ranges are read).
             mine = state.get().dp_rank if saved_dp == state.get().dp else None
             if mine is None or not self._load_pieces([read_shard(mine)], partial_ok=True):
                 self._load_pieces([read_shard(r) for r in range(saved_dp)])

@@ -17,6 +17,11 @@ tool can rebuild the full tensor (`load_full_model_state`) and re-split it for a
 `save_checkpoint` and `load_checkpoint` are mirror images: what one writes (weights of this
 rank's model chunks, the optimizer's state with its loss scaler, RNG states, the iteration and
 consumed samples) the other puts back. The formats are in docs/ARCHITECTURE.md.
+
+Memory: a save takes no memory on the state's device (`to_host`: GPU tensors go to the host in
+chunks through one pinned buffer; CPU tensors are written in place). A load memory-maps each
+file on the CPU (`_load`), so a rank reads from disk only the bytes it copies into its own
+state.
 """
 
 from __future__ import annotations
@@ -71,7 +76,62 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+# -- tensors to the host, with no copy on their device ------------------------------------------
+
+STAGING_BYTES = 64 << 20  # the most of a GPU tensor copied at once
+_staging = None  # the pinned buffer those copies go through: made on the first GPU save, reused
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a CPU tensor of its own bytes for torch.save, taking no memory on t's device.
+
+    CUDA: copied in STAGING_BYTES chunks into one pinned buffer and from it into a pageable
+    host tensor. A clone on the GPU would add the whole state at once (12 bytes per param for
+    the main params and moments); pinning the destination would lock the state's size of host
+    memory; copying straight into pageable memory runs well below the PCIe bandwidth.
+    CPU: no copy. Saving the live tensor is safe because save_checkpoint writes the file before
+    the training loop takes its next step. Only the storage is narrowed to the tensor's own
+    bytes (sharing them): torch.save writes a view's whole storage, so a piece of a flat buffer
+    (a ZeRO-1 shard's fp32 main params are views into the whole param buffer) would otherwise
+    put the whole buffer into every file that holds a piece of it.
+    """
+    global _staging
+    t = t.detach().contiguous()  # the saved state is contiguous: this copies nothing
+    nbytes = t.numel() * t.element_size()
+    if t.device.type == "cpu":
+        start = t.storage_offset() * t.element_size()
+        if start == 0 and t.untyped_storage().nbytes() == nbytes:
+            return t
+        own = t.untyped_storage()[start : start + nbytes]  # a storage over the same memory
+        return torch.empty(0, dtype=t.dtype).set_(own, 0, t.shape)
+    if _staging is None or _staging.numel() < STAGING_BYTES:
+        _staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+    host = torch.empty(t.shape, dtype=t.dtype)
+    src, dst = t.view(-1).view(torch.uint8), host.view(-1).view(torch.uint8)
+    for at in range(0, nbytes, STAGING_BYTES):
+        n = min(STAGING_BYTES, nbytes - at)
+        _staging[:n].copy_(src[at : at + n])  # blocking: the bytes are on the host on return
+        dst[at : at + n].copy_(_staging[:n])
+    return host
+
+
+def _on_host(obj):
+    """obj (dicts, lists and tuples of tensors and plain values) with every tensor to_host."""
+    if isinstance(obj, torch.Tensor):
+        return to_host(obj)
+    if isinstance(obj, dict):
+        return {k: _on_host(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_on_host(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_on_host(v) for v in obj)
+    return obj
+
+
 def _torch_save_fsync(obj, path):
+    """Every checkpoint file is written here, its tensors first moved to the host (so no
+    tensor in a file can come from anywhere else)."""
+    obj = _on_host(obj)
     with open(path, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
@@ -245,19 +305,30 @@ def optimizer_shard_reader(root, iteration):
         path = os.path.join(
             iter_dir(root, iteration), optim_shard_name(st.tp_rank, st.pp_rank, dp_rank)
         )
-        return _load(path, "the distributed optimizer's shard", " (or resume with --no-load-optim)")
+        # weights_only: a shard holds only tensors, tuples and ints (the mp_rank file also
+        # holds numpy's RNG state, which weights_only refuses).
+        return _load(
+            path,
+            "the distributed optimizer's shard",
+            " (or resume with --no-load-optim)",
+            weights_only=True,
+        )
 
     return read
 
 
-def _load(path, what, hint=""):
+def _load(path, what, hint="", weights_only=False):
     if not os.path.exists(path):
         raise MegaliteError(
             f"{what} {path} is missing; the checkpoint is incomplete: point "
             f"{LATEST} at an earlier iteration{hint}"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # Memory-mapped (torch.save's zip format allows it): nothing is read until a tensor is
+        # used, so a rank pages in only what it copies into its own state, such as its slices of
+        # other DP ranks' optimizer shards when the DP size changed. On the CPU, so no tensor
+        # lands on a GPU before it is copied into place.
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
     except Exception as e:  # a truncated or overwritten file surfaces as many error types
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MegaliteError(
