@@ -241,6 +241,11 @@ class CheckpointConfig:
     keep_last: Optional[int] = _f(None, "keep only the newest N checkpoints")
     no_load_optim: bool = _f(False, "load weights only (fresh optimizer and scheduler)")
     no_load_rng: bool = _f(False, "do not restore RNG states")
+    save_failure: Literal["stop", "continue"] = _f(
+        "stop",
+        "when a checkpoint cannot be written (a full disk): stop with the error, or warn and "
+        "keep training (the next save tries again); the previous checkpoint stays intact",
+    )
 
 
 @dataclass(frozen=True)

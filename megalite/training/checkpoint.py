@@ -7,9 +7,15 @@
                                                       own shard of main params and moments
     {dir}/latest_checkpointed_iteration.txt           written last
 
-Every rank writes into `iter_0000200.tmp`; after a barrier rank 0 renames it to
-`iter_0000200` and then replaces the `latest` file (temporary name, fsync, rename). A crash at
-any point leaves the previous latest checkpoint untouched and pointed to.
+Every rank writes into `iter_0000200.tmp`; once every rank has written its files (all-reduced:
+a rank that failed, say on a full disk, fails the save on every rank, and the partial directory
+is deleted), rank 0 renames it to `iter_0000200` and then replaces the `latest` file
+(temporary name, fsync, rename). A crash at any point, kill -9 included, leaves `latest`
+pointing to a complete checkpoint: it is replaced only after the directory it names is
+complete, and every directory that is not yet (or no longer) complete has a `.tmp` name.
+Re-saving an iteration moves the old directory aside (`iter_0000200.old.tmp`) before the new
+one takes its name; `recover` (rank 0, at every save and load) puts it back if a crash fell
+between the two renames, and deletes the leftovers of crashed saves.
 
 Each shard stores, per tensor, the dim and stride along which it is split over TP ranks, so a
 tool can rebuild the full tensor (`load_full_model_state`) and re-split it for another layout.
@@ -57,6 +63,56 @@ def optim_shard_name(tp_rank, pp_rank, dp_rank):
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def _on_every_rank(value: float, op) -> float:
+    """`value` reduced over all ranks with `op` (a dist.ReduceOp); itself in one process."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=state.get().device)
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+class SaveFailed(MegaliteError):
+    """A checkpoint could not be written (a full disk, a quota, a vanished directory); the
+    previous checkpoint is intact and `latest` still names it."""
+
+
+def recover(root) -> None:
+    """Undo what a crash in the middle of a save left behind (rank 0 alone, before a barrier):
+    an old directory moved aside for a re-save goes back if its replacement never arrived;
+    partial saves (`iter_*.tmp`), directories being deleted and a half-written `latest` go."""
+    if not os.path.isdir(root):
+        return
+    try:
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if name.endswith(".old.tmp"):
+                final = path[: -len(".old.tmp")]
+                if os.path.isdir(final):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.replace(path, final)
+            elif name.endswith(".tmp"):
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+        _fsync_dir(root)
+    except OSError:  # a read-only --load (someone else's checkpoint): nothing to tidy there
+        pass
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in obj (what writing it will take, give or take the pickle)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def _fsync_write(path, data: bytes):
@@ -159,58 +215,102 @@ def _load_model_state(chunks, saved: dict, where: str) -> None:
 
 
 def save_checkpoint(cfg, iteration, consumed_samples, chunks, optimizer) -> str:
-    """Write iteration `iteration` under --save (every rank calls it); returns its directory."""
+    """Write iteration `iteration` under --save (every rank calls it); returns its directory.
+    Raises SaveFailed (on every rank alike) when any rank could not write its files."""
     st, root = state.get(), cfg.checkpoint.save
     final = iter_dir(root, iteration)
     tmp = final + ".tmp"
     if st.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
+        os.makedirs(root, exist_ok=True)
+        recover(root)  # also removes a crashed earlier attempt at this very iteration
         os.makedirs(tmp)
     _barrier()
+    files = []  # (path, object) this rank writes
     if st.dp_rank == 0:
-        _torch_save_fsync(
-            {
-                "iteration": iteration,
-                "consumed_samples": consumed_samples,
-                "model": model_state_dict(chunks),
-                "partition": {
-                    n: tag_of(p).partition for c in chunks for n, p in c.named_parameters()
-                },
-                "optimizer": optimizer.state_dict(),
-                "rng": prandom.get_rng_state(),
-            },
-            os.path.join(tmp, shard_name(st.tp_rank, st.pp_rank)),
-        )
+        shard = {
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "model": model_state_dict(chunks),
+            "partition": {n: tag_of(p).partition for c in chunks for n, p in c.named_parameters()},
+            "optimizer": optimizer.state_dict(),
+            "rng": prandom.get_rng_state(),
+        }
+        files.append((os.path.join(tmp, shard_name(st.tp_rank, st.pp_rank)), shard))
     if optimizer.sharded:
         # ZeRO-1: no rank holds the whole optimizer state; each saves the pieces it owns
         # (keyed by parameter name and element range, so they can be re-cut on load).
-        _torch_save_fsync(
-            optimizer.sharded_state_dict(),
-            os.path.join(tmp, optim_shard_name(st.tp_rank, st.pp_rank, st.dp_rank)),
-        )
+        name = optim_shard_name(st.tp_rank, st.pp_rank, st.dp_rank)
+        files.append((os.path.join(tmp, name), optimizer.sharded_state_dict()))
+    failure = None
+    try:
+        for path, obj in files:
+            _torch_save_fsync(obj, path)
+        if st.rank == 0:
+            meta = {
+                "iteration": iteration,
+                "consumed_samples": consumed_samples,
+                "tensor_model_parallel_size": st.tp,
+                "pipeline_model_parallel_size": st.pp,
+                "data_parallel_size": st.dp,
+                "config": cfg.to_dict(),
+            }
+            _fsync_write(os.path.join(tmp, "metadata.json"), json.dumps(meta, indent=1).encode())
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        failure = e
+    _check_written(failure, root, tmp, iteration, sum(_nbytes(o) for _, o in files))
     if st.rank == 0:
-        meta = {
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "tensor_model_parallel_size": st.tp,
-            "pipeline_model_parallel_size": st.pp,
-            "data_parallel_size": st.dp,
-            "config": cfg.to_dict(),
-        }
-        _fsync_write(os.path.join(tmp, "metadata.json"), json.dumps(meta, indent=1).encode())
-    _barrier()
-    if st.rank == 0:
-        if os.path.exists(final):  # the same iteration saved again (after a resume)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _fsync_write(os.path.join(root, LATEST), f"{iteration}\n".encode())
-        _fsync_dir(root)
-        if cfg.checkpoint.keep_last:
-            for old in list_iterations(root)[: -cfg.checkpoint.keep_last]:
-                shutil.rmtree(iter_dir(root, old), ignore_errors=True)
-    _barrier()
+        try:
+            _publish(root, tmp, final, iteration, cfg.checkpoint.keep_last)
+        except OSError as e:
+            failure = e
+    _check_written(failure, root, tmp, iteration, 0)
     return final
+
+
+def _check_written(failure, root, tmp, iteration, my_bytes) -> None:
+    """Collective: if any rank's writes failed, delete the partial directory (freeing what it
+    took) and raise SaveFailed on every rank, with the size the whole checkpoint needs."""
+    if _on_every_rank(failure is not None, dist.ReduceOp.MAX) == 0:
+        return
+    needed = _on_every_rank(my_bytes, dist.ReduceOp.SUM)
+    if state.get().rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        recover(root)  # a re-saved iteration moved aside goes back
+    _barrier()
+    prev = latest_iteration(root) if os.path.exists(os.path.join(root, LATEST)) else None
+    kept = f"{iter_dir(root, prev)} is intact" if prev is not None else "no earlier checkpoint"
+    if failure is None:
+        what = "another rank could not write its part"
+    else:
+        where = getattr(failure, "filename", None) or tmp
+        reason = getattr(failure, "strerror", None) or str(failure).splitlines()[0][:160]
+        what = f"writing {where} failed: {reason}"
+    free = shutil.disk_usage(root).free if os.path.isdir(root) else 0
+    raise SaveFailed(
+        f"checkpoint of iteration {iteration} not saved: {what} (the checkpoint needs about "
+        f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free under {root}); {kept}; "
+        f"free space or point --save elsewhere (--save-failure continue keeps training)"
+    )
+
+
+def _publish(root, tmp, final, iteration, keep_last) -> None:
+    """Rank 0: the complete `tmp` becomes `final`, then `latest` names it. An iteration saved
+    again (a run resumed from elsewhere into this directory) moves the old one aside first,
+    so a crash between the renames leaves it for `recover` to put back."""
+    if os.path.exists(final):
+        os.replace(final, final + ".old.tmp")
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _fsync_write(os.path.join(root, LATEST), f"{iteration}\n".encode())
+    _fsync_dir(root)
+    shutil.rmtree(final + ".old.tmp", ignore_errors=True)
+    if keep_last:
+        for old in list_iterations(root)[:-keep_last]:
+            # renamed before deleting: a crash mid-delete leaves a .tmp for recover, never a
+            # half-deleted iter_* directory
+            doomed = iter_dir(root, old) + ".del.tmp"
+            os.replace(iter_dir(root, old), doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(cfg, chunks, optimizer):
@@ -219,6 +319,9 @@ def load_checkpoint(cfg, chunks, optimizer):
     --no-load-rng. Returns (iteration, consumed_samples, directory), or None when --load holds
     no checkpoint yet and is also --save (a fresh start that will save there)."""
     st, ck = state.get(), cfg.checkpoint
+    if st.rank == 0:
+        recover(ck.load)
+    _barrier()
     it = latest_iteration(ck.load) if os.path.isdir(ck.load) else None
     if it is None:
         if ck.load != ck.save:

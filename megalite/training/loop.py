@@ -358,10 +358,16 @@ def save(run: Run) -> None:
     run.ddp.finish_param_sync()
     read_window(run)  # a diverged run stops here, with its one-line error, and is never saved
     if run.cfg.checkpoint.save and run.last_saved != run.iteration:
+        try:
+            where = ckpt.save_checkpoint(
+                run.cfg, run.iteration, run.consumed_samples, run.chunks, run.optimizer
+            )
+        except ckpt.SaveFailed as e:
+            if run.cfg.checkpoint.save_failure == "stop":
+                raise
+            run.log.print(f"warning: {e}; training goes on (--save-failure continue)")
+            return
         run.last_saved = run.iteration
-        where = ckpt.save_checkpoint(
-            run.cfg, run.iteration, run.consumed_samples, run.chunks, run.optimizer
-        )
         run.log.print(f"saved checkpoint {where}")
 
 
