@@ -187,6 +187,22 @@ class TrainingConfig:
     )
     exit_interval: Optional[int] = _f(None, "save and exit when the iteration is a multiple of N")
     exit_duration_in_mins: Optional[float] = _f(None, "save and exit after this many minutes")
+    skip_spike_factor: Optional[float] = _f(
+        None,
+        "skip an update whose global grad norm exceeds this many times the median of the "
+        "last --skip-spike-window accepted norms (logged, counted as skipped_spikes; off)",
+    )
+    skip_spike_window: int = _f(
+        100,
+        "--skip-spike-factor: accepted grad norms in the running median (no skip before "
+        "min(10, N) are in)",
+    )
+    rollback_on_nan: int = _f(
+        0,
+        "fp32/bf16: on a non-finite loss or grad norm reload the last checkpoint in --save, "
+        "skip the data from it up to the failed iteration and go on, at most this many times "
+        "(0: stop with the error)",
+    )
     device: Optional[Literal["cpu", "cuda"]] = _f(None, "device (default: cuda if available)")
     debug: bool = _f(False, "show full tracebacks for errors")
 
@@ -413,7 +429,29 @@ def _check(cfg: Config) -> None:
         raise MegaliteError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
     if cfg.checkpoint.save_interval is not None and not cfg.checkpoint.save:
         raise MegaliteError("--save-interval needs --save DIR")
+    _check_fault_handling(t, cfg.checkpoint)
     _check_layout(cfg)
+
+
+def _check_fault_handling(t: TrainingConfig, ck: CheckpointConfig) -> None:
+    """--skip-spike-factor and --rollback-on-nan."""
+    if t.skip_spike_factor is not None and not t.skip_spike_factor > 1:
+        raise MegaliteError(
+            f"--skip-spike-factor must be above 1 (it multiplies the running median of the "
+            f"grad norm), got {t.skip_spike_factor}"
+        )
+    _positive("skip_spike_window", t.skip_spike_window)
+    if t.rollback_on_nan < 0:
+        raise MegaliteError(f"--rollback-on-nan must be >= 0, got {t.rollback_on_nan}")
+    if t.rollback_on_nan and not ck.save:
+        raise MegaliteError(
+            "--rollback-on-nan needs --save DIR: it reloads the last checkpoint saved there"
+        )
+    if t.rollback_on_nan and t.fp16:
+        raise MegaliteError(
+            "--rollback-on-nan is for fp32 and bf16; with --fp16 the loss scaler skips "
+            "non-finite steps: drop one of them"
+        )
 
 
 def _check_layout(cfg: Config) -> None:

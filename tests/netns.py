@@ -60,6 +60,27 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+def worker_pids(launcher: int) -> list[int]:
+    """PIDs of the training processes (`-m megalite.train` under torchrun) below `launcher`."""
+    return [d for d in _descendants(launcher) if b"megalite.train" in _cmdline(d)
+            and b"torch.distributed.run" not in _cmdline(d)]  # fmt: skip
+
+
+def kill_launch(p: subprocess.Popen) -> None:
+    """SIGKILL a launcher and everything under it: torchrun starts each worker in a session
+    of its own, so the launcher's process group alone would miss them."""
+    if p.poll() is None:
+        for pid in [*_descendants(p.pid), p.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def _ip(*args, check=True):
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
@@ -110,25 +131,10 @@ class Cluster:
 
     def _teardown(self):
         for _, p in self.procs:
-            self._kill_group(p)
+            kill_launch(p)
         for ns in reversed(self._created):
             _ip("netns", "del", ns, check=False)
         self._created.clear()
-
-    @staticmethod
-    def _kill_group(p: subprocess.Popen):
-        """SIGKILL the launcher and everything under it: torchrun starts each worker in a
-        session of its own, so the launcher's process group alone would miss them."""
-        if p.poll() is None:
-            for pid in [*_descendants(p.pid), p.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
 
     # -- running --------------------------------------------------------------------------
     def launch(self, node: int, args, nproc: int = 1, env=None, ifname="eth0"):
@@ -175,7 +181,7 @@ class Cluster:
                 codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
             except subprocess.TimeoutExpired:
                 for q in procs:
-                    self._kill_group(q)
+                    kill_launch(q)
                 pytest.fail(f"nodes still running after {timeout} s\n" + self.tails())
         return codes
 
@@ -189,16 +195,11 @@ class Cluster:
         """SIGKILL every process of `node` (its launcher, torchrun and the workers)."""
         for i, p in self.procs:
             if i == node:
-                self._kill_group(p)
+                kill_launch(p)
 
     def workers(self, node: int) -> list[int]:
         """PIDs of node's training processes (`-m megalite.train` under its torchrun)."""
-        out = []
-        for i, p in self.procs:
-            if i == node:
-                out += [d for d in _descendants(p.pid) if b"megalite.train" in _cmdline(d)
-                        and b"torch.distributed.run" not in _cmdline(d)]  # fmt: skip
-        return out
+        return [pid for i, p in self.procs if i == node for pid in worker_pids(p.pid)]
 
     def link_down(self, node: int) -> None:
         _ip("-n", self.names[node], "link", "set", "eth0", "down")

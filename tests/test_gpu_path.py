@@ -6,7 +6,8 @@
   synchronisation (two gloo ranks).
 - Host reads per step: none on iterations that do not log, one on those that do (a read is any
   Tensor.item/tolist/__bool__/__float__/__int__), counted over train_step, maybe_log and
-  should_exit; fp16 reads its skip flag once per step. Divergence is still one line, raised at
+  should_exit, also with the grad-norm spike skip on (--skip-spike-factor, judged on the
+  device); fp16 reads its skip flags once per step. Divergence is still one line, raised at
   the next read, naming the iteration, and never saved. On a GPU the same run goes under
   torch.cuda.set_sync_debug_mode("error").
 """
@@ -230,7 +231,14 @@ def preemption():
     p.restore()
 
 
-@pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32", "bf16"])
+# the spike filter judges from iteration 5 on (a window of 4 norms)
+SPIKE_SKIP = ["--skip-spike-factor", "3", "--skip-spike-window", "4"]
+PRECISIONS = pytest.mark.parametrize(
+    "precision", [[], ["--bf16"], ["--bf16", *SPIKE_SKIP]], ids=["fp32", "bf16", "bf16-spike-skip"]
+)
+
+
+@PRECISIONS
 def test_no_host_read_between_log_iterations_and_one_on_them(tmp_path, monkeypatch, precision,
                                                              preemption):  # fmt: skip
     run = tiny_run(tmp_path, *precision)
@@ -242,10 +250,13 @@ def test_no_host_read_between_log_iterations_and_one_on_them(tmp_path, monkeypat
         per_iteration.append(reads.count - before)
     assert per_iteration == [0, 0, 0, 1, 0, 0, 0, 1]  # --log-interval 4
     assert run.optimizer.step_count == 8
+    if SPIKE_SKIP[0] in precision:  # it did judge: iterations 5-8, with 4 norms and more
+        assert int(run.optimizer.spike_filter.count) + run.spikes_total == 8
 
 
-def test_fp16_reads_its_skip_flag_once_per_step(tmp_path, monkeypatch, preemption):
-    run = tiny_run(tmp_path, "--fp16", "--initial-loss-scale", "1024")
+@pytest.mark.parametrize("spike_skip", [[], SPIKE_SKIP], ids=["", "spike-skip"])
+def test_fp16_reads_its_skip_flag_once_per_step(tmp_path, monkeypatch, preemption, spike_skip):
+    run = tiny_run(tmp_path, "--fp16", "--initial-loss-scale", "1024", *spike_skip)
     reads = HostReads(monkeypatch)
     per_iteration = []
     for _ in range(4):
@@ -311,7 +322,7 @@ def test_a_diverged_state_is_never_saved(tmp_path, monkeypatch, preemption):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32", "bf16"])
+@PRECISIONS
 def test_gpu_steps_do_not_synchronise(tmp_path, monkeypatch, precision, preemption):
     """Under sync debug mode "error" any synchronising CUDA call (a .item(), a blocking copy,
     a boolean-mask index, torch.cuda.synchronize) raises, over iterations that do not log. The

@@ -1,9 +1,15 @@
 """Multi-node runs (issue 13): "nodes" are network namespaces on one machine (tests/netns.py),
 each running `launch/pretrain.sh` with NNODES / NODE_RANK / MASTER_ADDR as on real machines.
 Every layout's 10 losses match one process within 1e-4; a checkpoint saved by 2 nodes x 2
-processes resumes on 1 node x 4 processes and continues bitwise."""
+processes resumes on 1 node x 4 processes and continues bitwise; the launcher picks each node's
+interface to MASTER_ADDR by itself; with MAX_RESTARTS a worker killed on one node restarts both
+nodes, which resume from the last checkpoint bitwise (the restart helpers here are also those
+of tests/test_restart.py, the one-node case)."""
 
 import json
+import os
+import re
+import signal
 import subprocess
 import time
 
@@ -87,6 +93,99 @@ def test_checkpoint_from_two_nodes_resumes_on_one(tmp_path, one_process):
     assert "resumed from" in p.stdout and "iteration 10" in p.stdout, p.stdout[-2000:]
     assert losses(m) == whole[10:], (losses(m), whole[10:])
     assert_close(whole, one_process, 20)
+
+
+def test_launcher_picks_each_nodes_interface(tmp_path, one_process):
+    """GLOO_SOCKET_IFNAME unset: node 1 routes to MASTER_ADDR through eth0, node 0 holds
+    MASTER_ADDR on eth0 (its route is `lo`); both print the choice and train as usual."""
+    got, logs = run_nodes(tmp_path, 2, 1, ["--train-iters", "10"], ifname=None)
+    for log in logs:
+        assert "launch/pretrain.sh: GLOO_SOCKET_IFNAME=eth0 " in log, log[-2000:]
+    assert_close(got, one_process, 10)
+
+
+# -- restarts (MAX_RESTARTS) ------------------------------------------------------------------
+
+RESTART_ARGS = [*TINY, "--train-iters", "20"]
+KILL_AFTER = 7  # iterations logged before a worker is killed
+
+
+def resumable(ck: str) -> list:
+    """A checkpoint every 3 iterations, --save = --load: a restarted group resumes."""
+    return ["--save", ck, "--load", ck, "--save-interval", "3"]
+
+
+def records(path) -> list:
+    """Every loss record of a metrics file, in order (each attempt of a run appends)."""
+    try:
+        with open(path) as fh:
+            return [r for r in map(json.loads, fh) if "loss" in r]
+    except FileNotFoundError:
+        return []
+
+
+def attempts(path) -> list:
+    """The records split into attempts: a new one starts where the iteration goes back."""
+    runs = []
+    for r in records(path):
+        if not runs or r["iteration"] <= runs[-1][-1]["iteration"]:
+            runs.append([])
+        runs[-1].append(r)
+    return runs
+
+
+def wait_for_records(path, n, running, timeout=120):
+    """Return once `path` holds n records; fail if `running()` turns False or time runs out."""
+    deadline = time.time() + timeout
+    while len(records(path)) < n:
+        assert running() and time.time() < deadline, f"no {n} records in {timeout} s"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: RESTART_ARGS on one node, 2 processes (DP=2), never interrupted."""
+    m = tmp_path_factory.mktemp("uninterrupted") / "m.jsonl"
+    p = run_cli([*trainer(2), *RESTART_ARGS, "--metrics-file", str(m)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {r["iteration"]: r for r in records(m)}
+
+
+def assert_resumed_bitwise(metrics, log, reference):
+    """Two attempts: the first killed after KILL_AFTER iterations, the second resumed from
+    the last checkpoint (the log's resume line) and finished; every record equals the
+    uninterrupted run's, bitwise (CPU)."""
+    runs = attempts(metrics)
+    assert len(runs) == 2, [[r["iteration"] for r in run] for run in runs]
+    first, second = runs
+    resumed = re.search(r"resumed from \S+ \(iteration (\d+),", log)
+    assert resumed, log[-3000:]
+    at = int(resumed.group(1))
+    # The checkpoint every 3 iterations: at least the one of iteration 6 was complete when
+    # iteration 7 was logged, and none is newer than the first attempt's last iteration.
+    assert at % 3 == 0 and KILL_AFTER - 1 <= at <= first[-1]["iteration"], (at, first[-1])
+    assert [r["iteration"] for r in first] == list(range(1, len(first) + 1))
+    assert [r["iteration"] for r in second] == list(range(at + 1, 21))
+    for r in first + second:
+        for key in ("loss", "grad_norm"):
+            want = reference[r["iteration"]][key]
+            assert r[key] == want, (r["iteration"], key, r[key], want)
+
+
+def test_killed_worker_restarts_both_nodes_and_resumes_bitwise(tmp_path, uninterrupted):
+    """MAX_RESTARTS=1, 1 process per node (DP=2): node 1's worker is SIGKILLed; both nodes'
+    torchruns restart their groups, which resume from the last checkpoint and finish."""
+    m, ck = tmp_path / "m.jsonl", str(tmp_path / "ck")
+    args = [*RESTART_ARGS, *resumable(ck), "--metrics-file", str(m)]
+    with Cluster(2, tmp_path) as c:
+        procs = [c.launch(i, args, env={"MAX_RESTARTS": "1"}) for i in range(2)]
+        wait_for_records(m, KILL_AFTER, lambda: all(p.poll() is None for p in procs))
+        (worker,) = c.workers(1)
+        os.kill(worker, signal.SIGKILL)
+        codes = c.wait(procs, timeout=180)
+        assert codes == [0, 0], c.tails()
+        logs = c.log(0) + c.log(1)
+    assert_resumed_bitwise(m, logs, uninterrupted)
 
 
 # -- a lost node ------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ DP and, with this optimizer, reduce-scatters them so each rank receives exactly 
 summed). A step:
 
   1. the global grad norm over the shards (each shard counts once; summed over all ranks),
+     which is also the inf/nan and spike check of MixedPrecisionOptimizer.step: global,
+     so every rank skips a step alike,
   2. one fused AdamW pass over my shard: fp32 main params and moments updated, the new values
      written straight into my shard of the flat param buffer (in the model's dtype),
   3. one all-gather per bucket rebuilds every param in place from the DP ranks' shards; with

@@ -89,3 +89,65 @@ def clip_coefficient(total_norm, max_norm: float):
     if isinstance(total_norm, torch.Tensor):
         return (max_norm / (total_norm + 1e-6)).clamp_(max=1.0)
     return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+class SpikeFilter:
+    """--skip-spike-factor: flags a step whose global grad norm exceeds `factor` x the median
+    of the last `window` accepted norms, on the device (no host read).
+
+    A spike is a finite norm over the threshold; an inf/nan norm is the caller's found_inf,
+    not a spike. Neither enters the history, so one spike cannot raise the median for the next
+    one. No decision is made until min(10, window) norms are in it. Every rank holds the same
+    history and decides alike, because the norm it is fed is global (TP, PP and DP).
+
+    State: `history`, a ring of accepted norms (+inf in slots never written: they sort last),
+    `count` (norms written; the next goes to slot count % window) and `skipped` (spikes so
+    far), all on the device and saved with the optimizer."""
+
+    MIN_NORMS = 10
+
+    def __init__(self, factor: float, window: int, device):
+        self.factor, self.window = float(factor), int(window)
+        self.min_norms = min(self.MIN_NORMS, self.window)
+        self.history = torch.full((self.window,), float("inf"), device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+        self._slots = torch.arange(self.window, device=device)
+
+    def median(self) -> torch.Tensor:
+        """The lower median of the accepted norms (+inf while there are none). Sort and
+        gather: neither reads back to the host (a boolean index or nanmedian could)."""
+        filled = self.count.clamp(max=self.window)
+        k = ((filled - 1).clamp(min=0) // 2).reshape(1)
+        return torch.sort(self.history).values.gather(0, k).reshape(())
+
+    def __call__(self, norm: torch.Tensor) -> torch.Tensor:
+        """Whether `norm` (a 0-dim fp32 device tensor) is a spike, as a 0-dim bool tensor; a
+        finite norm that is not one joins the history."""
+        finite = torch.isfinite(norm)
+        decided = self.count >= self.min_norms
+        spike = decided & finite & (norm > self.factor * self.median())
+        accepted = finite & ~spike
+        slot = (self._slots == self.count % self.window) & accepted
+        self.history.copy_(torch.where(slot, norm.to(self.history.dtype), self.history))
+        self.count += accepted.long()
+        self.skipped += spike.long()
+        return spike
+
+    def state_dict(self) -> dict:
+        """Views of the live state (save_checkpoint moves them to the host as it writes)."""
+        return {"history": self.history, "count": self.count, "skipped": self.skipped}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        """What state_dict() saved, possibly with another window: the newest accepted norms
+        that fit, oldest first from slot 0."""
+        history, count = sd["history"].float().cpu(), int(sd["count"])
+        saved_window = history.numel()
+        if count > saved_window:  # the ring wrapped: the oldest norm is at slot count % window
+            history = torch.roll(history, -(count % saved_window))
+        newest = history[: min(count, saved_window)][-self.window :]
+        self.history.fill_(float("inf"))
+        self.history[: newest.numel()].copy_(newest)
+        self.count.fill_(newest.numel())
+        self.skipped.fill_(int(sd["skipped"]))

@@ -6,11 +6,12 @@
     exp_avg(_sq)   fp32
 
 One step: the global grad norm (which also detects inf/nan: with fp16 the step is skipped and
-the loss scale backs off), the clipping coefficient, then one fused AdamW pass that unscales
-and clips the grads on the fly, updates main params and moments and writes the new values
-into the model params in their own dtype. For an fp32 model the main params *are* the model
-params (no copy). Memory per param with bf16 params: 2 (param) + 4 (grad) + 12 (main, m, v)
-= 18 bytes; `DistributedOptimizer` (optim/distributed.py) shards the 12 over DP.
+the loss scale backs off; with --skip-spike-factor a norm far above its running median skips
+the step too, `grad_norm.SpikeFilter`), the clipping coefficient, then one fused AdamW pass
+that unscales and clips the grads on the fly, updates main params and moments and writes the
+new values into the model params in their own dtype. For an fp32 model the main params *are*
+the model params (no copy). Memory per param with bf16 params: 2 (param) + 4 (grad) + 12
+(main, m, v) = 18 bytes; `DistributedOptimizer` (optim/distributed.py) shards the 12 over DP.
 
 The optimizer works on "pieces": contiguous ranges [start, end) of flattened params that this
 rank owns. Here every rank owns every param whole; the distributed optimizer owns 1/DP of each
@@ -76,7 +77,9 @@ class MixedPrecisionOptimizer:
         self.ddp = ddp
         self.clip_grad = clip_grad
         self.scaler = loss_scaler
-        self.step_count = 0  # AdamW steps taken (skipped steps do not count)
+        # --skip-spike-factor: a grad_norm.SpikeFilter, set by the trainer (None: off)
+        self.spike_filter = None
+        self.step_count = 0  # AdamW steps taken (see step() for which skipped ones count)
         self.param_groups = []
         for g in param_groups:
             group = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -165,29 +168,36 @@ class MixedPrecisionOptimizer:
     def step(self, closure=None):
         """Check, clip and apply one AdamW step. Returns (stepped, grad_norm) as 0-dim tensors
         on the device (bool; fp32, the norm of the unscaled grads): stepped is False when a
-        grad held inf/nan (every rank decides alike: the norm is global); then nothing changed
-        and, with fp16, the loss scale was updated.
+        grad held inf/nan, or when the norm is a spike (--skip-spike-factor: over F x the
+        running median); every rank decides alike, because the norm is global. Then nothing
+        changed and, for inf/nan with fp16, the loss scale was updated.
 
-        Nothing is read back to the host without a loss scaler: the norm, the inf/nan flag and
+        Nothing is read back to the host without a loss scaler: the norm, the skip flag and
         the grad scale (loss scale / clip coefficient) are computed on the device and handed to
         the fused kernel there, which skips the whole update when the flag is set. Then a
-        non-finite norm is divergence: the params stay as they were, step_count still counts
-        the step (its state is never saved: the loop raises "training diverged" when it next
-        reads the step's stats, before any save). With fp16's dynamic loss scaler skipped
-        steps are routine, and the next step's bias correction needs the number of steps
-        taken: one read of the flag per step, after the update has been launched."""
+        non-finite norm is divergence: the params stay as they were (the loop raises "training
+        diverged", or rolls back, when it next reads the step's stats, before any save). As
+        the host does not know, step_count counts such a step, a skipped spike too: AdamW's
+        bias correction then runs one step ahead per spike, which changes its factors by less
+        than beta2**step, relatively (and spikes are judged only after the first steps). With
+        fp16's dynamic loss scaler skipped steps are routine, and the next step's bias
+        correction needs the number of steps taken: one read of both flags per step, after
+        the update has been launched, and only the steps taken count."""
         scale = self.loss_scale
         norm = self.grad_norm() / scale
         found_inf = ~torch.isfinite(norm)
-        self._adamw(grad_scale=scale / clip_coefficient(norm, self.clip_grad), found_inf=found_inf)
+        skip = found_inf
+        if self.spike_filter is not None:
+            skip = found_inf | self.spike_filter(norm)
+        self._adamw(grad_scale=scale / clip_coefficient(norm, self.clip_grad), found_inf=skip)
         if self.scaler is not None:
-            skipped = bool(found_inf)  # fp16: the one host read of a step
-            self.scaler.update(skipped)
+            overflow, skipped = torch.stack((found_inf, skip)).tolist()  # fp16: the one read
+            self.scaler.update(overflow)  # a spike is no overflow: the scale stays
             if skipped:
-                return ~found_inf, norm
+                return ~skip, norm
         self.step_count += 1
         self._after_step()
-        return ~found_inf, norm
+        return ~skip, norm
 
     def _adamw(self, grad_scale, found_inf=None) -> None:
         """One fused kernel call per kind of piece (with or without a low-precision copy).
@@ -244,6 +254,8 @@ class MixedPrecisionOptimizer:
             "data_parallel_size": state.get().dp,
             "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
+        if self.spike_filter is not None:
+            sd["spike_filter"] = self.spike_filter.state_dict()
         if not self.sharded:
             sd["pieces"] = self._pieces_state()
         return sd
@@ -260,6 +272,8 @@ class MixedPrecisionOptimizer:
         self.step_count = int(sd["step"])
         if self.scaler is not None and sd.get("loss_scaler"):
             self.scaler.load_state_dict(sd["loss_scaler"])
+        if self.spike_filter is not None and sd.get("spike_filter"):
+            self.spike_filter.load_state_dict(sd["spike_filter"])
         for g, saved in zip(self.param_groups, sd["param_groups"]):
             g.update(
                 {k: v for k, v in saved.items() if k in ("lr", "betas", "eps", "weight_decay")}

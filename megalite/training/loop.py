@@ -6,16 +6,20 @@ run = setup(cfg)        process groups and RNG; the model parallelised in one or
 loop:
     stats = train_step(run)      one optimizer step over the global batch
     maybe_log, maybe_evaluate, maybe_save, should_exit
+    a divergence (Diverged, found reading a window): roll_back (--rollback-on-nan), or stop
 
-Host synchronisations: a step reads nothing back from the device (with fp16, one flag: see
-MixedPrecisionOptimizer.step). Its loss, grad norm and "stepped" flag stay there as tensors;
-`read_window` reads all of a log window's at once (one transfer), on log iterations and before
-a save, and raises "training diverged" then. The stop flags' all-reduce is read one iteration
-late on CUDA (`RankFlags`). On the CPU the same code runs, and its reads cost nothing.
+Host synchronisations: a step reads nothing back from the device (with fp16, one read of its
+skip flags: see MixedPrecisionOptimizer.step). Its loss, grad norm and "stepped" flag stay
+there as tensors; `read_window` reads all of a log window's at once (one transfer), on log
+iterations and before a save, and raises "training diverged" then (`Diverged`: with
+--rollback-on-nan the loop reloads the last checkpoint instead, `roll_back`). The stop flags'
+all-reduce is read one iteration late on CUDA (`RankFlags`). On the CPU the same code runs,
+and its reads cost nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -30,6 +34,7 @@ from megalite.errors import MegaliteError
 from megalite.layout import padded_vocab_size
 from megalite.model.gpt import build_model, cast_params, flops_per_token, num_parameters
 from megalite.optim import build_lr_schedule, build_optimizer
+from megalite.optim.grad_norm import SpikeFilter
 from megalite.parallel import heartbeat
 from megalite.parallel import random as prandom
 from megalite.parallel import state
@@ -74,7 +79,8 @@ class Window:
     losses: list = field(default_factory=list)  # floats, in iteration order
     grad_norms: list = field(default_factory=list)
     time_s: float = 0.0
-    skipped: int = 0
+    skipped: int = 0  # fp16: steps the loss scaler skipped (an inf/nan grad)
+    spikes: int = 0  # --skip-spike-factor: updates skipped as grad-norm spikes
 
 
 @dataclass
@@ -89,6 +95,7 @@ class Run:
     optimizer: object  # MixedPrecisionOptimizer or DistributedOptimizer
     lr_schedule: object
     train_iter: Iterator
+    train_ds: Optional[object]  # what train_iter reads (a rollback restarts it elsewhere)
     valid_ds: Optional[object]
     log: MetricsWriter
     vocab_size: int
@@ -105,6 +112,8 @@ class Run:
     heartbeat: Optional[heartbeat.Heartbeat] = None  # watches the next rank (lost nodes)
     start_time: float = field(default_factory=time.time)
     stop_flags: Optional["RankFlags"] = None  # should_exit's, made on first use
+    rollbacks: int = 0  # --rollback-on-nan: how many this process has made
+    spikes_total: int = 0  # the spike filter's count, as of the last read_window
 
 
 @dataclass
@@ -113,6 +122,7 @@ class StepStats:
     them only in `read_window`, a whole window's at once."""
 
     iteration: int  # the iteration this step completed
+    consumed_samples: int  # after it (a rollback skips the data up to here)
     loss: torch.Tensor  # the global batch's mean loss
     lr: float
     grad_norm: torch.Tensor
@@ -156,18 +166,23 @@ def setup(cfg: Config) -> Run:
     if peak is None:
         log.print(f"MFU not reported: {peak_why}")
     flops = flops_per_token(cfg.model, padded) * t.global_batch_size * cfg.model.seq_length
-    run = Run(cfg, chunks, ddp, optimizer, build_lr_schedule(cfg), None, None, log, vocab,
-              p2p_tensor_shape(cfg, st.tp), flops, peak)  # fmt: skip
+    run = Run(cfg, chunks, ddp, optimizer, build_lr_schedule(cfg), None, None, None, log,
+              vocab, p2p_tensor_shape(cfg, st.tp), flops, peak)  # fmt: skip
     _resume(run)
-    # The data loader's position is the number of consumed samples, nothing else.
-    train_ds, run.valid_ds, _ = build_datasets(cfg, vocab)
-    run.train_iter = batch_iterator(
-        train_ds, t.micro_batch_size, run.consumed_samples, cfg.data.num_workers, vocab, st.device
-    )
+    run.train_ds, run.valid_ds, _ = build_datasets(cfg, vocab)
+    run.train_iter = train_batches(run)
     # Started last: building indices for a large corpus can hold the GIL for minutes, and a
     # starved heartbeat would look like a lost rank.
     run.heartbeat = heartbeat.start(st.rank, st.world_size, par.heartbeat_timeout)
     return run
+
+
+def train_batches(run: Run) -> Iterator:
+    """This rank's training micro-batches from run.consumed_samples on: the data loader's
+    position is the number of consumed samples, nothing else."""
+    cfg = run.cfg
+    return batch_iterator(run.train_ds, cfg.training.micro_batch_size, run.consumed_samples,
+                          cfg.data.num_workers, run.vocab_size, state.get().device)  # fmt: skip
 
 
 def parallelize(cfg: Config, vocab_size: int, unpadded_vocab_size: int):
@@ -188,8 +203,14 @@ def parallelize(cfg: Config, vocab_size: int, unpadded_vocab_size: int):
         overlap_param_gather=par.overlap_param_gather,
     )
     # 4. the optimizer over those buffers (ZeRO-1 with --use-distributed-optimizer; it owns
-    #    clipping and the fp16 loss scaler).
-    return chunks, ddp, build_optimizer(chunks, cfg, ddp)
+    #    clipping, the fp16 loss scaler and the grad-norm spike filter).
+    optimizer = build_optimizer(chunks, cfg, ddp)
+    t = cfg.training
+    if t.skip_spike_factor is not None:
+        optimizer.spike_filter = SpikeFilter(
+            t.skip_spike_factor, t.skip_spike_window, state.get().device
+        )
+    return chunks, ddp, optimizer
 
 
 def _resume(run: Run) -> None:
@@ -239,32 +260,56 @@ def train_step(run: Run) -> StepStats:
     loss = global_mean_loss(losses)
     run.iteration += 1
     run.consumed_samples += cfg.training.global_batch_size
-    return StepStats(run.iteration, loss, lr, grad_norm, stepped, clock.stop())
+    return StepStats(
+        run.iteration, run.consumed_samples, loss, lr, grad_norm, stepped, clock.stop()
+    )
+
+
+class Diverged(MegaliteError):
+    """A step without a loss scaler whose loss or grad norm is not finite (its update was
+    skipped on the device). `pretrain` rolls back on it (--rollback-on-nan) or stops with its
+    one line."""
+
+    def __init__(self, what: str, iteration: int, consumed_samples: int, loss: float):
+        super().__init__(
+            f"the {what} at iteration {iteration} (loss {loss:.4g}): training diverged; lower "
+            f"--lr, raise --lr-warmup-iters or use --clip-grad, then resume from the last "
+            f"checkpoint"
+        )
+        self.what, self.iteration, self.consumed_samples = what, iteration, consumed_samples
 
 
 def read_window(run: Run) -> None:
-    """Read the window's pending steps from the device: one transfer for all of them. Raises
-    if one diverged (without a loss scaler: a non-finite grad norm or loss). Its update was
-    skipped on the device, so the params are still finite, and this runs before any save."""
-    w = run.window
+    """Read the window's pending steps from the device: one transfer for all of them (and the
+    spike filter's count). Raises Diverged if one diverged (without a loss scaler: a
+    non-finite loss or grad norm). Its update was skipped on the device, so the params are
+    still finite, and this runs before any save. A step skipped as a grad-norm spike (a finite
+    norm, not stepped) gets a line of its own."""
+    w, spike_filter = run.window, run.optimizer.spike_filter
     if not w.pending:
         return
-    rows = torch.stack(
-        [t for s in w.pending for t in (s.loss, s.grad_norm, s.stepped.to(s.loss.dtype))]
-    ).tolist()
+    values = [t for s in w.pending for t in (s.loss, s.grad_norm, s.stepped.to(s.loss.dtype))]
+    if spike_filter is not None:
+        values.append(spike_filter.skipped.to(values[0].dtype))
+    rows = torch.stack(values).tolist()
     for i, s in enumerate(w.pending):
         loss, grad_norm, stepped = rows[3 * i : 3 * i + 3]
-        if run.optimizer.scaler is None and not (stepped and math.isfinite(loss)):
+        spike = not stepped and math.isfinite(grad_norm)  # found_inf is a non-finite norm
+        if run.optimizer.scaler is None and not (math.isfinite(loss) and (stepped or spike)):
             what = f"gradient norm is {grad_norm}" if not stepped else f"loss is {loss}"
-            raise MegaliteError(
-                f"the {what} at iteration {s.iteration} (loss {loss:.4g}): "
-                f"training diverged; lower --lr, raise --lr-warmup-iters or use "
-                f"--clip-grad, then resume from the last checkpoint"
+            raise Diverged(what, s.iteration, s.consumed_samples, loss)
+        if spike:
+            run.log.print(
+                f"iteration {s.iteration}: grad norm {grad_norm:.4g} is over "
+                f"{spike_filter.factor:g} x its running median: update skipped"
             )
         w.losses.append(loss)
         w.grad_norms.append(grad_norm)
-        w.skipped += int(not stepped)
+        w.skipped += int(not stepped and not spike)
+        w.spikes += int(spike)
         w.time_s += s.clock.seconds()
+    if spike_filter is not None:
+        run.spikes_total = int(rows[-1])
     w.pending = []
 
 
@@ -306,6 +351,12 @@ def maybe_log(run: Run, stats: StepStats) -> None:
     if scaler is not None:
         rec.update(loss_scale=scaler.scale, skipped_iters=w.skipped)
         line += f" | scale {scaler.scale:g} | skipped {w.skipped}"
+    if run.optimizer.spike_filter is not None:
+        rec.update(skipped_spikes=w.spikes, skipped_spikes_total=run.spikes_total)
+        line += f" | spikes skipped {w.spikes} ({run.spikes_total} in all)"
+    if cfg.training.rollback_on_nan:
+        rec["rollbacks"] = run.rollbacks
+        line += f" | rollbacks {run.rollbacks}"
     run.log.log(rec, line)
     run.window = Window()
 
@@ -462,23 +513,78 @@ def should_exit(run: Run, preemption: Preemption) -> Optional[str]:
 # -- the loop ---------------------------------------------------------------------------------
 
 
+def roll_back(run: Run, diverged: Diverged) -> None:
+    """--rollback-on-nan (PaLM's remedy for a loss spike): reload the last checkpoint this run
+    saved (or resumed from) in --save, with its optimizer state and RNG, and restart the data
+    at the samples consumed by the end of the diverged iteration, so that the batches from the
+    checkpoint up to that one are never seen again. The iteration (and so the LR) is the
+    checkpoint's. Every rank gets here at the same read (the loss and grad norm are global),
+    and the checkpoint saved consumed_samples after the skip, so a resumed run goes on alike.
+    Raises the divergence's one line after K rollbacks, or when there is nothing to go back
+    to."""
+    cfg, ck = run.cfg, run.cfg.checkpoint
+    allowed = cfg.training.rollback_on_nan
+    if not allowed:
+        raise diverged
+    if run.rollbacks >= allowed:
+        raise MegaliteError(f"{diverged} (after {run.rollbacks} rollbacks: --rollback-on-nan "
+                            f"{allowed})") from diverged  # fmt: skip
+    latest = ckpt.latest_iteration(ck.save) if ck.save else None
+    if not run.last_saved or latest != run.last_saved:
+        raise MegaliteError(f"{diverged} (--rollback-on-nan: no checkpoint of this run in "
+                            f"{ck.save} yet to roll back to)") from diverged  # fmt: skip
+    run.ddp.finish_param_sync()  # a background param gather must not land after the load
+    reload = dataclasses.replace(ck, load=ck.save, no_load_optim=False, no_load_rng=False)
+    iteration, saved_samples, where = ckpt.load_checkpoint(
+        dataclasses.replace(cfg, checkpoint=reload), run.chunks, run.optimizer
+    )
+    run.iteration, run.consumed_samples = iteration, diverged.consumed_samples
+    run.last_saved = iteration
+    run.rollbacks += 1
+    run.window = Window()
+    if run.optimizer.spike_filter is not None:  # the checkpoint's count (a rollback is rare)
+        run.spikes_total = int(run.optimizer.spike_filter.skipped)
+    close = getattr(run.train_iter, "close", None)
+    if close is not None:
+        close()  # its loader's workers go now
+    run.train_iter = train_batches(run)
+    skipped = diverged.consumed_samples - saved_samples
+    run.log.log(
+        {"iteration": diverged.iteration, "rollbacks": run.rollbacks, "rolled_back_to": iteration,
+         "samples_skipped": skipped},
+        f"rollback {run.rollbacks}/{allowed} at iteration {diverged.iteration} (the "
+        f"{diverged.what}): reloaded {where} (iteration {iteration}) and skipped samples "
+        f"{saved_samples}..{diverged.consumed_samples - 1} ({skipped} samples, iterations "
+        f"{iteration + 1}..{diverged.iteration})",
+    )  # fmt: skip
+
+
+def _train(run: Run, preemption: "Preemption") -> int:
+    """Steps until --train-iters or an exit; returns the last iteration, saved."""
+    while run.iteration < run.cfg.training.train_iters:
+        stats = train_step(run)
+        maybe_log(run, stats)
+        maybe_evaluate(run)
+        maybe_save(run)
+        reason = should_exit(run, preemption)
+        if reason:
+            save(run)
+            run.log.print(f"exiting at iteration {run.iteration}: {reason}")
+            return run.iteration
+    save(run)
+    return run.iteration
+
+
 def pretrain(cfg: Config) -> int:
     """Train per `cfg`; returns the last iteration (saved, when --save is given)."""
     run = setup(cfg)
     preemption = Preemption()
     try:
-        while run.iteration < cfg.training.train_iters:
-            stats = train_step(run)
-            maybe_log(run, stats)
-            maybe_evaluate(run)
-            maybe_save(run)
-            reason = should_exit(run, preemption)
-            if reason:
-                save(run)
-                run.log.print(f"exiting at iteration {run.iteration}: {reason}")
-                return run.iteration
-        save(run)
-        return run.iteration
+        while True:
+            try:
+                return _train(run, preemption)
+            except Diverged as diverged:  # found where a window is read, before any save
+                roll_back(run, diverged)  # or raises its one line
     except RuntimeError as e:  # torch.distributed's errors: a peer that went away gets one line
         lost = heartbeat.lost_peer_message(e)
         if lost is None:
