@@ -98,17 +98,6 @@ def _run_text(argv, timeout=20) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def machine_info(device: torch.device, commit=None) -> dict:
     """What the report's header says about the machine and the code (`commit`: given, for a copy
     of the checkout without .git)."""
@@ -126,7 +115,7 @@ def machine_info(device: torch.device, commit=None) -> dict:
         commit += " (with uncommitted changes)" if dirty else ""
     info["megalite commit"] = commit or "unknown (no git checkout)"
     if device.type != "cuda":
-        info["device"] = f"CPU: {_cpu_name()}, {os.cpu_count()} cores"
+        info["device"] = f"CPU: {_bench().cpu_name()}, {os.cpu_count()} cores"
         info["peak"] = "none (CPU)"
         return info
     props = torch.cuda.get_device_properties(device)
