@@ -13,9 +13,9 @@
 // for another reason (the trainer's global grad norm is inf/nan exactly when some grad is) passes
 // check_finite=false and gets the single 28-byte sweep.
 //
-// The trainer passes its grad scale (loss scale / clip coefficient) and its "the norm is not
-// finite" flag as 1-element tensors, so that on CUDA the step reads nothing back; here they are
-// CPU tensors, which this kernel simply reads.
+// The trainer passes its grad scale (loss scale / clip coefficient), its "the norm is not
+// finite" flag and its step count (bias correction) as 1-element tensors, so that on CUDA the
+// step reads nothing back; here they are CPU tensors, which this kernel simply reads.
 #include <atomic>
 #include <cmath>
 
@@ -150,8 +150,8 @@ void check_tensor(const at::Tensor& t, const char* what, size_t i, int64_t numel
               " elements, the param ", numel);
 }
 
-// A 1-element CPU tensor argument (grad_scale, found_inf) of the given dtype: its one value. A
-// CPU tensor is host memory, so reading it costs nothing (the CUDA kernel reads its twin on the
+// A 1-element CPU tensor argument (grad_scale, found_inf, step) of the given dtype: its one value.
+// A CPU tensor is host memory, so reading it costs nothing (the CUDA kernel reads its twin on the
 // device instead).
 template <typename T>
 T host_scalar(const at::Tensor& t, at::ScalarType dtype, const char* what) {
@@ -163,7 +163,8 @@ T host_scalar(const at::Tensor& t, at::ScalarType dtype, const char* what) {
 // Returns true (and writes nothing) if any grad holds an inf or a nan, or found_inf is set. With
 // check_finite=false the grads are not checked (the caller vouches for them, or passes found_inf)
 // and the result is always false. grad_scale (optional, 1-element fp32) replaces inv_scale by
-// 1 / grad_scale; found_inf (optional, 1-element int32): nonzero updates nothing.
+// 1 / grad_scale; found_inf (optional, 1-element int32): nonzero updates nothing; step_tensor
+// (optional, 1-element fp32) is the step of every tensor, in place of the (then empty) list.
 bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                  const std::vector<at::Tensor>& exp_avgs,
                  const std::vector<at::Tensor>& exp_avg_sqs,
@@ -172,17 +173,24 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
                  const std::vector<double>& beta2, const std::vector<double>& eps,
                  const std::vector<double>& weight_decay, const std::vector<double>& step,
                  double inv_scale, bool check_finite, const c10::optional<at::Tensor>& grad_scale,
-                 const c10::optional<at::Tensor>& found_inf) {
+                 const c10::optional<at::Tensor>& found_inf,
+                 const c10::optional<at::Tensor>& step_tensor) {
   if (grad_scale.has_value() && grad_scale->defined())
     inv_scale = 1.0 / double(host_scalar<float>(*grad_scale, at::kFloat, "grad_scale"));
+  // A step count in a tensor (the trainer's, advanced on the device only by the steps taken)
+  // is one step for every tensor; its value in double is what the list would have held.
+  const bool one_step = step_tensor.has_value() && step_tensor->defined();
+  const double shared_step =
+      one_step ? double(host_scalar<float>(*step_tensor, at::kFloat, "step")) : 0.0;
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n,
               "fused_adamw: tensor lists differ in length");
   TORCH_CHECK(model_copies.empty() || model_copies.size() == n,
               "fused_adamw: model_copies must be empty or one (or None) per param");
   TORCH_CHECK(lr.size() == n && beta1.size() == n && beta2.size() == n && eps.size() == n &&
-                  weight_decay.size() == n && step.size() == n,
-              "fused_adamw: one hyperparameter value per tensor expected");
+                  weight_decay.size() == n && step.size() == (one_step ? 0 : n),
+              "fused_adamw: one hyperparameter value per tensor expected (and no step list "
+              "with a step tensor)");
 
   std::vector<TensorArgs> args(n);
   std::vector<int64_t> numels(n);
@@ -212,7 +220,8 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
       a.copy_type = c.scalar_type();
       dispatch_float_type(a.copy_type, "fused_adamw model copy", [](auto) {});
     }
-    a.s = scalars_for(lr[i], beta1[i], beta2[i], eps[i], weight_decay[i], step[i], inv_scale);
+    a.s = scalars_for(lr[i], beta1[i], beta2[i], eps[i], weight_decay[i],
+                      one_step ? shared_step : step[i], inv_scale);
   }
   const auto offsets = prefix_offsets(numels);
   const int64_t total = offsets.back();
@@ -254,12 +263,13 @@ void register_adamw(pybind11::module_& m) {
         "AdamW step over lists of tensors with per-tensor hyperparameters; returns True (and "
         "updates nothing) if a grad holds an inf or nan; check_finite=False skips that check. "
         "grad_scale (1-element fp32 tensor) replaces inv_scale by its reciprocal; found_inf "
-        "(1-element int32 tensor) nonzero updates nothing",
+        "(1-element int32 tensor) nonzero updates nothing; step_tensor (1-element fp32 tensor) "
+        "is every tensor's step, with an empty step list",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("model_copies"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("step"), py::arg("inv_scale"),
         py::arg("check_finite") = true, py::arg("grad_scale") = py::none(),
-        py::arg("found_inf") = py::none());
+        py::arg("found_inf") = py::none(), py::arg("step_tensor") = py::none());
 }
 
 }  // namespace

@@ -1,11 +1,13 @@
-"""Fused AdamW with its grad scale and inf flag as 1-element tensors on the params' device, as
-the trainer's step passes them so that it reads nothing back (issue 12, item 9).
+"""Fused AdamW with its grad scale, inf flag and step number as 1-element tensors on the params'
+device, as the trainer's step passes them so that it reads nothing back (issue 12, item 9).
 
 Against torch.optim.AdamW (the oracle of tests/test_kernels_adamw.py), and bitwise against the
-same call with the scale as a float; a set flag updates nothing, model copies included; the
-Python layers never read either tensor. Every test runs through dispatch (the C++ kernel here,
-the CUDA kernel on a GPU) and through the reference (the `impl` fixture). The CUDA cases skip
-here; on a GPU they also run under torch.cuda.set_sync_debug_mode("error").
+same call with the scale (the step) as a float (on a GPU the step's bias corrections are
+derived on the device: as close as double math there allows); a set flag updates nothing,
+model copies included; the Python layers never read any of these tensors. Every test runs
+through dispatch (the C++ kernel here, the CUDA kernel on a GPU) and through the reference (the
+`impl` fixture). The CUDA cases skip here; on a GPU they also run under
+torch.cuda.set_sync_debug_mode("error").
 """
 
 import contextlib
@@ -58,10 +60,12 @@ def clone_state(st):
     return {k: None if v is None else [t.clone() for t in v] for k, v in st.items()}
 
 
-def step(st, **kw):
+def step(st, at=STEP, **kw):
+    """One call at step `at`: a number (a list of it), or a 1-element tensor."""
     n = len(st["params"])
     hyper = {k: [v] * n for k, v in HYPER.items()}
-    return ops.multi_tensor_adamw_(**st, **hyper, step=[float(STEP)] * n, **kw)
+    at = at if isinstance(at, torch.Tensor) else [float(at)] * n
+    return ops.multi_tensor_adamw_(**st, **hyper, step=at, **kw)
 
 
 def tensors_of(st):
@@ -132,6 +136,42 @@ def test_device_scale_is_bitwise_the_float_scale(impl, device, shape):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("at", [1, STEP, 10_000], ids=["step-1", f"step-{STEP}", "step-10000"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_step_is_the_float_step(impl, device, at):
+    """A step number in a tensor gives the float step's update: bitwise on the CPU (the kernel
+    reads it from host memory and derives the same doubles); on a GPU the bias corrections are
+    computed in the kernel, in double, to within the last bit of fp32."""
+    a, b = make_state(device, mixed=True), make_state(device, mixed=True)
+    step(a, at, grad_scale=SCALE, check_finite=False)
+    at_tensor = torch.tensor([float(at)], device=device)
+    with no_host_reads(device):
+        step(b, at_tensor, grad_scale=torch.tensor([SCALE], device=device), check_finite=False)
+    for x, y in zip(tensors_of(a), tensors_of(b)):
+        if device == "cpu":
+            assert torch.equal(x, y)
+        else:  # a step off by one moves params by ~1e-3 here; one fp32 ulp of the bias
+            torch.testing.assert_close(y.float(), x.float(), rtol=1e-6, atol=1e-8)
+    assert at_tensor.item() == at  # the caller's count is left as it was
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_step_matches_torch_adamw(impl, device):
+    st = make_state(device)
+    want = torch_adamw(
+        [p.cpu() for p in st["params"]],
+        [g.cpu() for g in st["grads"]],
+        [m.cpu() for m in st["exp_avgs"]],
+        [v.cpu() for v in st["exp_avg_sqs"]],
+        steps=1,
+        first_step=STEP,
+        **HYPER,
+    )
+    step(st, torch.tensor([float(STEP)], device=device), check_finite=False)
+    for g, w in zip([st[k] for k in ("params", "exp_avgs", "exp_avg_sqs")], want):
+        assert_adamw_close([t.cpu() for t in g], w)
+
+
 @pytest.mark.parametrize(
     "flag",
     [
@@ -180,8 +220,10 @@ def test_clear_found_inf_steps_as_without_it(impl, device):
         (dict(grad_scale=torch.tensor([SCALE], dtype=torch.float64)), "float32 tensor"),
         (dict(found_inf=torch.zeros(2, dtype=torch.bool)), "found_inf must be a float or"),
         (dict(found_inf=torch.zeros(1, dtype=torch.int64)), "bool/int32/float32"),
+        (dict(at=torch.tensor([1.0, 2.0])), "step must be a float or a 1-element float32"),
+        (dict(at=torch.tensor([1], dtype=torch.int64)), "step must be .* float32 tensor"),
     ],
-    ids=["scale-2-elements", "scale-fp64", "flag-2-elements", "flag-int64"],
+    ids=["scale-2-elements", "scale-fp64", "flag-2-elements", "flag-int64", "step-2", "step-int"],
 )
 def test_bad_device_scalars_are_one_line_errors(bad, needle):
     st = make_state("cpu")

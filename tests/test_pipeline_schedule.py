@@ -272,17 +272,19 @@ def _batches(n):
     ]
 
 
-def test_executor_on_one_stage_equals_gradient_accumulation():
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_executor_on_one_stage_equals_gradient_accumulation(scale_kind):
     """The one executor with PP = 1 (the 1F1B program with no transfers) against a plain
     gradient-accumulation loop, bitwise; the loss scale and 1/M reach the grads, the returned
-    losses are unscaled."""
+    losses are unscaled. fp16's loss scale is a 0-dim fp32 tensor: the same grads."""
     a, b = _tiny(), _tiny()
+    scale = 8.0 if scale_kind == "float" else torch.tensor(8.0)
     la = []
     for batch in _batches(3):  # the reference: what a user would write
         loss = a(batch["tokens"], labels=batch["labels"]).float().mean()
         (loss * (8.0 / 3)).backward()
         la.append(loss.detach())
-    lb = pipeline.forward_backward([b], iter(_batches(3)), 3, loss_scale=8.0)
+    lb = pipeline.forward_backward([b], iter(_batches(3)), 3, loss_scale=scale)
     assert all(torch.equal(x, y) for x, y in zip(la, lb))
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p.grad, q.grad), n

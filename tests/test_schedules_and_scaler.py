@@ -40,7 +40,72 @@ def test_loss_scaler_backs_off_with_hysteresis_and_grows():
     assert s.scale == 1024  # window of clean steps doubles it
     s2 = DynamicLossScaler()
     s2.load_state_dict(s.state_dict())
-    assert vars(s2) == vars(s)
+    assert s2.state_dict() == s.state_dict()
+
+
+class HostLossScaler:
+    """The reference: the host-side scaler the device one replaced (its update, verbatim)."""
+
+    def __init__(self, initial_scale, window, hysteresis, min_scale):
+        self.scale = float(initial_scale)
+        self.window, self.hysteresis, self.min_scale = window, hysteresis, min_scale
+        self.clean_steps = 0
+        self.overflows_left = hysteresis
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.clean_steps = 0
+            self.overflows_left -= 1
+            if self.overflows_left <= 0:
+                self.scale = max(self.scale / 2.0, self.min_scale)
+                self.overflows_left = self.hysteresis
+            return
+        self.clean_steps += 1
+        if self.clean_steps % self.window == 0:
+            self.scale *= 2.0
+            self.overflows_left = self.hysteresis
+
+    def state_dict(self):
+        return dict(vars(self))
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "initial_scale, window, hysteresis, min_scale",
+    [(1024.0, 3, 2, 1.0), (8.0, 2, 1, 2.0), (2.0**16, 5, 3, 0.3), (3.0, 1, 2, 1.0)],
+    ids=["hysteresis-2", "min-scale-2", "min-scale-0.3", "window-1"],
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_loss_scaler_follows_the_host_one(device, initial_scale, window, hysteresis,
+                                                 min_scale):  # fmt: skip
+    """Random overflow sequences (sparse, even, dense) through both: after every update the
+    same scale, counts and state dict. The flags are device tensors, as the step hands them."""
+    params = (initial_scale, window, hysteresis, min_scale)
+    hits = {"doubled": 0, "at_min_scale": 0, "held_by_hysteresis": 0}
+    for seed, p_overflow in enumerate((0.1, 0.5, 0.9)):
+        ours, ref = DynamicLossScaler(*params).to(device), HostLossScaler(*params)
+        flags = torch.rand(300, generator=torch.Generator().manual_seed(seed)) < p_overflow
+        for flag in flags.tolist():
+            before = ref.scale
+            ours.update(torch.tensor(flag, device=device))
+            ref.update(flag)
+            assert ours.state_dict() == ref.state_dict()
+            assert ours.loss_scale.dtype == torch.float32 and ours.loss_scale.device.type == device
+            assert ours.loss_scale.item() == torch.tensor(ref.scale).float().item()
+            hits["doubled"] += ref.scale > before
+            hits["at_min_scale"] += flag and ref.scale == min_scale
+            hits["held_by_hysteresis"] += flag and ref.scale == before and before > min_scale
+    # the sequences reached every branch (hysteresis 1 backs off at once: no holding)
+    assert hits["doubled"] and hits["at_min_scale"]
+    assert bool(hits["held_by_hysteresis"]) == (hysteresis > 1)
 
 
 def test_grad_norm_and_clip_coefficient():

@@ -7,8 +7,9 @@
 // on an inf" costs one extra read of the grads and no round trip. Unchecked calls
 // (check_finite=False: the caller already knows the grads are finite, or hands over its own
 // flag, found_inf, already in device memory) launch only the update and do not synchronise at
-// all; the grad scale may also come from device memory, so the trainer's step, whose scale
-// depends on the global grad norm, never waits for the host.
+// all; the grad scale and the step count (bias correction) may also come from device memory,
+// so the trainer's step, whose scale depends on the global grad norm and whose count depends on
+// which steps were skipped, never waits for the host.
 #include <type_traits>
 #include <vector>
 
@@ -20,9 +21,11 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kIlp = 4;                          // elements in flight per thread
 constexpr int64_t kChunk = kThreads * kIlp * 8;  // elements per block
-constexpr int kMaxTensors = 24;
+constexpr int kMaxTensors = 20;
 constexpr int kMaxBlocks = 320;
 using AdamwArgs = MultiTensorArgs<AdamwTensor, kMaxTensors, kMaxBlocks>;
+// Kernel arguments are limited to 4 KiB (before CUDA 12.1): the args and four scalars.
+static_assert(sizeof(AdamwArgs) + 4 * sizeof(void*) <= 4096, "AdamwArgs exceeds 4 KiB");
 
 template <typename G>
 __global__ void __launch_bounds__(kThreads) check_kernel(AdamwArgs args, int* found) {
@@ -38,13 +41,28 @@ __global__ void __launch_bounds__(kThreads) check_kernel(AdamwArgs args, int* fo
 
 template <typename G, typename C, bool kCopy>
 __global__ void __launch_bounds__(kThreads)
-    update_kernel(AdamwArgs args, float inv_scale, const float* grad_scale, const int* found) {
+    update_kernel(AdamwArgs args, float inv_scale, const float* grad_scale, const int* found,
+                  const float* step) {
   // found: the check (earlier on this stream) or the caller saw an inf/nan: update nothing
   if (*found) return;
   // A scale in device memory (the trainer's loss scale / clip coefficient, computed there):
   // its correctly rounded reciprocal, the float the CPU kernel gets from 1.0 / double(scale).
   if (grad_scale != nullptr) inv_scale = __frcp_rn(*grad_scale);
   const AdamwTensor& t = args.tensors[args.block_tensor[blockIdx.x]];
+  // A step count in device memory (the trainer's, advanced there only by the steps taken): the
+  // bias corrections in double, as the host derives them (csrc/adamw.cpp), once per block
+  // (double math is slow on many GPUs) and shared.
+  __shared__ float bias_correction[2];  // step_size, inv_bc2_sqrt
+  if (step != nullptr) {
+    if (threadIdx.x == 0) {
+      const double s = double(*step);
+      bias_correction[0] = float(t.lr_d / (1.0 - pow(t.beta1_d, s)));
+      bias_correction[1] = float(1.0 / sqrt(1.0 - pow(t.beta2_d, s)));
+    }
+    __syncthreads();
+  }
+  const float step_size = step != nullptr ? bias_correction[0] : t.step_size;
+  const float inv_bc2_sqrt = step != nullptr ? bias_correction[1] : t.inv_bc2_sqrt;
   const int64_t start = (int64_t)args.block_chunk[blockIdx.x] * kChunk;
   const int64_t end = min(start + kChunk, t.n);
   const G* g = static_cast<const G*>(t.g);
@@ -72,8 +90,8 @@ __global__ void __launch_bounds__(kThreads)
         pi = pi - pi * t.lr_wd;
         const float mi = m[k] + t.one_minus_b1 * (gi - m[k]);
         const float vi = v[k] * t.beta2 + gi * gi * t.one_minus_b2;
-        const float denom = sqrtf(vi) * t.inv_bc2_sqrt + t.eps;
-        pi = pi - t.step_size * mi / denom;
+        const float denom = sqrtf(vi) * inv_bc2_sqrt + t.eps;
+        pi = pi - step_size * mi / denom;
         t.p[i] = pi;
         t.m[i] = mi;
         t.v[i] = vi;
@@ -119,7 +137,7 @@ int adamw_check(const AdamwTensor* tensors, int count, int* d_found, int device,
 }
 
 int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const float* d_grad_scale,
-                 const int* d_found, int device, void* stream) {
+                 const int* d_found, const float* d_step, int device, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   for (int g_dtype : {kF32, kBF16, kF16}) {
     for (int c_dtype : {kNoType, kF32, kBF16, kF16}) {
@@ -134,7 +152,7 @@ int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const f
             group.data(), (int)group.size(), kChunk, numel_of,
             [&](const AdamwArgs& args, int blocks) {
               update_kernel<G, C, kCopy>
-                  <<<blocks, kThreads, 0, s>>>(args, inv_scale, d_grad_scale, d_found);
+                  <<<blocks, kThreads, 0, s>>>(args, inv_scale, d_grad_scale, d_found, d_step);
               return cudaGetLastError();
             });
       };

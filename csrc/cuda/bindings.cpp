@@ -126,13 +126,16 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
                  const std::vector<double>& beta2, const std::vector<double>& eps,
                  const std::vector<double>& weight_decay, const std::vector<double>& step,
                  double inv_scale, bool check_finite, const c10::optional<at::Tensor>& grad_scale,
-                 const c10::optional<at::Tensor>& found_inf) {
+                 const c10::optional<at::Tensor>& found_inf,
+                 const c10::optional<at::Tensor>& step_tensor) {
   const size_t n = params.size();
+  // A step count in device memory is every tensor's step, and the step list is then empty.
+  const bool one_step = step_tensor.has_value() && step_tensor->defined();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   (model_copies.empty() || model_copies.size() == n) && lr.size() == n &&
                   beta1.size() == n && beta2.size() == n && eps.size() == n &&
-                  weight_decay.size() == n && step.size() == n,
-              "fused_adamw: lists differ in length");
+                  weight_decay.size() == n && step.size() == (one_step ? 0 : n),
+              "fused_adamw: lists differ in length (and a step tensor takes no step list)");
   if (n == 0) return false;
   const at::Tensor& ref = params[0];
   std::vector<mc::AdamwTensor> ts(n);
@@ -145,7 +148,7 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
     for (const at::Tensor* t : {&params[i], &exp_avgs[i], &exp_avg_sqs[i]})
       TORCH_CHECK(t->scalar_type() == at::kFloat,
                   "fused_adamw: params and moments must be float32");
-    TORCH_CHECK(step[i] >= 1, "fused_adamw: step must be >= 1");
+    TORCH_CHECK(one_step || step[i] >= 1, "fused_adamw: step must be >= 1");
     mc::AdamwTensor& a = ts[i];
     a.p = params[i].data_ptr<float>();
     a.m = exp_avgs[i].data_ptr<float>();
@@ -162,15 +165,23 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
       a.copy_dtype = dtype_code(c.scalar_type(), "fused_adamw model copy");
     }
     a.n = numel;
-    // The same derivation as the CPU kernel (csrc/adamw.cpp): double, then fp32.
-    const double bc1 = 1.0 - std::pow(beta1[i], step[i]), bc2 = 1.0 - std::pow(beta2[i], step[i]);
+    // The same derivation as the CPU kernel (csrc/adamw.cpp): double, then fp32. With a step
+    // tensor the kernel derives the bias corrections from lr_d, beta1_d and beta2_d.
     a.lr_wd = float(lr[i] * weight_decay[i]);
     a.one_minus_b1 = float(1.0 - beta1[i]);
     a.beta2 = float(beta2[i]);
     a.one_minus_b2 = float(1.0 - beta2[i]);
-    a.step_size = float(lr[i] / bc1);
-    a.inv_bc2_sqrt = float(1.0 / std::sqrt(bc2));
+    a.step_size = a.inv_bc2_sqrt = 0.0f;
+    if (!one_step) {
+      const double bc1 = 1.0 - std::pow(beta1[i], step[i]);
+      const double bc2 = 1.0 - std::pow(beta2[i], step[i]);
+      a.step_size = float(lr[i] / bc1);
+      a.inv_bc2_sqrt = float(1.0 / std::sqrt(bc2));
+    }
     a.eps = float(eps[i]);
+    a.lr_d = lr[i];
+    a.beta1_d = beta1[i];
+    a.beta2_d = beta2[i];
   }
   // The caller's grad scale and inf flag stay in device memory: the kernels read them there.
   auto device_scalar = [&](const c10::optional<at::Tensor>& t, at::ScalarType dtype,
@@ -183,6 +194,7 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
   };
   const at::Tensor* scale = device_scalar(grad_scale, at::kFloat, "grad_scale");
   const at::Tensor* flag = device_scalar(found_inf, at::kInt, "found_inf");
+  const at::Tensor* step_count = device_scalar(step_tensor, at::kFloat, "step");
   // The check writes the flag, so it gets a copy of the caller's (which it must not change).
   at::Tensor found = flag == nullptr ? at::zeros({1}, ref.options().dtype(at::kInt))
                      : check_finite  ? flag->clone()
@@ -193,9 +205,10 @@ bool fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Te
   if (check_finite)
     check_cuda(mc::adamw_check(ts.data(), int(n), found.data_ptr<int>(), device, stream),
                "fused_adamw");
-  check_cuda(mc::adamw_update(ts.data(), int(n), float(inv_scale),
-                              scale != nullptr ? scale->data_ptr<float>() : nullptr,
-                              found.data_ptr<int>(), device, stream),
+  check_cuda(mc::adamw_update(
+                 ts.data(), int(n), float(inv_scale),
+                 scale != nullptr ? scale->data_ptr<float>() : nullptr, found.data_ptr<int>(),
+                 step_count != nullptr ? step_count->data_ptr<float>() : nullptr, device, stream),
              "fused_adamw");
   return check_finite && found.item<int>() != 0;
 }
@@ -350,7 +363,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("model_copies"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("step"), py::arg("inv_scale"), py::arg("check_finite") = true,
-        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+        py::arg("step_tensor") = py::none());
   m.def("layer_norm_fwd", on_tensors_device(&layer_norm_fwd), py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"));
   m.def("layer_norm_bwd", on_tensors_device(&layer_norm_bwd), py::arg("dy"), py::arg("x"),

@@ -31,15 +31,21 @@ struct AdamwTensor {
   int64_t n;
   float lr_wd, one_minus_b1, beta2, one_minus_b2, step_size, inv_bc2_sqrt, eps;
   int g_dtype, copy_dtype;
+  // The group's own lr and betas, from which the update derives step_size and inv_bc2_sqrt on
+  // the device when the step count is in device memory (d_step below).
+  double lr_d, beta1_d, beta2_d;
 };
 
 // Sweep 1 sets *d_found (device int, zeroed by the caller) if any grad holds an inf/nan;
 // sweep 2 updates everything unless *d_found is set. Both run on `stream`, in that order, so no
 // host synchronisation is needed between them. The grads are multiplied by inv_scale, or, when
-// d_grad_scale (one device float) is given, by its reciprocal, read on the device.
+// d_grad_scale (one device float) is given, by its reciprocal, read on the device. With d_step
+// (one device float, every tensor's step) the bias corrections are derived from it on the
+// device, in double as csrc/adamw.cpp does on the host, instead of taken from step_size and
+// inv_bc2_sqrt.
 int adamw_check(const AdamwTensor* tensors, int count, int* d_found, int device, void* stream);
 int adamw_update(const AdamwTensor* tensors, int count, float inv_scale, const float* d_grad_scale,
-                 const int* d_found, int device, void* stream);
+                 const int* d_found, const float* d_step, int device, void* stream);
 
 // ---- LayerNorm / RMSNorm (norms.cu) --------------------------------------------------------
 // x, y, dy, dx: [rows, hidden] in `dtype`; weight/bias fp32 (nullptr: none); mean/rstd fp32

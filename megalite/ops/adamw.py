@@ -14,9 +14,11 @@ instead: it passes check_finite=True only for steps given a grad scale, or when 
 
 A step need not read anything back either: `grad_scale` may be a 1-element fp32 tensor on the
 params' device (the trainer's loss scale / clip coefficient, computed there from the global grad
-norm) and `found_inf` a 1-element flag there (nonzero: update nothing; the trainer's is "the
-norm is not finite"). The kernels read both where they run: the CUDA one from device memory
-inside the update, the CPU one from host memory (a CPU tensor is host memory: no sync).
+norm), `found_inf` a 1-element flag there (nonzero: update nothing; the trainer's is "the
+norm is not finite") and `step` a 1-element fp32 tensor there (the trainer's count of steps
+taken, plus one). The kernels read them where they run: the CUDA one from device memory
+inside the update (the bias corrections in double there, as the host derives them), the CPU
+one from host memory (a CPU tensor is host memory: no sync).
 
 The compiled kernels take fp32 params and moments, contiguous tensors, grads in fp32/bf16/fp16
 and model copies in bf16/fp16/fp32; anything else (for example bf16 params without fp32 master
@@ -94,19 +96,24 @@ def multi_tensor_adamw_(
     check_finite=True,
     found_inf=None,
 ):
-    """AdamW with one hyperparameter value per tensor (lists); see fused_adamw_."""
+    """AdamW with one hyperparameter value per tensor (lists); see fused_adamw_. step may
+    also be one 1-element fp32 tensor on the params' device, every tensor's step."""
+    step_tensor = step if isinstance(step, torch.Tensor) else None
     hyper = {
         "lr": lr,
         "beta1": beta1,
         "beta2": beta2,
         "eps": eps,
         "weight_decay": weight_decay,
-        "step": step,
     }
+    if step_tensor is None:
+        hyper["step"] = step
     _validate(params, grads, exp_avgs, exp_avg_sqs, model_copies, hyper)
     if not params:
         return False
     device = params[0].device
+    if step_tensor is not None:  # its value is not checked either (>= 1: the caller's)
+        _device_scalar(step_tensor, "step", device, (torch.float32,))
     scale_tensor = grad_scale if isinstance(grad_scale, torch.Tensor) else None
     if scale_tensor is not None:  # its value is not checked: that would read it back
         _device_scalar(scale_tensor, "grad_scale", device, (torch.float32,))
@@ -129,12 +136,13 @@ def multi_tensor_adamw_(
                 hyper["beta2"],
                 hyper["eps"],
                 hyper["weight_decay"],
-                hyper["step"],
+                [] if step_tensor is not None else hyper["step"],
                 1.0 if scale_tensor is not None else 1.0 / float(grad_scale),
                 bool(check_finite),
                 grad_scale=None if scale_tensor is None else scale_tensor.reshape(1),
                 # the kernels take an int32 flag: "nonzero" for any dtype, nan included
                 found_inf=None if found_inf is None else found_inf.reshape(1).ne(0).int(),
+                step_tensor=None if step_tensor is None else step_tensor.reshape(1),
             )
         )
     return reference.multi_tensor_adamw_(
@@ -146,7 +154,8 @@ def multi_tensor_adamw_(
         model_copies=model_copies,
         check_finite=check_finite,
         found_inf=found_inf,
-        **hyper,
+        step=step,
+        **{k: v for k, v in hyper.items() if k != "step"},
     )
 
 
@@ -176,7 +185,11 @@ def fused_adamw_(
 
     found_inf: an optional 1-element tensor (bool, int32 or fp32) on the params' device; if it
     is nonzero nothing at all is updated. It is read on the device, so a caller that computed
-    it there (from a global grad norm) steps without a host synchronisation.
+    it there (from a global grad norm) steps without a host synchronisation. step (the bias
+    correction's, >= 1) likewise: a number, or a 1-element fp32 tensor on the params' device
+    whose bias corrections are computed there (the trainer's count of the steps taken, which
+    a skip on the device does not advance); its results equal the number's (bitwise on the
+    CPU).
 
     Returns True if any grad holds an inf or nan (or found_inf is set); then nothing at all was
     updated. check_finite=False skips that check (one read of every grad, and on CUDA a host
@@ -194,7 +207,7 @@ def fused_adamw_(
         beta2=[beta2] * n,
         eps=[eps] * n,
         weight_decay=[weight_decay] * n,
-        step=[step] * n,
+        step=step if isinstance(step, torch.Tensor) else [step] * n,
         grad_scale=grad_scale,
         model_copies=model_copies,
         check_finite=check_finite,

@@ -172,7 +172,7 @@ def fused_adamw_(
         beta2=[beta2] * n,
         eps=[eps] * n,
         weight_decay=[weight_decay] * n,
-        step=[step] * n,
+        step=step if isinstance(step, torch.Tensor) else [step] * n,
         grad_scale=grad_scale,
         model_copies=model_copies,
         check_finite=check_finite,
@@ -199,7 +199,8 @@ def multi_tensor_adamw_(
     found_inf=None,
 ):
     """fused_adamw_ with per-tensor hyperparameters (lists, one entry per tensor), so that several
-    param groups step in one call and one inf check covers all of them."""
+    param groups step in one call and one inf check covers all of them. step may also be a
+    1-element fp32 tensor on the params' device: every tensor's step, read there."""
     if check_finite and (any_non_finite(grads) or (found_inf is not None and bool(found_inf))):
         return True
     if isinstance(grad_scale, torch.Tensor):  # 0-dim: it must not promote the grads' dtype
@@ -208,13 +209,21 @@ def multi_tensor_adamw_(
         inv_scale = None if grad_scale == 1.0 else 1.0 / grad_scale
     # A device flag skips by selecting the old values: no host read.
     skip = None if found_inf is None else found_inf.reshape(()).ne(0)
+    # A step tensor (one step for every tensor, on the params' device): the bias corrections
+    # derived from it there, in double as from a float step, then rounded to fp32 as the
+    # float's are where they meet the fp32 tensors.
+    step64 = step.reshape(()).double() if isinstance(step, torch.Tensor) else None
 
     def store(dst, new):
         dst.copy_(new if skip is None else torch.where(skip, dst, new.to(dst.dtype)))
 
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        bc1 = 1.0 - beta1[i] ** step[i]
-        bc2_sqrt = math.sqrt(1.0 - beta2[i] ** step[i])
+        if step64 is None:
+            step_size = lr[i] / (1.0 - beta1[i] ** step[i])
+            bc2_sqrt = math.sqrt(1.0 - beta2[i] ** step[i])
+        else:
+            step_size = (lr[i] / (1.0 - beta1[i] ** step64)).float()
+            bc2_sqrt = (1.0 - beta2[i] ** step64).sqrt().float()
         g = g.to(m.dtype)
         if inv_scale is not None:
             g = g * inv_scale
@@ -222,7 +231,7 @@ def multi_tensor_adamw_(
         m_new = torch.lerp(m, g, 1.0 - beta1[i])
         v_new = (v * beta2[i]).addcmul_(g, g, value=1.0 - beta2[i])
         denom = (v_new.sqrt() / bc2_sqrt).add_(eps[i])
-        p_new.addcdiv_(m_new, denom, value=-lr[i] / bc1)
+        p_new.sub_(step_size * m_new / denom)  # addcdiv_(m, denom, value=-step_size), bitwise
         store(p, p_new)
         store(m, m_new)
         store(v, v_new)

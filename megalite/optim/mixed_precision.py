@@ -79,7 +79,6 @@ class MixedPrecisionOptimizer:
         self.scaler = loss_scaler
         # --skip-spike-factor: a grad_norm.SpikeFilter, set by the trainer (None: off)
         self.spike_filter = None
-        self.step_count = 0  # AdamW steps taken (see step() for which skipped ones count)
         self.param_groups = []
         for g in param_groups:
             group = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -94,6 +93,12 @@ class MixedPrecisionOptimizer:
             )
         self.pieces = [Piece(p, ddp.names[p], s, e, group_of[p]) for p, s, e in self._owned()]
         self._allocate_state()
+        device = self.exp_avg_flat.device
+        # AdamW steps taken (its bias correction): advanced on the device by the steps that
+        # were not skipped, so that no skip decided there needs a host read to be left out
+        self._steps = torch.zeros((), dtype=torch.int64, device=device)
+        if self.scaler is not None:
+            self.scaler.to(device)
         # The kernel's tensor lists never change: build them once (one list per kind of
         # piece: an fp32 param is its own main param, a bf16/fp16 one gets a model copy).
         self._kinds = []
@@ -152,8 +157,19 @@ class MixedPrecisionOptimizer:
 
     # -- the step ----------------------------------------------------------------------------
     @property
-    def loss_scale(self) -> float:
-        return self.scaler.scale if self.scaler is not None else 1.0
+    def step_count(self) -> int:
+        """AdamW steps taken, on the host: a read of the device count (saves and logs)."""
+        return int(self._steps)
+
+    @step_count.setter
+    def step_count(self, value):
+        self._steps.fill_(int(value))
+
+    @property
+    def loss_scale(self):
+        """What the loss is multiplied by before backward: fp16's loss scale, a 0-dim fp32
+        tensor on the device that the step updates in place, or 1.0 without a scaler."""
+        return self.scaler.loss_scale if self.scaler is not None else 1.0
 
     def grad_norm(self) -> torch.Tensor:
         """The global norm of the (still loss-scaled) grads."""
@@ -172,44 +188,46 @@ class MixedPrecisionOptimizer:
         running median); every rank decides alike, because the norm is global. Then nothing
         changed and, for inf/nan with fp16, the loss scale was updated.
 
-        Nothing is read back to the host without a loss scaler: the norm, the skip flag and
-        the grad scale (loss scale / clip coefficient) are computed on the device and handed to
-        the fused kernel there, which skips the whole update when the flag is set. Then a
-        non-finite norm is divergence: the params stay as they were (the loop raises "training
-        diverged", or rolls back, when it next reads the step's stats, before any save). As
-        the host does not know, step_count counts such a step, a skipped spike too: AdamW's
-        bias correction then runs one step ahead per spike, which changes its factors by less
-        than beta2**step, relatively (and spikes are judged only after the first steps). With
-        fp16's dynamic loss scaler skipped steps are routine, and the next step's bias
-        correction needs the number of steps taken: one read of both flags per step, after
-        the update has been launched, and only the steps taken count."""
+        Nothing is read back to the host, in any precision: the norm, the skip flag, the grad
+        scale (loss scale / clip coefficient) and the step number are computed on the device
+        and handed to the fused kernel there, which skips the whole update when the flag is
+        set. The count of steps taken (AdamW's bias correction) advances there too, by the
+        steps not skipped, so a skipped step never happened for the next one's bias
+        correction. fp16's loss scaler updates its device state from the inf/nan flag (a
+        spike is no overflow). Without a scaler a non-finite norm is divergence: the params
+        stay as they were (the loop raises "training diverged", or rolls back, when it next
+        reads the step's stats, before any save)."""
         scale = self.loss_scale
         norm = self.grad_norm() / scale
         found_inf = ~torch.isfinite(norm)
         skip = found_inf
         if self.spike_filter is not None:
             skip = found_inf | self.spike_filter(norm)
-        self._adamw(grad_scale=scale / clip_coefficient(norm, self.clip_grad), found_inf=skip)
-        if self.scaler is not None:
-            overflow, skipped = torch.stack((found_inf, skip)).tolist()  # fp16: the one read
-            self.scaler.update(overflow)  # a spike is no overflow: the scale stays
-            if skipped:
-                return ~skip, norm
-        self.step_count += 1
+        stepped = ~skip
+        self._adamw(
+            grad_scale=scale / clip_coefficient(norm, self.clip_grad),
+            found_inf=skip,
+            step=(self._steps + 1).float(),
+        )
+        self._steps.add_(stepped)
+        if self.scaler is not None:  # after the grad scale above took the step's own scale
+            self.scaler.update(found_inf)
         self._after_step()
-        return ~skip, norm
+        return stepped, norm
 
-    def _adamw(self, grad_scale, found_inf=None) -> None:
+    def _adamw(self, grad_scale, found_inf=None, step=None) -> None:
         """One fused kernel call per kind of piece (with or without a low-precision copy).
         grad_scale: a float or a 1-element device tensor; found_inf: the device flag "the
         global grad norm is not finite", which is set if any grad is (a grad a rank leaves out
         of the norm, such as a TP-replicated one, is an all-reduced copy of one that counts),
-        so the kernel skips its own read-only check of the grads."""
+        so the kernel skips its own read-only check of the grads. step: AdamW's step number,
+        a 1-element fp32 device tensor (default: the one after the steps taken)."""
         if isinstance(grad_scale, torch.Tensor):
             grad_scale = grad_scale.reshape(1)
         if found_inf is not None:
             found_inf = found_inf.reshape(1)
-        step = float(self.step_count + 1)
+        step = (self._steps + 1).float() if step is None else step
+        step = step.reshape(1)
         for pcs, tensors in self._kinds:
             groups = [self.param_groups[pc.group] for pc in pcs]  # lr changes every step
             multi_tensor_adamw_(
@@ -219,7 +237,7 @@ class MixedPrecisionOptimizer:
                 beta2=[float(g["betas"][1]) for g in groups],
                 eps=[float(g["eps"]) for g in groups],
                 weight_decay=[float(g["weight_decay"]) for g in groups],
-                step=[step] * len(pcs),
+                step=step,
                 grad_scale=grad_scale,
                 check_finite=False,
                 found_inf=found_inf,

@@ -79,7 +79,14 @@ class _Executor:
         on_op=None,
     ):
         self.chunks, self.data, self.M = chunks, data_iterator, num_microbatches
-        self.forward_only, self.loss_scale = forward_only, loss_scale
+        self.forward_only = forward_only
+        # What each micro-batch's loss is multiplied by. fp16's loss scale is a 0-dim fp32
+        # tensor on the device (updated there by the step: no host read); the factor is then
+        # made as from a float scale (in double, rounded to the loss's fp32).
+        if isinstance(loss_scale, torch.Tensor):
+            self.loss_factor = (loss_scale.double() / num_microbatches).float()
+        else:
+            self.loss_factor = loss_scale / num_microbatches
         param = next(chunks[0].parameters())
         self.shape = None if tensor_shape is None else tuple(tensor_shape)
         self.dtype = dtype or param.dtype
@@ -128,7 +135,7 @@ class _Executor:
             if model.post_process:
                 loss = out.float().mean()  # out: [b, s] losses
                 self.losses.append(loss.detach())
-                out = loss * (self.loss_scale / self.M)
+                out = loss * self.loss_factor
             else:
                 self.to_send[("fwd", c, mb)] = out  # [s, b, h]
         if self.forward_only:
@@ -201,7 +208,8 @@ def forward_backward(
     schedule of the layout (`schedules.schedule_ops`), accumulating grads unless forward_only.
 
     tensor_shape: of every activation passed between stages (`p2p_tensor_shape`; needed only
-    with PP > 1). kw, as for `run_schedule`: loss_scale; no_sync (`ddp.no_sync`, called with a
+    with PP > 1). kw, as for `run_schedule`: loss_scale (a float, or a 0-dim fp32 device
+    tensor: fp16's); no_sync (`ddp.no_sync`, called with a
     chunk index: it holds that chunk's grad sync back around every backward but its last);
     dtype of the transfers (default: the parameters'); trace / on_op (instrumentation).
     Returns each micro-batch's mean loss on the last stage, [] elsewhere."""

@@ -80,6 +80,7 @@ class Window:
     grad_norms: list = field(default_factory=list)
     time_s: float = 0.0
     skipped: int = 0  # fp16: steps the loss scaler skipped (an inf/nan grad)
+    loss_scale: float = 0.0  # fp16: the scale after the last step read
     spikes: int = 0  # --skip-spike-factor: updates skipped as grad-norm spikes
 
 
@@ -235,8 +236,8 @@ def _resume(run: Run) -> None:
 
 
 def train_step(run: Run) -> StepStats:
-    """One optimizer step over the global batch. It reads nothing back from the device
-    (except fp16's skip flag): divergence is found when the window is read."""
+    """One optimizer step over the global batch. It reads nothing back from the device (in
+    any precision): divergence is found when the window is read."""
     cfg, opt = run.cfg, run.optimizer
     clock = StepClock(state.get().device)
     lr = run.lr_schedule(run.iteration)
@@ -281,17 +282,20 @@ class Diverged(MegaliteError):
 
 def read_window(run: Run) -> None:
     """Read the window's pending steps from the device: one transfer for all of them (and the
-    spike filter's count). Raises Diverged if one diverged (without a loss scaler: a
-    non-finite loss or grad norm). Its update was skipped on the device, so the params are
-    still finite, and this runs before any save. A step skipped as a grad-norm spike (a finite
-    norm, not stepped) gets a line of its own."""
-    w, spike_filter = run.window, run.optimizer.spike_filter
+    spike filter's count, fp16's loss scale). Raises Diverged if one diverged (without a loss
+    scaler: a non-finite loss or grad norm). Its update was skipped on the device, so the
+    params are still finite, and this runs before any save. A step skipped as a grad-norm
+    spike (a finite norm, not stepped) gets a line of its own."""
+    w, spike_filter, scaler = run.window, run.optimizer.spike_filter, run.optimizer.scaler
     if not w.pending:
         return
     values = [t for s in w.pending for t in (s.loss, s.grad_norm, s.stepped.to(s.loss.dtype))]
     if spike_filter is not None:
         values.append(spike_filter.skipped.to(values[0].dtype))
+    if scaler is not None:
+        values.append(scaler.loss_scale.to(values[0].dtype))
     rows = torch.stack(values).tolist()
+    extras = rows[3 * len(w.pending) :]
     for i, s in enumerate(w.pending):
         loss, grad_norm, stepped = rows[3 * i : 3 * i + 3]
         spike = not stepped and math.isfinite(grad_norm)  # found_inf is a non-finite norm
@@ -309,7 +313,9 @@ def read_window(run: Run) -> None:
         w.spikes += int(spike)
         w.time_s += s.clock.seconds()
     if spike_filter is not None:
-        run.spikes_total = int(rows[-1])
+        run.spikes_total = int(extras.pop(0))
+    if scaler is not None:
+        w.loss_scale = extras.pop(0)
     w.pending = []
 
 
@@ -349,8 +355,8 @@ def maybe_log(run: Run, stats: StepStats) -> None:
         + f" | {dt * 1000:.0f} ms/it | mem {rec['mem_peak_gb']:.2f} GB"
     )
     if scaler is not None:
-        rec.update(loss_scale=scaler.scale, skipped_iters=w.skipped)
-        line += f" | scale {scaler.scale:g} | skipped {w.skipped}"
+        rec.update(loss_scale=w.loss_scale, skipped_iters=w.skipped)
+        line += f" | scale {w.loss_scale:g} | skipped {w.skipped}"
     if run.optimizer.spike_filter is not None:
         rec.update(skipped_spikes=w.spikes, skipped_spikes_total=run.spikes_total)
         line += f" | spikes skipped {w.spikes} ({run.spikes_total} in all)"
