@@ -3,6 +3,8 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 STAMP := build/.installed
+# Hugging Face conversion (safetensors) and its tests (transformers); neither pulls in torch.
+HF_PACKAGES := "safetensors==0.8.0" "transformers==5.24.0"
 
 .PHONY: install demo test bench gpu-check lint format clean
 
@@ -11,6 +13,7 @@ STAMP := build/.installed
 $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install numpy pyyaml sentencepiece tqdm psutil pytest tensorboard pybind11 ninja "setuptools>=64" wheel
+	$(PYTHON) -m pip install $(HF_PACKAGES)
 	$(PYTHON) -m pip install --no-build-isolation -e .
 	$(PYTHON) -m megalite.env
 	@mkdir -p build && touch $(STAMP)

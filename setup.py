@@ -206,7 +206,7 @@ if __name__ == "__main__":  # (tests import this file for its functions)
         description="Megatron-style 3D-parallel GPT pretraining on torch.distributed",
         packages=find_packages(include=["megalite", "megalite.*"]),
         python_requires=">=3.10",
-        install_requires=["torch>=2.1", "numpy", "pyyaml", "sentencepiece", "tqdm"],
+        install_requires=["torch>=2.1", "numpy", "pyyaml", "sentencepiece", "tqdm", "safetensors"],
         extras_require={"dev": ["pytest", "psutil"], "tensorboard": ["tensorboard"]},
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension},

@@ -257,6 +257,11 @@ class CheckpointConfig:
     keep_last: Optional[int] = _f(None, "keep only the newest N checkpoints")
     no_load_optim: bool = _f(False, "load weights only (fresh optimizer and scheduler)")
     no_load_rng: bool = _f(False, "do not restore RNG states")
+    finetune: bool = _f(
+        False,
+        "start training from the weights in --load: iteration 0, no optimizer or RNG state "
+        "loaded (implies --no-load-optim --no-load-rng), as for an imported checkpoint",
+    )
     save_failure: Literal["stop", "continue"] = _f(
         "stop",
         "when a checkpoint cannot be written (a full disk): stop with the error, or warn and "
@@ -427,6 +432,8 @@ def _check(cfg: Config) -> None:
         raise MegaliteError(f"--min-lr {o.min_lr} is larger than --lr {o.lr}")
     if o.lr_warmup_iters < 0 or o.clip_grad < 0 or o.weight_decay < 0:
         raise MegaliteError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
+    if cfg.checkpoint.finetune and not cfg.checkpoint.load:
+        raise MegaliteError("--finetune needs --load DIR (the weights to start from)")
     if cfg.checkpoint.save_interval is not None and not cfg.checkpoint.save:
         raise MegaliteError("--save-interval needs --save DIR")
     _check_fault_handling(t, cfg.checkpoint)
@@ -539,6 +546,9 @@ def _resolve(cfg: Config) -> None:
         _set(cfg, "parallel", dataclasses.replace(p, **par))
     if o.lr_decay_iters is None:
         _set(cfg, "optimizer", dataclasses.replace(o, lr_decay_iters=t.train_iters))
+    if cfg.checkpoint.finetune:  # Megatron's --finetune: the weights alone
+        ck = dataclasses.replace(cfg.checkpoint, no_load_optim=True, no_load_rng=True)
+        _set(cfg, "checkpoint", ck)
 
 
 # -- flags and YAML ---------------------------------------------------------------------------

@@ -15,26 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megalite.config import Config  # noqa: E402
+from megalite import load_pretrained  # noqa: E402
 from megalite.errors import MegaliteError, run_main  # noqa: E402
-from megalite.model.gpt import GPTModel  # noqa: E402
-from megalite.training.checkpoint import load_full_model_state  # noqa: E402
-
-
-def load_model(root, iteration=None, device="cpu"):
-    """A single-process GPTModel holding the full weights of a checkpoint, and its config."""
-    state_dict, meta = load_full_model_state(root, iteration)
-    cfg = Config.from_dict(meta["config"])
-    vocab = state_dict["embedding.word_embeddings.weight"].shape[0]
-    model = GPTModel(cfg.model, vocab)
-    # The last stage's copy of a tied embedding is not a parameter of a one-stage model.
-    state_dict = {
-        k: v
-        for k, v in state_dict.items()
-        if not (k == "output_layer.weight" and not hasattr(model, "output_layer"))
-    }
-    model.load_state_dict(state_dict)
-    return model.to(device).eval(), cfg
 
 
 @torch.no_grad()
@@ -42,12 +24,11 @@ def generate(
     model, ids, max_new_tokens, vocab_size, temperature=0.8, top_k=40, eod=None, generator=None
 ):
     """Append up to max_new_tokens ids to `ids` (list of int); stop at `eod`."""
-    cfg = model.cfg
-    context = cfg.max_position_embeddings
+    context = model.config.model.max_position_embeddings
     out = list(ids)
     for _ in range(max_new_tokens):
         x = torch.tensor([out[-context:]], dtype=torch.long)
-        logits = model.full_logits(x)[0, -1, :vocab_size].float()  # [v], padding dropped
+        logits = model(x)[0, -1, :vocab_size].float()  # [v]
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
@@ -77,7 +58,8 @@ def main(argv):
     p.add_argument("--debug", action="store_true", help="full tracebacks")
     args = p.parse_args(argv)
 
-    model, cfg = load_model(args.load, args.iteration)
+    model = load_pretrained(args.load, args.iteration)
+    cfg = model.config
     tok_path = args.tokenizer_model or cfg.data.tokenizer_model
     if not tok_path:
         raise MegaliteError("the checkpoint's run had no tokenizer; pass --tokenizer-model")

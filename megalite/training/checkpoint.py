@@ -42,7 +42,7 @@ import torch.distributed as dist
 from megalite.errors import MegaliteError
 from megalite.parallel import random as prandom
 from megalite.parallel import state
-from megalite.parallel.layers import unshard
+from megalite.parallel.layers import shard_of, unshard
 from megalite.parallel.tags import tag_of
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -339,6 +339,11 @@ def load_checkpoint(cfg, chunks, optimizer):
             f"saved sizes"
         )
     shard = read_shard(ck.load, it, st.tp_rank, st.pp_rank)
+    if "optimizer" not in shard and not (ck.no_load_optim and ck.no_load_rng):
+        raise MegaliteError(
+            f"checkpoint {iter_dir(ck.load, it)} holds weights only (an imported model); "
+            f"train from it with --finetune"
+        )
     _load_model_state(chunks, shard["model"], iter_dir(ck.load, it))
     optimizer.reload_model_params()  # fp32 main params <- the loaded weights
     iteration, consumed = 0, 0
@@ -456,3 +461,42 @@ def load_full_model_state(root, iteration=None):
             info = shards[0]["partition"].get(name, (None, 1))
             full[name] = unshard([s["model"][name] for s in shards], *info)
     return full, meta
+
+
+def save_weights_checkpoint(cfg, rank_params, full: dict, root: str) -> str:
+    """Write the full state dict `full` as iteration 0 of a checkpoint at cfg's TP x PP layout
+    (weights only: no optimizer or RNG state, so it loads with --finetune), the files
+    save_checkpoint writes, one process. rank_params(tp_rank, pp_rank) -> {name: param} of
+    that rank's model chunks (meta tensors will do: only the names and tags are read). A name
+    missing from `full` takes its tag's `init_name` (a tied embedding's last-stage copy)."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    final = iter_dir(root, 0)
+    tmp = final + ".tmp"
+    os.makedirs(root, exist_ok=True)
+    recover(root)
+    os.makedirs(tmp)
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            params = rank_params(tp_rank, pp_rank)
+            model = {}
+            for name, p in params.items():
+                value = full[name] if name in full else full[tag_of(p).init_name]
+                model[name] = shard_of(value, p, tp, tp_rank).contiguous()
+            shard = {
+                "iteration": 0,
+                "consumed_samples": 0,
+                "model": model,
+                "partition": {n: tag_of(p).partition for n, p in params.items()},
+            }
+            _torch_save_fsync(shard, os.path.join(tmp, shard_name(tp_rank, pp_rank)))
+    meta = {
+        "iteration": 0,
+        "consumed_samples": 0,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "data_parallel_size": 1,
+        "config": cfg.to_dict(),
+    }
+    _fsync_write(os.path.join(tmp, "metadata.json"), json.dumps(meta, indent=1).encode())
+    _publish(root, tmp, final, 0, None)
+    return final

@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Convert between megalite checkpoints and Hugging Face model directories (local only).
+
+    python tools/convert.py export-hf --load runs/demo --output hf/demo
+    python tools/convert.py import-hf --input hf/demo --save runs/imported \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
+
+export-hf writes config.json, model.safetensors (sharded with an index above
+--max-shard-size), the tokenizer and generation_config.json: a GPT-2 style model as
+GPT2LMHeadModel, a Llama style one as LlamaForCausalLM. import-hf writes iteration 0 of a
+megalite checkpoint (weights only) at the layout the flags ask for; train from it with
+`--load DIR --finetune` and the model flags import-hf prints.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megalite.errors import run_main  # noqa: E402
+
+# The layout flags import-hf takes (the trainer's names).
+LAYOUT_FLAGS = {
+    "--tensor-model-parallel-size": int,
+    "--pipeline-model-parallel-size": int,
+    "--num-layers-per-virtual-pipeline-stage": int,
+    "--decoder-first-pipeline-num-layers": int,
+    "--decoder-last-pipeline-num-layers": int,
+    "--make-vocab-size-divisible-by": int,
+    "--seq-length": int,
+}
+MODEL_FLAGS = ("model_style", "num_layers", "hidden_size", "ffn_hidden_size",
+               "num_attention_heads", "num_query_groups", "seq_length",
+               "max_position_embeddings", "rotary_base", "norm_epsilon",
+               "untie_embeddings_and_output_weights", "vocab_size",
+               "make_vocab_size_divisible_by")  # fmt: skip
+
+
+def train_flags(cfg) -> str:
+    """The trainer flags that rebuild this model (the trainer takes its model from flags)."""
+    out = []
+    for name in MODEL_FLAGS:
+        value = getattr(cfg.model, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out += [flag] if value else []
+        else:
+            out += [flag, str(value)]
+    if cfg.data.tokenizer_model:
+        out += ["--tokenizer-model", cfg.data.tokenizer_model]
+    return " ".join(out)
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export-hf", help="megalite checkpoint -> Hugging Face directory")
+    ex.add_argument("--load", required=True, help="checkpoint directory (its latest iteration)")
+    ex.add_argument("--iteration", type=int, help="a specific iteration instead of the latest")
+    ex.add_argument("--output", required=True, help="Hugging Face directory to write")
+    ex.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this")
+    im = sub.add_parser("import-hf", help="Hugging Face directory -> megalite checkpoint")
+    im.add_argument("--input", required=True, help="Hugging Face model directory (local)")
+    im.add_argument("--save", required=True, help="checkpoint directory to write")
+    for flag, kind in LAYOUT_FLAGS.items():
+        im.add_argument(flag, type=kind, help="as for the trainer")
+    args = p.parse_args(argv)
+
+    from megalite.convert.hf import export_hf, import_hf
+
+    if args.command == "export-hf":
+        files = export_hf(args.load, args.output, args.max_shard_size, args.iteration)
+        print(f"wrote {args.output}: {', '.join(files)}")
+        return 0
+    settings = {}
+    for flag in LAYOUT_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            settings[flag[2:].replace("-", "_")] = value
+    where, cfg = import_hf(args.input, args.save, settings)
+    par = cfg.parallel
+    print(
+        f"wrote {where} (TP={par.tensor_model_parallel_size} "
+        f"PP={par.pipeline_model_parallel_size}, weights only); train from it with: "
+        f"--load {args.save} --finetune {train_flags(cfg)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
