@@ -115,9 +115,20 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 
 def get_rng_state() -> dict:
+    """Every RNG's state as plain values and tensors only, so the checkpoint file holding it
+    loads with torch.load(weights_only=True): numpy's legacy state tuple becomes a dict with
+    its uint32 key as an int64 tensor, Python's state tuple a list."""
+    version, internal, gauss_next = random.getstate()
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(internal), gauss_next],
+        "numpy": {
+            "bit_generator": str(name),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": dict(tracker.states),
@@ -125,8 +136,20 @@ def get_rng_state() -> dict:
 
 
 def set_rng_state(rng: dict) -> None:
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    """What get_rng_state() returned; also the tuples that checkpoints written before the
+    weights_only format hold (numpy's state with its ndarray key)."""
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = rng["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (
+            numpy_state["bit_generator"],
+            numpy_state["key"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    np.random.set_state(numpy_state)
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -24,6 +24,12 @@ tool can rebuild the full tensor (`load_full_model_state`) and re-split it for a
 rank's model chunks, the optimizer's state with its loss scaler, RNG states, the iteration and
 consumed samples) the other puts back. The formats are in docs/ARCHITECTURE.md.
 
+Safety: every file loads with torch.load(weights_only=True), so it holds only tensors and
+plain values (the RNG states too, see parallel/random.py); a file whose pickle names anything
+else (code to run on loading) is refused in one line. metadata.json records each file's size
+and sha256, taken as the file is written; a load checks both before it opens the file, so a
+flipped or truncated byte names the file instead of loading garbage.
+
 Memory: a save takes no memory on the state's device (`to_host`: GPU tensors go to the host in
 chunks through one pinned buffer; CPU tensors are written in place). A load memory-maps each
 file on the CPU (`_load`), so a rank reads from disk only the bytes it copies into its own
@@ -32,8 +38,10 @@ state.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import shutil
 
 import torch
@@ -184,14 +192,48 @@ def _on_host(obj):
     return obj
 
 
-def _torch_save_fsync(obj, path):
+class _HashingWriter:
+    """A file opened for writing that hashes the bytes passing through it: a file's checksum
+    costs no second read. (torch.save writes its zip archive sequentially.)"""
+
+    def __init__(self, fh):
+        self.fh, self.sha256 = fh, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.fh.write(data)
+
+    def flush(self):
+        self.fh.flush()
+
+
+def _torch_save_fsync(obj, path) -> dict:
     """Every checkpoint file is written here, its tensors first moved to the host (so no
-    tensor in a file can come from anywhere else)."""
+    tensor in a file can come from anywhere else). Returns the file's record for
+    metadata.json: {"bytes": its size, "sha256": its checksum}."""
     obj = _on_host(obj)
     with open(path, "wb") as fh:
-        torch.save(obj, fh)
+        writer = _HashingWriter(fh)
+        torch.save(obj, writer)
         fh.flush()
         os.fsync(fh.fileno())
+        return {"bytes": os.fstat(fh.fileno()).st_size, "sha256": writer.sha256.hexdigest()}
+
+
+def _write_metadata(directory, meta: dict, files: dict) -> None:
+    """metadata.json, written last into a checkpoint directory: meta plus `files`, the record
+    of every other file in it ({name: {"bytes", "sha256"}}) that a load verifies."""
+    meta = dict(meta, files=dict(sorted(files.items())))
+    _fsync_write(os.path.join(directory, "metadata.json"), json.dumps(meta, indent=1).encode())
+
+
+def _records_on_rank0(records: dict) -> dict:
+    """The union of every rank's file records, on rank 0 (the others get {})."""
+    if not dist.is_initialized():
+        return records
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(records, gathered, dst=0)
+    return {k: v for r in gathered or [] for k, v in r.items()}
 
 
 def model_state_dict(chunks) -> dict:
@@ -241,29 +283,30 @@ def save_checkpoint(cfg, iteration, consumed_samples, chunks, optimizer) -> str:
         # (keyed by parameter name and element range, so they can be re-cut on load).
         name = optim_shard_name(st.tp_rank, st.pp_rank, st.dp_rank)
         files.append((os.path.join(tmp, name), optimizer.sharded_state_dict()))
-    failure = None
+    failure, records = None, {}
     try:
         for path, obj in files:
-            _torch_save_fsync(obj, path)
-        if st.rank == 0:
-            meta = {
-                "iteration": iteration,
-                "consumed_samples": consumed_samples,
-                "tensor_model_parallel_size": st.tp,
-                "pipeline_model_parallel_size": st.pp,
-                "data_parallel_size": st.dp,
-                "config": cfg.to_dict(),
-            }
-            _fsync_write(os.path.join(tmp, "metadata.json"), json.dumps(meta, indent=1).encode())
+            records[os.path.basename(path)] = _torch_save_fsync(obj, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         failure = e
-    _check_written(failure, root, tmp, iteration, sum(_nbytes(o) for _, o in files))
+    my_bytes = sum(_nbytes(o) for _, o in files)
+    _check_written(failure, root, tmp, iteration, my_bytes)
+    records = _records_on_rank0(records)  # every rank wrote its files: rank 0 records them
     if st.rank == 0:
+        meta = {
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "tensor_model_parallel_size": st.tp,
+            "pipeline_model_parallel_size": st.pp,
+            "data_parallel_size": st.dp,
+            "config": cfg.to_dict(),
+        }
         try:
+            _write_metadata(tmp, meta, records)
             _publish(root, tmp, final, iteration, cfg.checkpoint.keep_last)
         except OSError as e:
             failure = e
-    _check_written(failure, root, tmp, iteration, 0)
+    _check_written(failure, root, tmp, iteration, my_bytes)
     return final
 
 
@@ -384,13 +427,17 @@ def latest_iteration(root):
 
 
 def read_metadata(root, iteration):
-    path = os.path.join(iter_dir(root, iteration), "metadata.json")
+    return _metadata_in(iter_dir(root, iteration))
+
+
+def _metadata_in(directory):
+    path = os.path.join(directory, "metadata.json")
     try:
         with open(path) as fh:
             return json.load(fh)
     except FileNotFoundError:
         raise MegaliteError(
-            f"checkpoint {iter_dir(root, iteration)} has no metadata.json: it "
+            f"checkpoint {directory} has no metadata.json: it "
             f"is incomplete; point {LATEST} at an earlier iteration"
         )
     except json.JSONDecodeError as e:
@@ -413,36 +460,99 @@ def optimizer_shard_reader(root, iteration):
         path = os.path.join(
             iter_dir(root, iteration), optim_shard_name(st.tp_rank, st.pp_rank, dp_rank)
         )
-        # weights_only: a shard holds only tensors, tuples and ints (the mp_rank file also
-        # holds numpy's RNG state, which weights_only refuses).
-        return _load(
-            path,
-            "the distributed optimizer's shard",
-            " (or resume with --no-load-optim)",
-            weights_only=True,
-        )
+        return _load(path, "the distributed optimizer's shard", " (or resume with --no-load-optim)")
 
     return read
 
 
-def _load(path, what, hint="", weights_only=False):
+def _load(path, what, hint=""):
     if not os.path.exists(path):
         raise MegaliteError(
             f"{what} {path} is missing; the checkpoint is incomplete: point "
             f"{LATEST} at an earlier iteration{hint}"
         )
+    _verify(path, hint)
     try:
-        # Memory-mapped (torch.save's zip format allows it): nothing is read until a tensor is
-        # used, so a rank pages in only what it copies into its own state, such as its slices of
-        # other DP ranks' optimizer shards when the DP size changed. On the CPU, so no tensor
-        # lands on a GPU before it is copied into place.
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        return _load_weights_only(path)
+    except MegaliteError:
+        raise
     except Exception as e:  # a truncated or overwritten file surfaces as many error types
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MegaliteError(
             f"checkpoint file {path} is corrupt or truncated ({first[:120]}); "
-            f"point {LATEST} at an earlier iteration"
+            f"point {LATEST} at an earlier iteration{hint}"
         )
+
+
+def _verify(path, hint) -> None:
+    """Check path's size and sha256 against metadata.json's record of it. A checkpoint written
+    before records were kept has none, and loads unverified.
+
+    The checksum reads the whole file once more (sha256 runs at about 1.5 GB/s on one core:
+    seconds for a multi-GB shard, and with a changed DP size a rank reads every DP rank's
+    optimizer file of its stage). That is acceptable: a load happens once per run, and the
+    pages read stay in the page cache for torch.load's memory map."""
+    record = _metadata_in(os.path.dirname(path)).get("files", {}).get(os.path.basename(path))
+    if record is None:
+        return
+    size = os.path.getsize(path)
+    if size != record["bytes"]:
+        raise MegaliteError(
+            f"checkpoint file {path} is corrupt or truncated ({size} bytes, metadata.json "
+            f"records {record['bytes']}); point {LATEST} at an earlier iteration{hint}"
+        )
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(16 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != record["sha256"]:
+        raise MegaliteError(
+            f"checkpoint file {path} is corrupt (checksum mismatch: a flipped or truncated "
+            f"byte); point {LATEST} at an earlier iteration{hint}"
+        )
+
+
+def _old_numpy_globals() -> list:
+    """What checkpoints written before the weights_only format need beyond it: numpy's RNG
+    state as a tuple holding a uint32 ndarray. Only these are allowed, so such a checkpoint
+    still loads while any other global (code to run) is refused."""
+    import numpy as np
+
+    reconstruct = np._core.multiarray._reconstruct
+    # numpy 1.x pickled it under numpy.core, which numpy 2 keeps as an alias
+    return [
+        reconstruct,
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        np.dtypes.UInt32DType,
+    ]
+
+
+def _load_weights_only(path):
+    # Memory-mapped (torch.save's zip format allows it): nothing is read until a tensor is
+    # used, so a rank pages in only what it copies into its own state, such as its slices of
+    # other DP ranks' optimizer shards when the DP size changed. On the CPU, so no tensor
+    # lands on a GPU before it is copied into place. weights_only: unpickling builds only
+    # tensors and plain values, never calls what a crafted pickle names.
+    def load():
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+    try:
+        return load()
+    except pickle.UnpicklingError:
+        pass  # the pickle names a global weights_only does not allow (or is mangled): which?
+    allowed = _old_numpy_globals()
+    names = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__name__}" for g in allowed}
+    found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    unsafe = [g for g in found if g not in names]
+    if unsafe:
+        raise MegaliteError(
+            f"checkpoint file {path} holds code to run on loading (a pickle of {unsafe[0]}); "
+            f"refusing to load it: it was not written by megalite, or was tampered with"
+        )
+    with torch.serialization.safe_globals(allowed):
+        return load()
 
 
 def load_full_model_state(root, iteration=None):
@@ -475,6 +585,7 @@ def save_weights_checkpoint(cfg, rank_params, full: dict, root: str) -> str:
     os.makedirs(root, exist_ok=True)
     recover(root)
     os.makedirs(tmp)
+    records = {}
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             params = rank_params(tp_rank, pp_rank)
@@ -488,7 +599,8 @@ def save_weights_checkpoint(cfg, rank_params, full: dict, root: str) -> str:
                 "model": model,
                 "partition": {n: tag_of(p).partition for n, p in params.items()},
             }
-            _torch_save_fsync(shard, os.path.join(tmp, shard_name(tp_rank, pp_rank)))
+            name = shard_name(tp_rank, pp_rank)
+            records[name] = _torch_save_fsync(shard, os.path.join(tmp, name))
     meta = {
         "iteration": 0,
         "consumed_samples": 0,
@@ -497,6 +609,6 @@ def save_weights_checkpoint(cfg, rank_params, full: dict, root: str) -> str:
         "data_parallel_size": 1,
         "config": cfg.to_dict(),
     }
-    _fsync_write(os.path.join(tmp, "metadata.json"), json.dumps(meta, indent=1).encode())
+    _write_metadata(tmp, meta, records)
     _publish(root, tmp, final, 0, None)
     return final
