@@ -198,6 +198,7 @@ class _HashingWriter:
 
     def __init__(self, fh):
         self.fh, self.sha256 = fh, hashlib.sha256()
+        self.name = fh.name  # like the file it wraps (what a reader of f.name expects)
 
     def write(self, data):
         self.sha256.update(data)
