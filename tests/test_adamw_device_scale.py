@@ -92,6 +92,12 @@ def no_host_reads(device):
                 torch.cuda.set_sync_debug_mode(0)
 
 
+def torch_reference(st, **kw):
+    """torch.optim.AdamW's one step (at STEP) on CPU copies of the state."""
+    copies = [[t.cpu() for t in st[k]] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs")]
+    return torch_adamw(*copies, steps=1, first_step=STEP, **kw, **HYPER)
+
+
 def test_dispatch_takes_the_compiled_kernel_on_the_cpu(impl):
     """So that the `compiled` cases below check csrc/adamw.cpp, not the reference again."""
     _, module, _ = dispatch.choose("fused_adamw", torch.device("cpu"))
@@ -102,16 +108,7 @@ def test_dispatch_takes_the_compiled_kernel_on_the_cpu(impl):
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_scale_matches_torch_adamw(impl, device, mixed):
     st = make_state(device, mixed)
-    want = torch_adamw(
-        [p.cpu() for p in st["params"]],
-        [g.cpu() for g in st["grads"]],
-        [m.cpu() for m in st["exp_avgs"]],
-        [v.cpu() for v in st["exp_avg_sqs"]],
-        steps=1,
-        grad_scale=SCALE,
-        first_step=STEP,
-        **HYPER,
-    )
+    want = torch_reference(st, grad_scale=SCALE)
     scale = torch.tensor([SCALE], device=device)
     with no_host_reads(device):
         found = step(st, grad_scale=scale, check_finite=False)
@@ -158,15 +155,7 @@ def test_device_step_is_the_float_step(impl, device, at):
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_step_matches_torch_adamw(impl, device):
     st = make_state(device)
-    want = torch_adamw(
-        [p.cpu() for p in st["params"]],
-        [g.cpu() for g in st["grads"]],
-        [m.cpu() for m in st["exp_avgs"]],
-        [v.cpu() for v in st["exp_avg_sqs"]],
-        steps=1,
-        first_step=STEP,
-        **HYPER,
-    )
+    want = torch_reference(st)
     step(st, torch.tensor([float(STEP)], device=device), check_finite=False)
     for g, w in zip([st[k] for k in ("params", "exp_avgs", "exp_avg_sqs")], want):
         assert_adamw_close([t.cpu() for t in g], w)
