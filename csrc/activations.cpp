@@ -40,48 +40,13 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Vector maths (inlined into each clone; no libm calls, which would not vectorise).
 
-// cond ? a : b on the bits. The float selects are written this way because with GCC's default
-// -ftrapping-math a plain ?: over floats is not if-converted for AVX2 and SSE (it might raise an
-// FP exception that the branch would not), which leaves those clones' loops unvectorised.
-MEGALITE_INLINE float select(bool cond, float a, float b) {
-  const uint32_t m = 0u - uint32_t(cond);
-  return bits_to_float((float_to_bits(a) & m) | (float_to_bits(b) & ~m));
-}
-
-// fp16 storage as megalite.h's F16 (the same bits), with its selects written as select() and
-// masks: the plain ?: left the AVX2 and SSE clones' fp16 loops unvectorised (see select).
-struct F16Vec : F16 {
-  static MEGALITE_INLINE float load(uint16_t h) {
-    const uint32_t w = uint32_t(h) << 16;
-    const uint32_t sign = w & 0x80000000u;
-    const uint32_t two_w = w + w;
-    const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-    return bits_to_float(sign |
-                         float_to_bits(select(two_w < (1u << 27), denormalized, normalized)));
-  }
-  static MEGALITE_INLINE uint16_t store(float f) {
-    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
-    const uint32_t w = float_to_bits(f);
-    const uint32_t shl1_w = w + w;
-    const uint32_t sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xFF000000u;
-    bias = bias < 0x71000000u ? 0x71000000u : bias;
-    base = bits_to_float((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = float_to_bits(base);
-    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-    const uint32_t is_nan = 0u - uint32_t(shl1_w > 0xFF000000u);
-    return uint16_t((sign >> 16) | (0x7E00u & is_nan) | (nonsign & ~is_nan));
-  }
-};
-
-// Visit the kernels' storage type for a tensor dtype (F16Vec for fp16).
+// Visit the kernels' storage type for a tensor dtype.
 template <typename Fn>
 void dispatch_storage(at::ScalarType t, const char* what, Fn&& fn) {
   dispatch_float_type(t, what, [&](auto xt) {
     using S = decltype(xt);
     if constexpr (std::is_same_v<S, F16>)
-      fn(F16Vec{});
+      fn(F16{});
     else
       fn(xt);
   });

@@ -102,8 +102,17 @@ struct BF16 {
   static constexpr uint32_t kInfBits = 0x7f80u;
 };
 
+// cond ? a : b on the bits. The float selects are written this way because with GCC's default
+// -ftrapping-math a plain ?: over floats is not if-converted for AVX2 and SSE (it might raise an
+// FP exception that the branch would not), which leaves those clones' loops unvectorised.
+MEGALITE_INLINE float select(bool cond, float a, float b) {
+  const uint32_t m = 0u - uint32_t(cond);
+  return bits_to_float((float_to_bits(a) & m) | (float_to_bits(b) & ~m));
+}
+
 // IEEE half <-> float without F16C, branch-free so it vectorises (the FP16 library's algorithm,
-// the one c10::Half uses when F16C is not available at compile time).
+// the one c10::Half uses when F16C is not available at compile time), its selects written as
+// select() and masks.
 struct F16 {
   using T = uint16_t;
   static MEGALITE_INLINE float load(uint16_t h) {
@@ -112,9 +121,8 @@ struct F16 {
     const uint32_t two_w = w + w;
     const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
     const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-    const uint32_t result =
-        sign | (two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized));
-    return bits_to_float(result);
+    return bits_to_float(sign |
+                         float_to_bits(select(two_w < (1u << 27), denormalized, normalized)));
   }
   static MEGALITE_INLINE uint16_t store(float f) {
     float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
@@ -125,10 +133,9 @@ struct F16 {
     bias = bias < 0x71000000u ? 0x71000000u : bias;
     base = bits_to_float((bias >> 1) + 0x07800000u) + base;
     const uint32_t bits = float_to_bits(base);
-    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
-    const uint32_t mantissa_bits = bits & 0x00000FFFu;
-    const uint32_t nonsign = exp_bits + mantissa_bits;
-    return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    const uint32_t is_nan = 0u - uint32_t(shl1_w > 0xFF000000u);
+    return uint16_t((sign >> 16) | (0x7E00u & is_nan) | (nonsign & ~is_nan));
   }
   static MEGALITE_INLINE uint32_t bits(uint16_t x) { return x; }
   static constexpr uint32_t kInfBits = 0x7c00u;

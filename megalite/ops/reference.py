@@ -136,51 +136,6 @@ def any_non_finite(tensors):
 
 
 @torch.no_grad()
-def fused_adamw_(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    *,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    step,
-    grad_scale=1.0,
-    model_copies=None,
-    check_finite=True,
-    found_inf=None,
-):
-    """One AdamW step over lists of tensors, in place. Returns True (and touches nothing) if any
-    grad holds an inf or nan (check_finite=False: not checked, the caller vouches, and the
-    result is False). params/exp_avgs/exp_avg_sqs are fp32; grads fp32, bf16 or fp16 and
-    multiplied by 1/grad_scale (a float, or a 1-element fp32 tensor on the params' device);
-    model_copies (optional) receive the updated params in their own (low-precision) dtype; an
-    entry may be None (no copy for that param). found_inf (optional 1-element tensor): nonzero
-    skips the whole update, decided on the device (nothing is read back unless check_finite,
-    whose result then also reports it)."""
-    n = len(params)
-    return multi_tensor_adamw_(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        lr=[lr] * n,
-        beta1=[beta1] * n,
-        beta2=[beta2] * n,
-        eps=[eps] * n,
-        weight_decay=[weight_decay] * n,
-        step=step if isinstance(step, torch.Tensor) else [step] * n,
-        grad_scale=grad_scale,
-        model_copies=model_copies,
-        check_finite=check_finite,
-        found_inf=found_inf,
-    )
-
-
-@torch.no_grad()
 def multi_tensor_adamw_(
     params,
     grads,
@@ -198,9 +153,16 @@ def multi_tensor_adamw_(
     check_finite=True,
     found_inf=None,
 ):
-    """fused_adamw_ with per-tensor hyperparameters (lists, one entry per tensor), so that several
-    param groups step in one call and one inf check covers all of them. step may also be a
-    1-element fp32 tensor on the params' device: every tensor's step, read there."""
+    """One AdamW step over lists of tensors, in place, with per-tensor hyperparameters (lists, one
+    entry per tensor), so that several param groups step in one call and one inf check covers
+    all of them; megalite.ops.multi_tensor_adamw_'s reference. Returns True (and touches
+    nothing) if any grad holds an inf or nan (check_finite=False: not checked, the caller
+    vouches, and the result is False). params/exp_avgs/exp_avg_sqs are fp32; grads fp32, bf16
+    or fp16 and multiplied by 1/grad_scale (a float, or a 1-element fp32 tensor on the params'
+    device); model_copies (optional) receive the updated params in their own (low-precision)
+    dtype; an entry may be None (no copy for that param). found_inf (optional 1-element
+    tensor): nonzero skips the whole update, decided on the device. step: a list, or one
+    1-element fp32 tensor on the params' device, every tensor's step, read there."""
     if check_finite and (any_non_finite(grads) or (found_inf is not None and bool(found_inf))):
         return True
     if isinstance(grad_scale, torch.Tensor):  # 0-dim: it must not promote the grads' dtype
