@@ -101,6 +101,26 @@ def spawn(fn, nprocs, out_dir, timeout=150):
         raise AssertionError(f"{e}\n" + "\n".join(errs)) from None
 
 
+def join_gloo(rank, world, port, tp=1, pp=1, timeout_minutes=2):
+    """In a spawned rank: one compute thread, then megalite's process groups over gloo on
+    127.0.0.1:port (the port `spawn` hands each rank). Returns the ParallelState."""
+    import torch
+
+    from megalite.parallel import state
+
+    torch.set_num_threads(1)
+    return state.initialize(
+        tp,
+        pp,
+        backend="gloo",
+        device=torch.device("cpu"),
+        timeout_minutes=timeout_minutes,
+        rank=rank,
+        world_size=world,
+        init_method=f"tcp://127.0.0.1:{port}",
+    )
+
+
 @contextlib.contextmanager
 def rank_guard(out_dir, rank):
     """In a spawned rank: record a failure as rank{N}.err for `spawn`, always leave the

@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from conftest import rank_guard, run_cli, spawn, trainer
+from conftest import join_gloo, rank_guard, run_cli, spawn, trainer
 
 WORLD = 4
 SEED = 1234
@@ -209,17 +209,8 @@ def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
     from megalite.parallel import state
 
-    torch.set_num_threads(1)
     with rank_guard(out_dir, rank):
-        state.initialize(
-            1,
-            backend="gloo",
-            device=torch.device("cpu"),
-            timeout_minutes=2,
-            rank=rank,
-            world_size=world,
-            init_method=f"tcp://127.0.0.1:{port}",
-        )
+        join_gloo(rank, world, port)
         halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         full_state = state.get()
         res = {"train": {}, "memory": {}, "reshard": {}}

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import free_port, rank_guard, spawn
+from conftest import free_port, join_gloo, rank_guard, spawn
 from megalite.errors import MegaliteError
 from megalite.parallel import state
 
@@ -111,17 +111,7 @@ def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
 
     with rank_guard(out_dir, rank):
-        torch.set_num_threads(1)
-        st = state.initialize(
-            TP,
-            PP,
-            backend="gloo",
-            device=torch.device("cpu"),
-            timeout_minutes=1,
-            rank=rank,
-            world_size=world,
-            init_method=f"tcp://127.0.0.1:{port}",
-        )
+        st = join_gloo(rank, world, port, TP, PP, timeout_minutes=1)
         want = by_formula(rank)
         got = {
             "tp": st.tp_group,

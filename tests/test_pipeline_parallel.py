@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import rank_guard, spawn
+from conftest import join_gloo, rank_guard, spawn
 
 SEED = 1234
 VOCAB = 200  # padded to 256 for TP 1 and 2
@@ -261,19 +261,9 @@ def _memory_case():
 
 
 def _worker(rank, world, port, out_dir):
-    from megalite.parallel import state
 
     with rank_guard(out_dir, rank):
-        torch.set_num_threads(1)
-        state.initialize(
-            1,
-            backend="gloo",
-            device=torch.device("cpu"),
-            timeout_minutes=2,
-            rank=rank,
-            world_size=world,
-            init_method=f"tcp://127.0.0.1:{port}",
-        )
+        join_gloo(rank, world, port)
         results = {"parity": {}}
         for name in CASES[world]:
             results["parity"][name] = _parity_case(name, world)

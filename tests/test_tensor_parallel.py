@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import free_port, rank_guard, run_cli, spawn, trainer
+from conftest import free_port, join_gloo, rank_guard, run_cli, spawn, trainer
 from megalite.config import MODEL_STYLES, ModelConfig, make_config
 from megalite.errors import MegaliteError
 
@@ -41,21 +41,6 @@ LAYOUTS = [(1, False), (2, False), (2, True), (4, False), (4, True)]  # (TP, SP)
 def model_config(style, **kw):
     return ModelConfig(
         **STYLES[style], num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=SEQ, **kw
-    )
-
-
-def _join(rank, world, port):
-    from megalite.parallel import state
-
-    torch.set_num_threads(1)
-    state.initialize(
-        1,
-        backend="gloo",
-        device=torch.device("cpu"),
-        timeout_minutes=2,
-        rank=rank,
-        world_size=world,
-        init_method=f"tcp://127.0.0.1:{port}",
     )
 
 
@@ -280,7 +265,7 @@ def _tp_worker(rank, world, port, out_dir):
     from megalite.parallel import state
 
     with rank_guard(out_dir, rank):
-        _join(rank, world, port)
+        join_gloo(rank, world, port)
         results = {"parity": {}, "recompute": {}, "cross_entropy": {}, "dropout": {}}
         refs = {style: _reference(style) for style in STYLES}
         for tp in (1, 2, 4):

@@ -241,34 +241,12 @@ def test_generate_from_checkpoint(tmp_path, small_spm):
         ]
     )
     assert p.returncode == 0, p.stderr
-    g = run_cli(
-        [
-            "tools/generate.py",
-            "--load",
-            ck,
-            "--prompt",
-            "ROMEO:",
-            "--max-new-tokens",
-            "20",
-            "--temperature",
-            "0",
-        ]
-    )
+    greedy = ["tools/generate.py", "--load", ck, "--prompt", "ROMEO:", "--max-new-tokens", "20",
+              "--temperature", "0"]  # fmt: skip
+    g = run_cli(greedy)
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("ROMEO:") and len(g.stdout.rstrip("\n")) > len("ROMEO:")
-    again = run_cli(
-        [
-            "tools/generate.py",
-            "--load",
-            ck,
-            "--prompt",
-            "ROMEO:",
-            "--max-new-tokens",
-            "20",
-            "--temperature",
-            "0",
-        ]
-    )
+    again = run_cli(greedy)
     assert again.stdout == g.stdout  # greedy is deterministic
     sampled = [
         run_cli(
