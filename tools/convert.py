@@ -4,12 +4,16 @@
     python tools/convert.py export-hf --load runs/demo --output hf/demo
     python tools/convert.py import-hf --input hf/demo --save runs/imported \\
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
+    python tools/convert.py reshard --load runs/demo --save runs/demo_tp1 \\
+        --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1
 
 export-hf writes config.json, model.safetensors (sharded with an index above
 --max-shard-size), the tokenizer and generation_config.json: a GPT-2 style model as
 GPT2LMHeadModel, a Llama style one as LlamaForCausalLM. import-hf writes iteration 0 of a
 megalite checkpoint (weights only) at the layout the flags ask for; train from it with
-`--load DIR --finetune` and the model flags import-hf prints.
+`--load DIR --finetune` and the model flags import-hf prints. reshard re-cuts a checkpoint
+(weights, optimizer state, iteration, consumed samples) for another TP x PP x VP layout, as
+a run resumed under that layout does by itself; resume from it with `--load DIR`.
 """
 
 import argparse
@@ -20,16 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megalite.errors import run_main  # noqa: E402
 
-# The layout flags import-hf takes (the trainer's names).
-LAYOUT_FLAGS = {
-    "--tensor-model-parallel-size": int,
-    "--pipeline-model-parallel-size": int,
-    "--num-layers-per-virtual-pipeline-stage": int,
-    "--decoder-first-pipeline-num-layers": int,
-    "--decoder-last-pipeline-num-layers": int,
-    "--make-vocab-size-divisible-by": int,
-    "--seq-length": int,
-}
+# The layout flags reshard takes (the trainer's names): the parallel layout only.
+PARALLEL_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                  "--num-layers-per-virtual-pipeline-stage",
+                  "--decoder-first-pipeline-num-layers",
+                  "--decoder-last-pipeline-num-layers")  # fmt: skip
+# import-hf's: the layout, and the model settings the HF config does not hold.
+LAYOUT_FLAGS = (*PARALLEL_FLAGS, "--make-vocab-size-divisible-by", "--seq-length")
 MODEL_FLAGS = ("model_style", "num_layers", "hidden_size", "ffn_hidden_size",
                "num_attention_heads", "num_query_groups", "seq_length",
                "max_position_embeddings", "rotary_base", "norm_epsilon",
@@ -52,6 +53,12 @@ def train_flags(cfg) -> str:
     return " ".join(out)
 
 
+def flag_settings(args, flags) -> dict:
+    """{setting: value} of the given flags that were passed."""
+    names = [flag[2:].replace("-", "_") for flag in flags]
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="full tracebacks")
@@ -64,22 +71,36 @@ def main(argv):
     im = sub.add_parser("import-hf", help="Hugging Face directory -> megalite checkpoint")
     im.add_argument("--input", required=True, help="Hugging Face model directory (local)")
     im.add_argument("--save", required=True, help="checkpoint directory to write")
-    for flag, kind in LAYOUT_FLAGS.items():
-        im.add_argument(flag, type=kind, help="as for the trainer")
+    for flag in LAYOUT_FLAGS:
+        im.add_argument(flag, type=int, help="as for the trainer")
+    rs = sub.add_parser("reshard", help="megalite checkpoint -> another TP x PP x VP layout")
+    rs.add_argument("--load", required=True, help="checkpoint directory (its latest iteration)")
+    rs.add_argument("--iteration", type=int, help="a specific iteration instead of the latest")
+    rs.add_argument("--save", required=True, help="checkpoint directory to write")
+    for flag in PARALLEL_FLAGS:
+        rs.add_argument(flag, type=int, help="as for the trainer")
     args = p.parse_args(argv)
 
     from megalite.convert.hf import export_hf, import_hf
+    from megalite.convert.reshard import reshard_checkpoint
+
+    if args.command == "reshard":
+        where, cfg = reshard_checkpoint(
+            args.load, args.save, flag_settings(args, PARALLEL_FLAGS), args.iteration
+        )
+        par = cfg.parallel
+        print(
+            f"wrote {where} (TP={par.tensor_model_parallel_size} "
+            f"PP={par.pipeline_model_parallel_size} VP={cfg.virtual_pipeline_size}); resume "
+            f"from it with --load {args.save} and that layout (any DP size)"
+        )
+        return 0
 
     if args.command == "export-hf":
         files = export_hf(args.load, args.output, args.max_shard_size, args.iteration)
         print(f"wrote {args.output}: {', '.join(files)}")
         return 0
-    settings = {}
-    for flag in LAYOUT_FLAGS:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            settings[flag[2:].replace("-", "_")] = value
-    where, cfg = import_hf(args.input, args.save, settings)
+    where, cfg = import_hf(args.input, args.save, flag_settings(args, LAYOUT_FLAGS))
     par = cfg.parallel
     print(
         f"wrote {where} (TP={par.tensor_model_parallel_size} "

@@ -401,8 +401,7 @@ def import_hf(in_dir: str, save_dir: str, settings: dict) -> tuple:
     """Write the HF model directory in_dir as a megalite checkpoint (iteration 0, weights
     only) under save_dir, at the layout `settings` asks for (make_config keys: layout flags,
     or anything else the run should record). Returns (directory, Config)."""
-    from megalite.model.gpt import GPTModel
-    from megalite.parallel import state as pstate
+    from megalite.model.gpt import rank_parameters
     from megalite.training.checkpoint import save_weights_checkpoint
 
     path = os.path.join(in_dir, "config.json")
@@ -428,23 +427,6 @@ def import_hf(in_dir: str, save_dir: str, settings: dict) -> tuple:
     full = from_hf_state(read_safetensors(in_dir), m, padded, in_dir)
 
     def rank_params(tp_rank, pp_rank):
-        # The rank's chunks as build_model lays them out, on the meta device (names and tags
-        # only), built under that rank's TP position.
-        saved = pstate._STATE
-        pp = cfg.parallel.pipeline_model_parallel_size
-        rank = pstate.rank_of(tp_rank, 0, pp_rank, tp, 1)
-        pstate._STATE = pstate.ParallelState(tp=tp, pp=pp, rank=rank)
-        try:
-            vp, params = cfg.virtual_pipeline_size, {}
-            st = pstate.get()
-            for c, layers in enumerate(cfg.pipeline_layout()[pp_rank]):
-                with torch.device("meta"):
-                    chunk = GPTModel(m, padded, layer_numbers=layers,
-                                     pre_process=st.is_first_stage and c == 0,
-                                     post_process=st.is_last_stage and c == vp - 1)  # fmt: skip
-                params.update(chunk.named_parameters())
-            return params
-        finally:
-            pstate._STATE = saved
+        return rank_parameters(cfg, padded, tp_rank, pp_rank)
 
     return save_weights_checkpoint(cfg, rank_params, full, save_dir), cfg

@@ -396,29 +396,46 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
 # -- this rank's model ------------------------------------------------------------------------
 
 
-def build_model(cfg: Config, vocab_size: int, unpadded_vocab_size: int) -> list:
+def model_chunks(cfg: Config, vocab_size: int, unpadded_vocab_size: int) -> list:
     """This rank's model chunks (one per virtual pipeline stage; one without interleaving),
-    built for its pipeline stage and TP slice, each initialised from the seed alone, on the
-    config's device, in fp32 (`cast_params` turns them into the training dtype)."""
+    built for its pipeline stage and TP slice, uninitialised, on the current default device."""
     st = state.get()
     vp = cfg.virtual_pipeline_size
     chunks = []
     for c, layers in enumerate(cfg.pipeline_layout()[st.pp_rank]):
         # The embedding lives on the first virtual stage, head and loss on the last.
-        model = GPTModel(
-            cfg.model,
-            vocab_size,
-            pre_process=st.is_first_stage and c == 0,
-            post_process=st.is_last_stage and c == vp - 1,
-            layer_numbers=layers,
-            sequence_parallel=cfg.parallel.sequence_parallel,
-            unpadded_vocab_size=unpadded_vocab_size,
-            recompute_granularity=cfg.parallel.recompute_granularity,
-            recompute_num_layers=cfg.parallel.recompute_num_layers,
+        chunks.append(
+            GPTModel(
+                cfg.model,
+                vocab_size,
+                pre_process=st.is_first_stage and c == 0,
+                post_process=st.is_last_stage and c == vp - 1,
+                layer_numbers=layers,
+                sequence_parallel=cfg.parallel.sequence_parallel,
+                unpadded_vocab_size=unpadded_vocab_size,
+                recompute_granularity=cfg.parallel.recompute_granularity,
+                recompute_num_layers=cfg.parallel.recompute_num_layers,
+            )
         )
-        init_parameters(model, cfg.training.seed)
-        chunks.append(model.to(st.device))
     return chunks
+
+
+def build_model(cfg: Config, vocab_size: int, unpadded_vocab_size: int) -> list:
+    """This rank's model chunks, each initialised from the seed alone, on the config's
+    device, in fp32 (`cast_params` turns them into the training dtype)."""
+    chunks = model_chunks(cfg, vocab_size, unpadded_vocab_size)
+    for model in chunks:
+        init_parameters(model, cfg.training.seed)
+    return [model.to(state.get().device) for model in chunks]
+
+
+def rank_parameters(cfg: Config, vocab_size: int, tp_rank: int, pp_rank: int) -> dict:
+    """{name: param} of the chunks that rank (tp_rank, pp_rank) of cfg's layout builds, on the
+    meta device (names, shapes and tags only): what a converter writes for that rank."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    with state.as_rank(tp, pp, tp_rank, pp_rank), torch.device("meta"):
+        chunks = model_chunks(cfg, vocab_size, vocab_size)
+    return {n: p for chunk in chunks for n, p in chunk.named_parameters()}
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ ordinary ones with no communication at all.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -225,6 +226,19 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _STATE = ParallelState()
+
+
+@contextlib.contextmanager
+def as_rank(tp: int, pp: int, tp_rank: int, pp_rank: int):
+    """Within it, this process reads as rank (tp_rank, pp_rank) of a TP x PP layout, with no
+    process group: for building another rank's model chunks on the meta device (their names
+    and tags), as the checkpoint converters do."""
+    saved = get()
+    set_state(ParallelState(tp=tp, pp=pp, rank=rank_of(tp_rank, 0, pp_rank, tp, 1)))
+    try:
+        yield
+    finally:
+        set_state(saved)
 
 
 def set_state(state: ParallelState) -> None:

@@ -43,15 +43,18 @@ import json
 import os
 import pickle
 import shutil
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
+from megalite.config import Config
 from megalite.errors import MegaliteError
 from megalite.parallel import random as prandom
 from megalite.parallel import state
 from megalite.parallel.layers import shard_of, unshard
 from megalite.parallel.tags import tag_of
+from megalite.training.reshard import SavedCheckpoint
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -221,6 +224,17 @@ def _torch_save_fsync(obj, path) -> dict:
         return {"bytes": os.fstat(fh.fileno()).st_size, "sha256": writer.sha256.hexdigest()}
 
 
+def _metadata(cfg, iteration, consumed_samples, tp, pp, dp) -> dict:
+    return {
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "data_parallel_size": dp,
+        "config": cfg.to_dict(),
+    }
+
+
 def _write_metadata(directory, meta: dict, files: dict) -> None:
     """metadata.json, written last into a checkpoint directory: meta plus `files`, the record
     of every other file in it ({name: {"bytes", "sha256"}}) that a load verifies."""
@@ -294,14 +308,7 @@ def save_checkpoint(cfg, iteration, consumed_samples, chunks, optimizer) -> str:
     _check_written(failure, root, tmp, iteration, my_bytes)
     records = _records_on_rank0(records)  # every rank wrote its files: rank 0 records them
     if st.rank == 0:
-        meta = {
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "tensor_model_parallel_size": st.tp,
-            "pipeline_model_parallel_size": st.pp,
-            "data_parallel_size": st.dp,
-            "config": cfg.to_dict(),
-        }
+        meta = _metadata(cfg, iteration, consumed_samples, st.tp, st.pp, st.dp)
         try:
             _write_metadata(tmp, meta, records)
             _publish(root, tmp, final, iteration, cfg.checkpoint.keep_last)
@@ -357,11 +364,23 @@ def _publish(root, tmp, final, iteration, keep_last) -> None:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def load_checkpoint(cfg, chunks, optimizer):
+class Resumed(NamedTuple):
+    iteration: int
+    consumed_samples: int
+    directory: str
+    note: Optional[str]  # for the log: how a checkpoint of another layout was re-cut
+
+
+def load_checkpoint(cfg, chunks, optimizer) -> Optional[Resumed]:
     """Resume from --load, the mirror of save_checkpoint: weights always; the optimizer (with
     its loss scaler), iteration and consumed samples unless --no-load-optim; RNG states unless
-    --no-load-rng. Returns (iteration, consumed_samples, directory), or None when --load holds
-    no checkpoint yet and is also --save (a fresh start that will save there)."""
+    --no-load-rng. Returns None when --load holds no checkpoint yet and is also --save (a
+    fresh start that will save there).
+
+    A checkpoint of another layout (TP, PP, virtual-pipeline split; a DP size or optimizer
+    kind change alone needs nothing of this) is re-cut for this rank (training/reshard.py):
+    weights, fp32 main params and moments exactly; the RNG streams, which belong to the
+    saved ranks, are re-seeded from --seed and the iteration, as `note` says."""
     st, ck = state.get(), cfg.checkpoint
     if st.rank == 0:
         recover(ck.load)
@@ -374,29 +393,66 @@ def load_checkpoint(cfg, chunks, optimizer):
                 f"path, or drop --load to start from scratch"
             )
         return None
-    meta = read_metadata(ck.load, it)
-    saved = (meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"])
-    if saved != (st.tp, st.pp):
-        raise MegaliteError(
-            f"checkpoint {iter_dir(ck.load, it)} was saved with tensor-parallel {saved[0]} x "
-            f"pipeline-parallel {saved[1]}, this run uses {st.tp} x {st.pp}; run with the "
-            f"saved sizes"
+    meta, where = read_metadata(ck.load, it), iter_dir(ck.load, it)
+    saved_layout = _layout_of(meta)
+    if saved_layout == (st.tp, cfg.pipeline_layout()):
+        shard = read_shard(ck.load, it, st.tp_rank, st.pp_rank)
+        optimizer_state, rng, note = shard.get("optimizer"), shard.get("rng"), None
+        model = shard["model"]
+    else:
+        saved = saved_checkpoint(ck.load, it)
+        saved.check_model(cfg.model.num_layers)
+        params = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
+        model, pieces = saved.rank_state(params, st.tp, st.tp_rank, not ck.no_load_optim)
+        optimizer_state, rng = saved.optimizer, None
+        if optimizer_state is not None and pieces is not None:
+            optimizer_state = dict(optimizer_state, sharded=False, pieces=pieces)
+        vp = len(saved_layout[1][0])
+        note = (
+            f"re-cut checkpoint {where} from TP={saved_layout[0]} PP={len(saved_layout[1])} "
+            f"VP={vp} DP={meta['data_parallel_size']} to TP={st.tp} PP={st.pp} "
+            f"VP={cfg.virtual_pipeline_size} DP={st.dp}"
         )
-    shard = read_shard(ck.load, it, st.tp_rank, st.pp_rank)
-    if "optimizer" not in shard and not (ck.no_load_optim and ck.no_load_rng):
+    if optimizer_state is None and not (ck.no_load_optim and ck.no_load_rng):
         raise MegaliteError(
-            f"checkpoint {iter_dir(ck.load, it)} holds weights only (an imported model); "
+            f"checkpoint {where} holds weights only (an imported model); "
             f"train from it with --finetune"
         )
-    _load_model_state(chunks, shard["model"], iter_dir(ck.load, it))
+    _load_model_state(chunks, model, where)
     optimizer.reload_model_params()  # fp32 main params <- the loaded weights
     iteration, consumed = 0, 0
     if not ck.no_load_optim:
         iteration, consumed = meta["iteration"], meta["consumed_samples"]
-        optimizer.load_state_dict(shard["optimizer"], optimizer_shard_reader(ck.load, it))
+        optimizer.load_state_dict(optimizer_state, optimizer_shard_reader(ck.load, it))
     if not ck.no_load_rng:
-        prandom.set_rng_state(shard["rng"])
-    return iteration, consumed, iter_dir(ck.load, it)
+        if rng is not None:
+            prandom.set_rng_state(rng)
+        else:  # deterministic: every rank of a rerun draws alike
+            prandom.seed_everything(cfg.training.seed + iteration, st.device)
+            note = (note or f"checkpoint {where} holds no RNG state") + (
+                f"; RNG re-seeded from --seed {cfg.training.seed} + iteration {iteration} "
+                f"(the saved streams belong to the saved layout's ranks)"
+            )
+    return Resumed(iteration, consumed, where, note)
+
+
+def saved_checkpoint(root, iteration) -> SavedCheckpoint:
+    """Iteration `iteration` of checkpoint directory `root`, read as full tensors (any layout)."""
+    return SavedCheckpoint(
+        iter_dir(root, iteration),
+        read_metadata(root, iteration),
+        lambda tp_rank, pp_rank: read_shard(root, iteration, tp_rank, pp_rank),
+        lambda tp_rank, pp_rank, dp_rank: read_optimizer_shard(
+            root, iteration, tp_rank, pp_rank, dp_rank
+        ),
+    )
+
+
+def _layout_of(meta: dict) -> tuple:
+    """(TP, layers[pp_rank][chunk]) of a checkpoint: what its files are cut by (the DP size
+    is not: its optimizer state is keyed by element ranges that any DP size re-cuts)."""
+    saved = Config.from_dict(meta["config"])
+    return meta["tensor_model_parallel_size"], saved.pipeline_layout()
 
 
 def list_iterations(root):
@@ -453,17 +509,15 @@ def read_shard(root, iteration, tp_rank, pp_rank):
     )
 
 
+def read_optimizer_shard(root, iteration, tp_rank, pp_rank, dp_rank):
+    path = os.path.join(iter_dir(root, iteration), optim_shard_name(tp_rank, pp_rank, dp_rank))
+    return _load(path, "the distributed optimizer's shard", " (or resume with --no-load-optim)")
+
+
 def optimizer_shard_reader(root, iteration):
     """read(dp_rank) -> the optimizer shard that DP rank of my (TP, PP) position saved."""
     st = state.get()
-
-    def read(dp_rank):
-        path = os.path.join(
-            iter_dir(root, iteration), optim_shard_name(st.tp_rank, st.pp_rank, dp_rank)
-        )
-        return _load(path, "the distributed optimizer's shard", " (or resume with --no-load-optim)")
-
-    return read
+    return lambda dp_rank: read_optimizer_shard(root, iteration, st.tp_rank, st.pp_rank, dp_rank)
 
 
 def _load(path, what, hint=""):
@@ -576,12 +630,30 @@ def load_full_model_state(root, iteration=None):
 
 def save_weights_checkpoint(cfg, rank_params, full: dict, root: str) -> str:
     """Write the full state dict `full` as iteration 0 of a checkpoint at cfg's TP x PP layout
-    (weights only: no optimizer or RNG state, so it loads with --finetune), the files
-    save_checkpoint writes, one process. rank_params(tp_rank, pp_rank) -> {name: param} of
-    that rank's model chunks (meta tensors will do: only the names and tags are read). A name
-    missing from `full` takes its tag's `init_name` (a tied embedding's last-stage copy)."""
+    (weights only: no optimizer or RNG state, so it loads with --finetune), one process.
+    rank_params(tp_rank, pp_rank) -> {name: param} of that rank's model chunks (meta tensors
+    will do: only the names and tags are read). A name missing from `full` takes its tag's
+    `init_name` (a tied embedding's last-stage copy)."""
+    tp = cfg.parallel.tensor_model_parallel_size
+
+    def rank_shard(tp_rank, pp_rank):
+        model = {}
+        for name, p in rank_params(tp_rank, pp_rank).items():
+            value = full[name] if name in full else full[tag_of(p).init_name]
+            model[name] = shard_of(value, p, tp, tp_rank).contiguous()
+        return {"model": model}
+
+    return write_checkpoint(cfg, rank_params, rank_shard, root, 0, 0)
+
+
+def write_checkpoint(cfg, rank_params, rank_shard, root, iteration, consumed_samples) -> str:
+    """Write a checkpoint at cfg's TP x PP layout from one process (the converters): the files
+    save_checkpoint writes, with the whole optimizer state (if any) in the model shards, as a
+    run without the distributed optimizer saves it. rank_shard(tp_rank, pp_rank) -> that
+    rank's {"model": {name: slice}} and, if there are, "optimizer" and "rng";
+    rank_params(tp_rank, pp_rank) -> {name: param} (meta tensors will do) for the tags."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    final = iter_dir(root, 0)
+    final = iter_dir(root, iteration)
     tmp = final + ".tmp"
     os.makedirs(root, exist_ok=True)
     recover(root)
@@ -590,26 +662,14 @@ def save_weights_checkpoint(cfg, rank_params, full: dict, root: str) -> str:
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             params = rank_params(tp_rank, pp_rank)
-            model = {}
-            for name, p in params.items():
-                value = full[name] if name in full else full[tag_of(p).init_name]
-                model[name] = shard_of(value, p, tp, tp_rank).contiguous()
             shard = {
-                "iteration": 0,
-                "consumed_samples": 0,
-                "model": model,
+                "iteration": iteration,
+                "consumed_samples": consumed_samples,
+                **rank_shard(tp_rank, pp_rank),
                 "partition": {n: tag_of(p).partition for n, p in params.items()},
             }
             name = shard_name(tp_rank, pp_rank)
             records[name] = _torch_save_fsync(shard, os.path.join(tmp, name))
-    meta = {
-        "iteration": 0,
-        "consumed_samples": 0,
-        "tensor_model_parallel_size": tp,
-        "pipeline_model_parallel_size": pp,
-        "data_parallel_size": 1,
-        "config": cfg.to_dict(),
-    }
-    _write_metadata(tmp, meta, records)
-    _publish(root, tmp, final, 0, None)
+    _write_metadata(tmp, _metadata(cfg, iteration, consumed_samples, tp, pp, 1), records)
+    _publish(root, tmp, final, iteration, None)
     return final

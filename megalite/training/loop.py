@@ -224,7 +224,9 @@ def _resume(run: Run) -> None:
     if resumed is None:
         run.log.print(f"no checkpoint in {ck.load} yet: starting from scratch")
         return
-    run.iteration, run.consumed_samples, where = resumed
+    run.iteration, run.consumed_samples, where, note = resumed
+    if note:
+        run.log.print(note)
     if ck.load == ck.save:
         run.last_saved = run.iteration
     run.log.print(
@@ -541,7 +543,7 @@ def roll_back(run: Run, diverged: Diverged) -> None:
                             f"{ck.save} yet to roll back to)") from diverged  # fmt: skip
     run.ddp.finish_param_sync()  # a background param gather must not land after the load
     reload = dataclasses.replace(ck, load=ck.save, no_load_optim=False, no_load_rng=False)
-    iteration, saved_samples, where = ckpt.load_checkpoint(
+    iteration, saved_samples, where, _ = ckpt.load_checkpoint(
         dataclasses.replace(cfg, checkpoint=reload), run.chunks, run.optimizer
     )
     run.iteration, run.consumed_samples = iteration, diverged.consumed_samples
