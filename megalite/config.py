@@ -139,6 +139,15 @@ class ParallelConfig:
         "ZeRO-1: shard the fp32 main params and AdamW moments over data-parallel ranks "
         "(each steps 1/DP of every grad bucket, then the params are all-gathered)",
     )
+    data_parallel_sharding_strategy: Optional[
+        Literal["no_shard", "optim", "optim_grads", "optim_grads_params"]
+    ] = _f(
+        None,
+        "what is sharded over data-parallel ranks: nothing; the optimizer state (ZeRO-1, "
+        "= --use-distributed-optimizer); also the grads (ZeRO-2); also the params (ZeRO-3, "
+        "gathered per transformer layer around its use). Default: optim with "
+        "--use-distributed-optimizer, else no_shard",
+    )
     overlap_grad_reduce: bool = _f(
         False,
         "start each grad bucket's all-reduce (reduce-scatter with the distributed "
@@ -415,11 +424,7 @@ def _check(cfg: Config) -> None:
         )
     if t.bf16 and t.fp16:
         raise MegaliteError("--bf16 and --fp16 are exclusive; pick one")
-    if p.overlap_param_gather and not p.use_distributed_optimizer:
-        raise MegaliteError(
-            "--overlap-param-gather needs --use-distributed-optimizer (only "
-            "the distributed optimizer all-gathers params)"
-        )
+    _check_sharding(p)
     if p.ddp_bucket_size is not None and p.ddp_bucket_size <= 0:
         raise MegaliteError(
             f"--ddp-bucket-size must be a positive number of elements, got {p.ddp_bucket_size}"
@@ -438,6 +443,31 @@ def _check(cfg: Config) -> None:
         raise MegaliteError("--save-interval needs --save DIR")
     _check_fault_handling(t, cfg.checkpoint)
     _check_layout(cfg)
+
+
+def _check_sharding(p: ParallelConfig) -> None:
+    """--data-parallel-sharding-strategy against --use-distributed-optimizer, PP and
+    --overlap-param-gather."""
+    strategy = p.data_parallel_sharding_strategy
+    if strategy == "no_shard" and p.use_distributed_optimizer:
+        raise MegaliteError(
+            "--use-distributed-optimizer is --data-parallel-sharding-strategy optim, not "
+            "no_shard; drop one of them"
+        )
+    if strategy in ("optim_grads", "optim_grads_params") and p.pipeline_model_parallel_size > 1:
+        raise MegaliteError(
+            f"--data-parallel-sharding-strategy {strategy} does not support pipeline "
+            f"parallelism (--pipeline-model-parallel-size {p.pipeline_model_parallel_size}); "
+            f"use optim with PP, or PP 1"
+        )
+    if p.overlap_param_gather and not (
+        p.use_distributed_optimizer or strategy in ("optim", "optim_grads")
+    ):
+        raise MegaliteError(
+            "--overlap-param-gather needs --use-distributed-optimizer or sharding strategy "
+            "optim / optim_grads (they all-gather params after the step; optim_grads_params "
+            "gathers each layer before use, prefetching the next)"
+        )
 
 
 def _check_fault_handling(t: TrainingConfig, ck: CheckpointConfig) -> None:
@@ -542,6 +572,14 @@ def _resolve(cfg: Config) -> None:
         par["ddp_bucket_size"] = default_bucket_size(dp)
     if p.distributed_backend is None:
         par["distributed_backend"] = "nccl" if cfg.training.device == "cuda" else "gloo"
+    if p.data_parallel_sharding_strategy is None:
+        par["data_parallel_sharding_strategy"] = (
+            "optim" if p.use_distributed_optimizer else "no_shard"
+        )
+    # every strategy but no_shard shards the optimizer: the distributed optimizer
+    par["use_distributed_optimizer"] = (
+        par.get("data_parallel_sharding_strategy", p.data_parallel_sharding_strategy) != "no_shard"
+    )
     if par:
         _set(cfg, "parallel", dataclasses.replace(p, **par))
     if o.lr_decay_iters is None:

@@ -153,7 +153,7 @@ def memory(dp):
     for setting in ("plain", "distopt"):
         model, ddp, opt = make(setting, torch.bfloat16, bucket_size=None)
         n = sum(p.numel() for p in model.parameters())
-        m = memory_footprint(model, ddp, opt)
+        m = memory_footprint(ddp, opt)
         out[setting] = {k: v / n for k, v in m.items()}
         out[setting]["numel"] = n
     return out

@@ -84,7 +84,7 @@ def test_params_low_precision_grads_and_main_params_fp32(dtype):
     assert stepped and norm > 0
     for pc in opt.pieces:  # model = round(main)
         assert torch.equal(pc.param.view(-1), pc.main.to(dtype)), names[pc.param]
-    m = memory_footprint(model, ddp, opt)
+    m = memory_footprint(ddp, opt)
     n = sum(p.numel() for p in model.parameters())
     assert m["total"] == 18 * n  # 2 + 4 + 12
 

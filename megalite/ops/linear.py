@@ -143,7 +143,10 @@ class _LinearFn(torch.autograd.Function):
         else:
             y2d = F.linear(x2d, weight, bias)
         ctx.save_for_backward(x2d, weight)
-        ctx.onednn, ctx.fuse = onednn, fuse
+        ctx.onednn = onednn
+        # The param's accumulator, kept here: under activation recomputation the saved
+        # weight comes back as another tensor object, without the attribute.
+        ctx.accumulate = weight.accumulate_main_grad if fuse else None
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         return y2d.view(*x.shape[:-1], out_features)
@@ -160,14 +163,14 @@ class _LinearFn(torch.autograd.Function):
         if need_x:
             dx = _mm_input_grad(dy2d, weight, ctx.onednn).view(ctx.x_shape)
         if need_w:
-            if ctx.fuse and dy2d.dtype == x2d.dtype == torch.float32:
+            if ctx.accumulate is not None and dy2d.dtype == x2d.dtype == torch.float32:
 
                 def wgrad_into(out, beta, alpha):
                     # One GEMM into main_grad: out = beta * out + alpha * dy^T x. With beta 0
                     # BLAS does not read out (a nan there is overwritten, not propagated).
                     torch.addmm(out, dy2d.t(), x2d, beta=beta, alpha=alpha, out=out)
 
-                weight.accumulate_main_grad(wgrad_into)
+                ctx.accumulate(wgrad_into)
                 dw = torch.empty_like(weight)  # placeholder: never read (module docstring)
             else:  # MKL whatever the forward used: oneDNN is not faster here (docstring)
                 dw = dy2d.t().mm(x2d)

@@ -45,10 +45,10 @@ class Piece:
         "exp_avg_sq",
     )
 
-    def __init__(self, param, name, start, end, group):
+    def __init__(self, param, name, start, end, group, ddp):
         self.param, self.name, self.start, self.end, self.group = param, name, start, end, group
-        self.model = param.detach().view(-1)[start:end]  # the model's own storage
-        self.grad = param.main_grad.view(-1)[start:end]  # fp32, in the DDP buffer
+        self.model = ddp.param_piece(param, start, end)  # the model's own storage
+        self.grad = ddp.grad_piece(param, start, end)  # fp32, in the DDP buffer
 
     @property
     def numel(self):
@@ -91,7 +91,7 @@ class MixedPrecisionOptimizer:
             raise MegaliteError(
                 f"optimizer: parameters {missing[:3]} have grad buffers but no param group"
             )
-        self.pieces = [Piece(p, ddp.names[p], s, e, group_of[p]) for p, s, e in self._owned()]
+        self.pieces = [Piece(p, ddp.names[p], s, e, group_of[p], ddp) for p, s, e in self._owned()]
         self._allocate_state()
         device = self.exp_avg_flat.device
         # AdamW steps taken (its bias correction): advanced on the device by the steps that
@@ -357,7 +357,7 @@ class MixedPrecisionOptimizer:
                 pc.model.copy_(pc.main)
 
 
-def memory_footprint(modules, ddp, optimizer) -> dict:
+def memory_footprint(ddp, optimizer) -> dict:
     """Bytes of real tensor storage per rank: params, grads, optimizer state (each storage
     counted once, in the first category that holds it)."""
     seen = set()
@@ -371,8 +371,7 @@ def memory_footprint(modules, ddp, optimizer) -> dict:
                 n += s.nbytes()
         return n
 
-    modules = modules if isinstance(modules, (list, tuple)) else [modules]
-    params = total([p for m in modules for p in m.parameters()])
-    grads = total(list(ddp.grad_buffers.values()))
+    params = total(ddp.param_tensors())
+    grads = total(ddp.grad_tensors())
     opt = total([optimizer.main_flat, optimizer.exp_avg_flat, optimizer.exp_avg_sq_flat])
     return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}

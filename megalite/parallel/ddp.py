@@ -96,13 +96,14 @@ class Bucket:
     """A contiguous run of the grad buffer (and of the param buffer, with the distributed
     optimizer) whose params are reduced by one collective."""
 
-    def __init__(self, index, params, offsets, grad_data, param_data, dp):
+    def __init__(self, index, params, offsets, numel, grad_data, param_data, dp):
         self.index = index
         self.params = params  # in buffer order
         self.offsets = offsets  # param -> (start, end) within this bucket
-        self.grad_data = grad_data  # 1-D fp32 view of the grad buffer
+        self.numel = numel  # padded to a multiple of DP with a sharded optimizer
+        self.grad_data = grad_data  # 1-D fp32 view of the grad buffer (ZeRO-2/3: transient)
         self.param_data = param_data  # 1-D view of the param buffer, or None
-        self.shard_size = grad_data.numel() // dp
+        self.shard_size = numel // dp
         self.ready = set()  # params whose last grad of the step is in
         self.has_grad = set()  # params whose main_grad holds this step's grad
         self.grad_work = None
@@ -111,10 +112,6 @@ class Bucket:
     def shard(self, flat, rank):
         """This rank's 1/DP of a bucket-sized flat tensor (distributed optimizer)."""
         return flat[rank * self.shard_size : (rank + 1) * self.shard_size]
-
-    @property
-    def numel(self):
-        return self.grad_data.numel()
 
 
 class DistributedDataParallel:
@@ -168,6 +165,11 @@ class DistributedDataParallel:
         if self.overlap_param_gather:
             self._install_forward_pre_hooks()
 
+    @property
+    def strategy(self) -> str:
+        """Its --data-parallel-sharding-strategy."""
+        return "optim" if self.use_distributed_optimizer else "no_shard"
+
     # -- layout -----------------------------------------------------------------------------
     def _bucket_indices(self, tied):
         """Buckets of param indices (reverse order of use), by size and dtype."""
@@ -193,9 +195,9 @@ class DistributedDataParallel:
             index_buckets += [[g[j] for j in b] for b in assigned if b]
         return sorted(index_buckets, key=lambda b: b[0])
 
-    def _make_buckets(self, tied):
-        """Bucket the params, then give each dtype one flat fp32 grad buffer (and a flat
-        param buffer with the distributed optimizer) that the buckets are views of."""
+    def _layout(self, tied):
+        """[(dtype, params, {p: (start, end)}, padded numel, offset in its dtype's buffer)]
+        per bucket, and {dtype: buffer numel}."""
         params = self.params
         pad = self.dp if self.use_distributed_optimizer else 1
         layout = []  # (dtype, params, {p: (start, end)}, padded numel, offset)
@@ -210,8 +212,17 @@ class DistributedDataParallel:
             dtype = bparams[0].dtype
             layout.append((dtype, bparams, offsets, n, sizes.get(dtype, 0)))
             sizes[dtype] = sizes.get(dtype, 0) + n
+        return layout, sizes
 
-        device = params[0].device if params else state.get().device
+    @property
+    def device(self):
+        return self.params[0].device if self.params else state.get().device
+
+    def _make_buckets(self, tied):
+        """Bucket the params, then give each dtype one flat fp32 grad buffer (and a flat
+        param buffer with the distributed optimizer) that the buckets are views of."""
+        layout, sizes = self._layout(tied)
+        device = self.device
         self.grad_buffers = {
             dt: torch.zeros(n, dtype=torch.float32, device=device) for dt, n in sizes.items()
         }
@@ -238,7 +249,7 @@ class DistributedDataParallel:
                     view = param_data[s:e].view(p.shape)
                     view.copy_(p.detach())
                     p.data = view
-            buckets.append(Bucket(k, bparams, offsets, grad_data, param_data, self.dp))
+            buckets.append(Bucket(k, bparams, offsets, n, grad_data, param_data, self.dp))
         return buckets
 
     # -- backward ---------------------------------------------------------------------------
@@ -246,6 +257,7 @@ class DistributedDataParallel:
         """`ops.linear`'s backward hands over its weight-grad GEMM: out = beta*out + alpha*dW,
         with beta 0 on the step's first micro-batch (nothing to zero, nothing copied)."""
         b = self._bucket_of[param]
+        self._before_grad(b)
         wgrad_into(param.main_grad, 1.0 if param in b.has_grad else 0.0, 1.0 / self.dp)
         b.has_grad.add(param)
         self._fused.add(param)
@@ -253,6 +265,7 @@ class DistributedDataParallel:
     @torch.no_grad()
     def _grad_hook(self, param):
         b = self._bucket_of[param]
+        self._before_grad(b)
         grad, main, s = param.grad, param.main_grad, 1.0 / self.dp
         if param in self._fused:  # already in main_grad; grad is a placeholder
             self._fused.discard(param)
@@ -271,7 +284,7 @@ class DistributedDataParallel:
                 main.copy_(grad).mul_(s)
             b.has_grad.add(param)
             param.grad = None
-        if self.overlap_grad_reduce and self._chunk_sync[self._chunk_of[param]] and self.dp > 1:
+        if self._syncs_now(param):
             if b.grad_work is not None:
                 raise MegaliteError(
                     f"the grad of {self.names[param]} arrived after its bucket's reduction "
@@ -284,6 +297,14 @@ class DistributedDataParallel:
             ) == len(self.buckets[self._next_launch].params):
                 self._launch(self.buckets[self._next_launch])
                 self._next_launch += 1
+
+    def _before_grad(self, bucket):
+        """Called before a grad goes into the bucket (ZeRO-2/3 make its buffer here)."""
+
+    def _syncs_now(self, param) -> bool:
+        """Whether a param's grad arriving now counts toward launching its bucket: on the
+        last micro-batch of its chunk, with --overlap-grad-reduce."""
+        return self.overlap_grad_reduce and self._chunk_sync[self._chunk_of[param]] and self.dp > 1
 
     @contextlib.contextmanager
     def no_sync(self, chunk=None):
@@ -342,6 +363,32 @@ class DistributedDataParallel:
         self._next_launch = 0
         for p in self.params:
             p.grad = None
+
+    # -- what the optimizer, finalize_model_grads and the memory report read ---------------
+    def grad_piece(self, param, start, end) -> torch.Tensor:
+        """The fp32 grad of elements [start, end) of the flattened param, after the sync."""
+        return param.main_grad.view(-1)[start:end]
+
+    def param_piece(self, param, start, end) -> torch.Tensor:
+        """The storage of elements [start, end) of the flattened param that the optimizer
+        writes its update into (the param itself here; ZeRO-3: this rank's shard)."""
+        return param.detach().view(-1)[start:end]
+
+    def synced_grads(self, params) -> list:
+        """The grads of `params` that hold this step's DP-synced values, to be summed over
+        another group (SP over TP, the tied embedding): the whole main_grad here."""
+        return [p.main_grad for p in params]
+
+    def param_tensors(self) -> list:
+        """Every tensor that holds parameter values (for the memory report)."""
+        return [p for m in self.modules for p in m.parameters()]
+
+    def grad_tensors(self) -> list:
+        return list(self.grad_buffers.values())
+
+    def full_params(self):
+        """A context in which every param is whole (ZeRO-3 gathers them; here they are)."""
+        return contextlib.nullcontext()
 
     # -- params (distributed optimizer) ----------------------------------------------------
     @torch.no_grad()
@@ -433,12 +480,8 @@ def finalize_model_grads(model, ddp=None) -> None:
     if ddp is not None:
         ddp.finish_grad_sync()
 
-        def grad(p):
-            return p.main_grad
-    else:
-
-        def grad(p):
-            return p.grad
+    def grads(ps):
+        return ddp.synced_grads(ps) if ddp is not None else [p.grad for p in ps]
 
     params = [
         p
@@ -452,10 +495,12 @@ def finalize_model_grads(model, ddp=None) -> None:
     # (same bucket layout) and on both embedding stages (the tied embedding has a bucket of
     # its own), so reducing whole tensors keeps the shards right.
     if st.tp > 1:
-        _all_reduce_coalesced([grad(p) for p in params if tag_of(p).sequence_parallel], st.tp_group)
+        _all_reduce_coalesced(
+            grads([p for p in params if tag_of(p).sequence_parallel]), st.tp_group
+        )
     if st.pp > 1 and st.embedding_group is not None and len(st.embedding_ranks) > 1:
         _all_reduce_coalesced(
-            [grad(p) for p in params if tag_of(p).tied_embedding], st.embedding_group
+            grads([p for p in params if tag_of(p).tied_embedding]), st.embedding_group
         )
     if ddp is None and st.dp > 1:
-        _all_reduce_coalesced([grad(p) for p in params], st.dp_group, scale=1.0 / st.dp)
+        _all_reduce_coalesced(grads(params), st.dp_group, scale=1.0 / st.dp)

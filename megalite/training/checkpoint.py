@@ -418,7 +418,8 @@ def load_checkpoint(cfg, chunks, optimizer) -> Optional[Resumed]:
             f"checkpoint {where} holds weights only (an imported model); "
             f"train from it with --finetune"
         )
-    _load_model_state(chunks, model, where)
+    with optimizer.ddp.full_params():  # ZeRO-3: whole params, written back to the shards
+        _load_model_state(chunks, model, where)
     optimizer.reload_model_params()  # fp32 main params <- the loaded weights
     iteration, consumed = 0, 0
     if not ck.no_load_optim:

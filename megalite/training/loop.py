@@ -35,10 +35,12 @@ from megalite.layout import padded_vocab_size
 from megalite.model.gpt import build_model, cast_params, flops_per_token, num_parameters
 from megalite.optim import build_lr_schedule, build_optimizer
 from megalite.optim.grad_norm import SpikeFilter
+from megalite.optim.mixed_precision import memory_footprint
 from megalite.parallel import heartbeat
 from megalite.parallel import random as prandom
 from megalite.parallel import state
 from megalite.parallel.ddp import DistributedDataParallel, finalize_model_grads
+from megalite.parallel.zero import data_parallel
 from megalite.parallel.pipeline import forward_backward, global_mean_loss, p2p_tensor_shape
 from megalite.training import checkpoint as ckpt
 from megalite.training.batches import batch_iterator, build_datasets, vocab_size
@@ -163,6 +165,7 @@ def setup(cfg: Config) -> Run:
         f"(padded {padded}), layout TP={st.tp} PP={st.pp} DP={st.dp}, "
         f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'} on {st.device}"
     )
+    report_memory(log, ddp, optimizer)
     peak, peak_why = peak_tflops(st.device, t.bf16 or t.fp16, cfg.logging.peak_tflops)
     if peak is None:
         log.print(f"MFU not reported: {peak_why}")
@@ -176,6 +179,31 @@ def setup(cfg: Config) -> Run:
     # starved heartbeat would look like a lost rank.
     run.heartbeat = heartbeat.start(st.rank, st.world_size, par.heartbeat_timeout)
     return run
+
+
+def report_memory(log: MetricsWriter, ddp, optimizer) -> None:
+    """Once, at start: every rank's bytes of params, grads and optimizer state, measured from
+    the real storages (memory_footprint), as one metrics record per rank and one line."""
+    st = state.get()
+    mine = memory_footprint(ddp, optimizer)
+    mine["numel"] = sum(p.numel() for p in ddp.params)
+    every = [mine]
+    if dist.is_initialized():
+        every = [None] * st.world_size
+        dist.all_gather_object(every, mine)
+    for rank, m in enumerate(every):
+        sizes = {f"mem_{k}_bytes": m[k] for k in ("params", "grads", "optimizer")}
+        log.record({"iteration": 0, "rank": rank, **sizes})
+    worst = max(range(len(every)), key=lambda r: every[r]["total"])
+    parts = []
+    for rank in dict.fromkeys([0, worst]):
+        m = every[rank]
+        parts.append(
+            f"rank {rank}: params {m['params'] / 2**20:.1f} MiB, grads {m['grads'] / 2**20:.1f} "
+            f"MiB, optimizer {m['optimizer'] / 2**20:.1f} MiB "
+            f"({m['total'] / max(m['numel'], 1):.2f} B per param of its {m['numel']:,})"
+        )
+    log.print(f"memory ({ddp.strategy}): " + "; ".join(parts))
 
 
 def train_batches(run: Run) -> Iterator:
@@ -196,13 +224,9 @@ def parallelize(cfg: Config, vocab_size: int, unpadded_vocab_size: int):
     cast_params(chunks, cfg.training.params_dtype)
     # 3. data parallelism: fp32 grad buffers in buckets, synced during backward with
     #    --overlap-grad-reduce, params in a flat buffer with --use-distributed-optimizer;
-    ddp = DistributedDataParallel(
-        chunks,
-        bucket_size=par.ddp_bucket_size,
-        overlap_grad_reduce=par.overlap_grad_reduce,
-        use_distributed_optimizer=par.use_distributed_optimizer,
-        overlap_param_gather=par.overlap_param_gather,
-    )
+    #    ZeRO-2 keeps only this rank's grad shards, ZeRO-3 its param shards too (gathered
+    #    per transformer layer around its use: parallel/zero.py);
+    ddp = data_parallel(chunks, par)
     # 4. the optimizer over those buffers (ZeRO-1 with --use-distributed-optimizer; it owns
     #    clipping, the fp16 loss scaler and the grad-norm spike filter).
     optimizer = build_optimizer(chunks, cfg, ddp)
@@ -418,9 +442,10 @@ def save(run: Run) -> None:
     read_window(run)  # a diverged run stops here, with its one-line error, and is never saved
     if run.cfg.checkpoint.save and run.last_saved != run.iteration:
         try:
-            where = ckpt.save_checkpoint(
-                run.cfg, run.iteration, run.consumed_samples, run.chunks, run.optimizer
-            )
+            with run.ddp.full_params():  # ZeRO-3: whole params to save
+                where = ckpt.save_checkpoint(
+                    run.cfg, run.iteration, run.consumed_samples, run.chunks, run.optimizer
+                )
         except ckpt.SaveFailed as e:
             if run.cfg.checkpoint.save_failure == "stop":
                 raise

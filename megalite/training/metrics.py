@@ -119,6 +119,11 @@ class MetricsWriter:
                 if k != "iteration" and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, v, it)
 
+    def record(self, record: dict):
+        """A record for the metrics file alone (no console line, no TensorBoard scalar)."""
+        if self.active and self.file:
+            self.file.write(json.dumps(record) + "\n")
+
     def close(self):
         if self.file:
             self.file.close()
