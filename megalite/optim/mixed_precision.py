@@ -366,8 +366,8 @@ def memory_footprint(ddp, optimizer) -> dict:
         n = 0
         for t in tensors:
             s = t.untyped_storage()
-            if s.data_ptr() not in seen:
-                seen.add(s.data_ptr())
+            if s._cdata not in seen:  # the storage itself (a data_ptr is 0 on meta, or freed)
+                seen.add(s._cdata)
                 n += s.nbytes()
         return n
 

@@ -229,12 +229,15 @@ def destroy() -> None:
 
 
 @contextlib.contextmanager
-def as_rank(tp: int, pp: int, tp_rank: int, pp_rank: int):
-    """Within it, this process reads as rank (tp_rank, pp_rank) of a TP x PP layout, with no
-    process group: for building another rank's model chunks on the meta device (their names
-    and tags), as the checkpoint converters do."""
+def as_rank(tp: int, pp: int, tp_rank: int, pp_rank: int, dp: int = 1, device=None):
+    """Within it, this process reads as rank (tp_rank, DP rank 0, pp_rank) of a TP x DP x PP
+    layout, with no process group of its own: for building another rank's model chunks on the
+    meta device (their names, tags and sizes), as the checkpoint converters and the planner
+    do."""
     saved = get()
-    set_state(ParallelState(tp=tp, pp=pp, rank=rank_of(tp_rank, 0, pp_rank, tp, 1)))
+    rank = rank_of(tp_rank, 0, pp_rank, tp, dp)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    set_state(ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, device=device))
     try:
         yield
     finally:

@@ -214,12 +214,13 @@ def train_batches(run: Run) -> Iterator:
                           cfg.data.num_workers, run.vocab_size, state.get().device)  # fmt: skip
 
 
-def parallelize(cfg: Config, vocab_size: int, unpadded_vocab_size: int):
-    """Parallelism, applied in this one order; returns (chunks, ddp, optimizer)."""
+def parallelize(cfg: Config, vocab_size: int, unpadded_vocab_size: int, build=build_model):
+    """Parallelism, applied in this one order; returns (chunks, ddp, optimizer). build: the
+    model's builder (the planner passes one that builds on the meta device)."""
     par = cfg.parallel
     # 1. the plain model of this rank's pipeline stage(s), each layer holding its TP slice
     #    (initialised from (seed, parameter name), so every layout starts from one model);
-    chunks = build_model(cfg, vocab_size, unpadded_vocab_size)
+    chunks = build(cfg, vocab_size, unpadded_vocab_size)
     # 2. the training dtype: bf16/fp16 params (fp32 main params live in the optimizer);
     cast_params(chunks, cfg.training.params_dtype)
     # 3. data parallelism: fp32 grad buffers in buckets, synced during backward with
