@@ -331,8 +331,11 @@ def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
     if p.recompute_granularity == "full":
         flops *= 4 / 3  # one more forward
     compute = flops / (cluster.peak_tflops * 1e12 * cluster.efficiency)
-    compute += cluster.layer_overhead * (m.num_layers // pp) * micro * (
-        1.5 if p.recompute_granularity == "full" else 1.0
+    compute += (
+        cluster.layer_overhead
+        * (m.num_layers // pp)
+        * micro
+        * (1.5 if p.recompute_granularity == "full" else 1.0)
     )
     g = cluster.gpus_per_node
     bw = {True: cluster.intra_node_bandwidth, False: cluster.inter_node_bandwidth}
