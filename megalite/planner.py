@@ -92,6 +92,8 @@ class Cluster:
     intra_node_bandwidth: float = 360e9  # bytes/s per GPU
     inter_node_bandwidth: float = 45e9
     efficiency: float = 0.5  # achievable fraction of peak in the model's GEMMs
+    headroom: float = 0.9  # the fraction of memory a plan may fill: the CUDA context, NCCL's
+    # buffers and the allocator's fragmentation take the rest
     latency: float = 10e-6  # seconds per message of a collective's ring step or a p2p
     layer_overhead: float = 0.0  # host seconds per layer and micro-batch (fwd + bwd), beside
     # the FLOPs: launches and Python; what dominates a tiny model (and a CPU run)
@@ -416,7 +418,8 @@ def plan_layout(cfg: Config, cluster: Cluster, vocab: Optional[int] = None) -> P
                   strategy=p.data_parallel_sharding_strategy, recompute=p.recompute_granularity,
                   sequence_parallel=p.sequence_parallel,
                   micro_batch_size=t.micro_batch_size)  # fmt: skip
-    return Plan(cfg, layout, ranks, peak, peak <= cluster.memory_bytes, parts, step,
+    fits = peak <= cluster.headroom * cluster.memory_bytes
+    return Plan(cfg, layout, ranks, peak, fits, parts, step,
                 tokens / step, mfu / (cluster.peak_tflops * 1e12))  # fmt: skip
 
 
@@ -456,7 +459,16 @@ def candidates(cfg: Config, cluster: Cluster):
 def search(cfg: Config, cluster: Cluster, vocab: Optional[int] = None, top: int = 10) -> list:
     """The `top` fastest layouts that fit, fastest first (then, if fewer fit, the ones that
     do not, smallest first)."""
-    plans = [plan_layout(c, cluster, vocab) for c in candidates(cfg, cluster)]
+    plans, seen = [], set()
+    for c in candidates(cfg, cluster):
+        plan = plan_layout(c, cluster, vocab)
+        # one of the layouts that differ only in a setting that changes nothing (selective
+        # recompute, when fused attention saves no [s, s] probabilities)
+        same = tuple(v for k, v in plan.layout.items() if k != "recompute")
+        key = (same, plan.peak_bytes, round(plan.step_s, 9))
+        if key not in seen:
+            seen.add(key)
+            plans.append(plan)
     fitting = sorted((p for p in plans if p.fits), key=lambda p: p.step_s)
     rest = sorted((p for p in plans if not p.fits), key=lambda p: p.peak_bytes)
     return (fitting + rest)[:top]

@@ -37,6 +37,7 @@ def cluster_parser():
     p.add_argument("--intra-node-bandwidth", type=float, help="GB/s per GPU (NVLink busbw)")
     p.add_argument("--inter-node-bandwidth", type=float, help="GB/s per GPU (network)")
     p.add_argument("--efficiency", type=float, help="achievable fraction of peak (0.5)")
+    p.add_argument("--headroom", type=float, help="fraction of memory a plan may fill (0.9)")
     p.add_argument("--search", action="store_true", help="rank every valid layout")
     p.add_argument("--top", type=int, default=10, help="layouts shown with --search")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -60,6 +61,7 @@ def make_cluster(a):
         intra_node_bandwidth=scaled(a.intra_node_bandwidth, 1e9),
         inter_node_bandwidth=scaled(a.inter_node_bandwidth, 1e9),
         efficiency=a.efficiency,
+        headroom=a.headroom,
     )
 
 
