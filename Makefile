@@ -12,7 +12,7 @@ HF_PACKAGES := "safetensors==0.8.0" "transformers==5.24.0"
 # then the dependencies and megalite itself, building the kernels against that torch.
 $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	$(PYTHON) -m pip install numpy pyyaml sentencepiece tqdm psutil pytest tensorboard pybind11 ninja "setuptools>=64" wheel
+	$(PYTHON) -m pip install numpy pyyaml sentencepiece tqdm psutil pytest tensorboard pybind11 ninja "setuptools>=64" wheel "matplotlib==3.11.2"
 	$(PYTHON) -m pip install $(HF_PACKAGES)
 	$(PYTHON) -m pip install --no-build-isolation -e .
 	$(PYTHON) -m megalite.env

@@ -465,7 +465,7 @@ def search(cfg: Config, cluster: Cluster, vocab: Optional[int] = None, top: int 
         # one of the layouts that differ only in a setting that changes nothing (selective
         # recompute, when fused attention saves no [s, s] probabilities)
         same = tuple(v for k, v in plan.layout.items() if k != "recompute")
-        key = (same, plan.peak_bytes, round(plan.step_s, 9))
+        key = (same, round(plan.peak_bytes / 2**20), round(plan.step_s, 4))
         if key not in seen:
             seen.add(key)
             plans.append(plan)
