@@ -24,6 +24,10 @@ tool can rebuild the full tensor (`load_full_model_state`) and re-split it for a
 rank's model chunks, the optimizer's state with its loss scaler, RNG states, the iteration and
 consumed samples) the other puts back. The formats are in docs/ARCHITECTURE.md.
 
+A save is two steps: `snapshot` (the objects this rank's files hold; no collective, no file)
+and `write` (the files, the agreement that all were written, metadata.json, `latest`, over a
+process group that the caller names).
+
 Safety: every file loads with torch.load(weights_only=True), so it holds only tensors and
 plain values (the RNG states too, see parallel/random.py); a file whose pickle names anything
 else (code to run on loading) is refused in one line. metadata.json records each file's size
@@ -43,6 +47,7 @@ import json
 import os
 import pickle
 import shutil
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -71,17 +76,22 @@ def optim_shard_name(tp_rank, pp_rank, dp_rank):
     return f"optim_tp{tp_rank:02d}_pp{pp_rank:03d}_dp{dp_rank:03d}.pt"
 
 
-def _barrier():
+# The save's collectives run over `group`: None, the default group (a save on the main thread),
+# or a gloo group of the caller's, whose tensors live on the CPU.
+
+
+def _barrier(group=None):
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _on_every_rank(value: float, op) -> float:
+def _on_every_rank(value: float, op, group=None) -> float:
     """`value` reduced over all ranks with `op` (a dist.ReduceOp); itself in one process."""
     if not dist.is_initialized():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=state.get().device)
-    dist.all_reduce(t, op=op)
+    device = state.get().device if group is None else torch.device("cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op, group=group)
     return float(t.item())
 
 
@@ -157,10 +167,11 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     the main params and moments); pinning the destination would lock the state's size of host
     memory; copying straight into pageable memory runs well below the PCIe bandwidth.
     CPU: no copy. Saving the live tensor is safe because save_checkpoint writes the file before
-    the training loop takes its next step. Only the storage is narrowed to the tensor's own
-    bytes (sharing them): torch.save writes a view's whole storage, so a piece of a flat buffer
-    (a ZeRO-1 shard's fp32 main params are views into the whole param buffer) would otherwise
-    put the whole buffer into every file that holds a piece of it.
+    the training loop takes its next step.
+    Only the storage is narrowed to the tensor's own bytes (sharing them): torch.save writes
+    a view's whole storage, so a piece of a flat buffer (a ZeRO-1 shard's fp32 main params are
+    views into the whole param buffer) would otherwise put the whole buffer into every file
+    that holds a piece of it.
     """
     global _staging
     t = t.detach().contiguous()  # the saved state is contiguous: this copies nothing
@@ -242,12 +253,12 @@ def _write_metadata(directory, meta: dict, files: dict) -> None:
     _fsync_write(os.path.join(directory, "metadata.json"), json.dumps(meta, indent=1).encode())
 
 
-def _records_on_rank0(records: dict) -> dict:
+def _records_on_rank0(records: dict, group=None) -> dict:
     """The union of every rank's file records, on rank 0 (the others get {})."""
     if not dist.is_initialized():
         return records
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(records, gathered, dst=0)
+    dist.gather_object(records, gathered, dst=0, group=group)
     return {k: v for r in gathered or [] for k, v in r.items()}
 
 
@@ -271,18 +282,26 @@ def _load_model_state(chunks, saved: dict, where: str) -> None:
         chunk.load_state_dict({k: saved[k] for k in chunk.state_dict()})
 
 
-def save_checkpoint(cfg, iteration, consumed_samples, chunks, optimizer) -> str:
-    """Write iteration `iteration` under --save (every rank calls it); returns its directory.
-    Raises SaveFailed (on every rank alike) when any rank could not write its files."""
-    st, root = state.get(), cfg.checkpoint.save
-    final = iter_dir(root, iteration)
-    tmp = final + ".tmp"
-    if st.rank == 0:
-        os.makedirs(root, exist_ok=True)
-        recover(root)  # also removes a crashed earlier attempt at this very iteration
-        os.makedirs(tmp)
-    _barrier()
-    files = []  # (path, object) this rank writes
+# -- saving: a snapshot, then the write ----------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """A checkpoint between the two steps of its save: what this rank's files hold."""
+
+    root: str  # --save
+    iteration: int
+    files: list  # (file name, object) this rank writes
+    meta: dict  # rank 0: metadata.json's fields but `files` (the others: {})
+    keep_last: Optional[int]
+
+
+def snapshot(cfg, iteration, consumed_samples, chunks, optimizer) -> Snapshot:
+    """Step 1 of a save, on the main thread: the objects this rank's files hold, with no
+    collective and no file touched: views of the live state, for a write that ends before
+    the next step."""
+    st = state.get()
+    files = []
     if st.dp_rank == 0:
         shard = {
             "iteration": iteration,
@@ -292,42 +311,68 @@ def save_checkpoint(cfg, iteration, consumed_samples, chunks, optimizer) -> str:
             "optimizer": optimizer.state_dict(),
             "rng": prandom.get_rng_state(),
         }
-        files.append((os.path.join(tmp, shard_name(st.tp_rank, st.pp_rank)), shard))
+        files.append((shard_name(st.tp_rank, st.pp_rank), shard))
     if optimizer.sharded:
         # ZeRO-1: no rank holds the whole optimizer state; each saves the pieces it owns
         # (keyed by parameter name and element range, so they can be re-cut on load).
         name = optim_shard_name(st.tp_rank, st.pp_rank, st.dp_rank)
-        files.append((os.path.join(tmp, name), optimizer.sharded_state_dict()))
-    failure, records = None, {}
-    try:
-        for path, obj in files:
-            records[os.path.basename(path)] = _torch_save_fsync(obj, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        failure = e
-    my_bytes = sum(_nbytes(o) for _, o in files)
-    _check_written(failure, root, tmp, iteration, my_bytes)
-    records = _records_on_rank0(records)  # every rank wrote its files: rank 0 records them
+        files.append((name, optimizer.sharded_state_dict()))
+    meta = {}
     if st.rank == 0:
         meta = _metadata(cfg, iteration, consumed_samples, st.tp, st.pp, st.dp)
+    ck = cfg.checkpoint
+    return Snapshot(ck.save, iteration, files, meta, ck.keep_last)
+
+
+def write(snap: Snapshot, group=None) -> str:
+    """Step 2 of a save (every rank; collective over `group`, None for the default group):
+    the files, the agreement that every rank wrote its own, metadata.json, then `latest`.
+    Returns the checkpoint's directory. Raises SaveFailed (on every rank alike) when any rank
+    could not write its files."""
+    st, root, iteration = state.get(), snap.root, snap.iteration
+    final = iter_dir(root, iteration)
+    tmp = final + ".tmp"
+    if st.rank == 0:
+        os.makedirs(root, exist_ok=True)
+        recover(root)  # also removes a crashed earlier attempt at this very iteration
+        os.makedirs(tmp)
+    _barrier(group)
+    failure, records = None, {}
+    try:
+        for name, obj in snap.files:
+            records[name] = _torch_save_fsync(obj, os.path.join(tmp, name))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        failure = e
+    my_bytes = sum(_nbytes(o) for _, o in snap.files)
+    _check_written(failure, root, tmp, iteration, my_bytes, group)
+    records = _records_on_rank0(records, group)  # every rank wrote its files: rank 0 records them
+    if st.rank == 0:
         try:
-            _write_metadata(tmp, meta, records)
-            _publish(root, tmp, final, iteration, cfg.checkpoint.keep_last)
+            _write_metadata(tmp, snap.meta, records)
+            _publish(root, tmp, final, iteration, snap.keep_last)
         except OSError as e:
             failure = e
-    _check_written(failure, root, tmp, iteration, my_bytes)
+    _check_written(failure, root, tmp, iteration, my_bytes, group)
     return final
 
 
-def _check_written(failure, root, tmp, iteration, my_bytes) -> None:
+def save_checkpoint(cfg, iteration, consumed_samples, chunks, optimizer) -> str:
+    """Write iteration `iteration` under --save (every rank calls it); returns its directory.
+    Raises SaveFailed (on every rank alike) when any rank could not write its files. The
+    synchronous save: both steps on this thread, the files straight from the live state."""
+    return write(snapshot(cfg, iteration, consumed_samples, chunks, optimizer))
+
+
+def _check_written(failure, root, tmp, iteration, my_bytes, group=None) -> None:
     """Collective: if any rank's writes failed, delete the partial directory (freeing what it
     took) and raise SaveFailed on every rank, with the size the whole checkpoint needs."""
-    if _on_every_rank(failure is not None, dist.ReduceOp.MAX) == 0:
+    if _on_every_rank(failure is not None, dist.ReduceOp.MAX, group) == 0:
         return
-    needed = _on_every_rank(my_bytes, dist.ReduceOp.SUM)
+    needed = _on_every_rank(my_bytes, dist.ReduceOp.SUM, group)
     if state.get().rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         recover(root)  # a re-saved iteration moved aside goes back
-    _barrier()
+    _barrier(group)
     prev = latest_iteration(root) if os.path.exists(os.path.join(root, LATEST)) else None
     kept = f"{iter_dir(root, prev)} is intact" if prev is not None else "no earlier checkpoint"
     if failure is None:
