@@ -276,6 +276,12 @@ class CheckpointConfig:
         "when a checkpoint cannot be written (a full disk): stop with the error, or warn and "
         "keep training (the next save tries again); the previous checkpoint stays intact",
     )
+    async_save: bool = _f(
+        False,
+        "write checkpoints in the background: training stops only while the state is copied "
+        "to host memory (which holds a copy of it from then on); a save waits for the "
+        "previous one, and the final and SIGTERM saves are written before the exit",
+    )
 
 
 @dataclass(frozen=True)
@@ -441,6 +447,8 @@ def _check(cfg: Config) -> None:
         raise MegaliteError("--finetune needs --load DIR (the weights to start from)")
     if cfg.checkpoint.save_interval is not None and not cfg.checkpoint.save:
         raise MegaliteError("--save-interval needs --save DIR")
+    if cfg.checkpoint.async_save and not cfg.checkpoint.save:
+        raise MegaliteError("--async-save needs --save DIR")
     _check_fault_handling(t, cfg.checkpoint)
     _check_layout(cfg)
 

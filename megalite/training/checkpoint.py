@@ -25,8 +25,11 @@ rank's model chunks, the optimizer's state with its loss scaler, RNG states, the
 consumed samples) the other puts back. The formats are in docs/ARCHITECTURE.md.
 
 A save is two steps: `snapshot` (the objects this rank's files hold; no collective, no file)
-and `write` (the files, the agreement that all were written, metadata.json, `latest`, over a
-process group that the caller names).
+and `write` (the files, the agreement that all were written, metadata.json, `latest`). A
+synchronous save runs both on the main thread, straight from the live state. --async-save
+(`BackgroundSaves`) copies the state into host memory in the snapshot (`HostCopies`), which is
+all the training loop waits for, and runs the write in a thread, over a process group of its
+own.
 
 Safety: every file loads with torch.load(weights_only=True), so it holds only tensors and
 plain values (the RNG states too, see parallel/random.py); a file whose pickle names anything
@@ -42,14 +45,18 @@ state.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import pickle
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -77,7 +84,7 @@ def optim_shard_name(tp_rank, pp_rank, dp_rank):
 
 
 # The save's collectives run over `group`: None, the default group (a save on the main thread),
-# or a gloo group of the caller's, whose tensors live on the CPU.
+# or a background save's own gloo group (`BackgroundSaves`), whose tensors live on the CPU.
 
 
 def _barrier(group=None):
@@ -167,7 +174,7 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     the main params and moments); pinning the destination would lock the state's size of host
     memory; copying straight into pageable memory runs well below the PCIe bandwidth.
     CPU: no copy. Saving the live tensor is safe because save_checkpoint writes the file before
-    the training loop takes its next step.
+    the training loop takes its next step (an async save's snapshot has copied it already).
     Only the storage is narrowed to the tensor's own bytes (sharing them): torch.save writes
     a view's whole storage, so a piece of a flat buffer (a ZeRO-1 shard's fp32 main params are
     views into the whole param buffer) would otherwise put the whole buffer into every file
@@ -204,6 +211,75 @@ def _on_host(obj):
     if isinstance(obj, tuple):
         return tuple(_on_host(v) for v in obj)
     return obj
+
+
+class HostCopies:
+    """Host memory that an async save's snapshot copies the state into, kept from one save to
+    the next. The state's shapes never change, so every save after the first copies into the
+    same buffers: no fresh memory to page-fault in (which would take longer than the copy),
+    nothing asked of the allocator. The price: the rank's state held once more on the host
+    for the whole run. On CUDA the buffers are pinned, so the copies run at the link's speed,
+    queued at once, with one wait for them all.
+
+    One buffer per storage, in the order the snapshot meets them (the buffer is reused when
+    its size matches), to give the files what the synchronous save writes: a tensor over its
+    whole storage keeps sharing it with the other tensors over it (an fp32 param and its main
+    param are one storage, which torch.save writes once), a view into a larger buffer (a
+    ZeRO-1 shard's main params in the flat param buffer) gets a buffer of its own bytes, as
+    `to_host` narrows it."""
+
+    def __init__(self):
+        self.buffers = []  # uint8 tensors
+
+    def copy(self, obj):
+        """obj (dicts, lists and tuples of tensors and plain values) with every tensor copied
+        into these buffers; the copies are complete on return."""
+        self._used, self._shared, self._cuda = 0, {}, False
+        out = self._copy(obj)
+        if self._cuda:
+            torch.cuda.current_stream().synchronize()
+        del self.buffers[self._used :]  # the state shrank (it never does): let the rest go
+        return out
+
+    def _copy(self, obj):
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj)
+        if isinstance(obj, dict):
+            return {k: self._copy(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._copy(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(self._copy(v) for v in obj)
+        return obj
+
+    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().contiguous()  # the saved state is contiguous: this copies nothing
+        nbytes = t.numel() * t.element_size()
+        whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == nbytes
+        key = (t.device, t.data_ptr(), nbytes) if whole else None
+        buf = self._shared.get(key) if whole else None
+        if buf is None:
+            buf = self._buffer(nbytes, pinned=t.is_cuda)
+            src = t.view(-1).view(torch.uint8)
+            if t.is_cuda:
+                buf.copy_(src, non_blocking=True)
+                self._cuda = True
+            else:
+                # One thread's memcpy: Tensor.copy_ splits a copy over the OpenMP threads and
+                # waits for the slowest, and on a machine with more busy threads than cores
+                # (a run whose background write is going on) that wait is most of the copy.
+                np.copyto(buf.numpy(), src.numpy())
+            if whole:
+                self._shared[key] = buf
+        return buf.view(t.dtype).view(t.shape)
+
+    def _buffer(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        i, self._used = self._used, self._used + 1
+        if i < len(self.buffers) and self.buffers[i].numel() == nbytes:
+            return self.buffers[i]
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self.buffers[i : i + 1] = [buf]
+        return buf
 
 
 class _HashingWriter:
@@ -296,10 +372,11 @@ class Snapshot:
     keep_last: Optional[int]
 
 
-def snapshot(cfg, iteration, consumed_samples, chunks, optimizer) -> Snapshot:
+def snapshot(cfg, iteration, consumed_samples, chunks, optimizer, copies=None) -> Snapshot:
     """Step 1 of a save, on the main thread: the objects this rank's files hold, with no
-    collective and no file touched: views of the live state, for a write that ends before
-    the next step."""
+    collective and no file touched. copies=None: views of the live state, for a write that
+    ends before the next step (a synchronous save). A HostCopies: every tensor copied into
+    its host memory, so that training can go on while the files are written (--async-save)."""
     st = state.get()
     files = []
     if st.dp_rank == 0:
@@ -317,6 +394,8 @@ def snapshot(cfg, iteration, consumed_samples, chunks, optimizer) -> Snapshot:
         # (keyed by parameter name and element range, so they can be re-cut on load).
         name = optim_shard_name(st.tp_rank, st.pp_rank, st.dp_rank)
         files.append((name, optimizer.sharded_state_dict()))
+    if copies is not None:
+        files = copies.copy(files)
     meta = {}
     if st.rank == 0:
         meta = _metadata(cfg, iteration, consumed_samples, st.tp, st.pp, st.dp)
@@ -407,6 +486,87 @@ def _publish(root, tmp, final, iteration, keep_last) -> None:
             doomed = iter_dir(root, old) + ".del.tmp"
             os.replace(iter_dir(root, old), doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A checkpoint complete on disk (`latest` names it), and what it cost."""
+
+    iteration: int
+    directory: str
+    blocking_s: float  # the loop stopped for it: waiting for the previous save, the snapshot
+    total_s: float  # from the snapshot's start to the publication of `latest`
+
+
+class BackgroundSaves:
+    """--async-save: the write step of each checkpoint in a thread, one checkpoint at a time.
+
+    `start` is all the loop waits for: the snapshot, every tensor copied into HostCopies (so
+    the steps that follow cannot change what is written), then a thread runs `write`. `wait`
+    joins it; the loop calls it before the next save, before a rollback's load, and on every
+    way out. What the thread raised (SaveFailed) comes out of `wait`.
+
+    The thread's collectives (the write step's barriers, the all-reduced failure check, the
+    gather of the file records) run on a group of their own over every rank, made at the
+    first save (every rank saves at the same iteration, so every rank makes it there): on the
+    training's groups they would interleave with the main thread's collectives in a different
+    order on different ranks. Gloo, so they take CPU tensors and never queue on a GPU stream
+    behind the training's kernels.
+
+    A crash during the write (kill -9 included) leaves what a crashed synchronous save
+    leaves: an `iter_N.tmp` directory, with `latest` still naming the previous checkpoint."""
+
+    def __init__(self):
+        self.copies = HostCopies()
+        self.group = None
+        self.thread = None
+        self.iteration = None  # of the checkpoint being written
+        self.blocking_s = 0.0
+        self._outcome = None  # (directory, total seconds), or what the thread raised
+
+    def start(self, cfg, iteration, consumed_samples, chunks, optimizer, since: float) -> None:
+        """Snapshot and start writing. `since`: the perf_counter() at which the loop stopped
+        for this save (its blocking time counts from there). The previous save must have been
+        waited for."""
+        if self.thread is not None:
+            raise RuntimeError("a checkpoint is still being written: wait() for it first")
+        if self.group is None and dist.is_initialized():
+            minutes = cfg.parallel.distributed_timeout_minutes
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=minutes))
+        started = time.perf_counter()
+        snap = snapshot(cfg, iteration, consumed_samples, chunks, optimizer, self.copies)
+        self.iteration, self._outcome = iteration, None
+        self.thread = threading.Thread(
+            target=self._write, args=(snap, started), name="megalite-save", daemon=True
+        )
+        self.thread.start()
+        self.blocking_s = time.perf_counter() - since
+
+    def _write(self, snap: Snapshot, started: float) -> None:
+        try:
+            self._outcome = (write(snap, self.group), time.perf_counter() - started)
+        except BaseException as e:  # handed to the main thread by wait()
+            self._outcome = e
+
+    def done(self) -> bool:
+        """A save was started and its thread has ended: wait() returns at once."""
+        return self.thread is not None and not self.thread.is_alive()
+
+    def failure(self) -> Optional[BaseException]:
+        """What the ended thread raised, or None."""
+        return self._outcome if self.done() and isinstance(self._outcome, BaseException) else None
+
+    def wait(self) -> Optional[Saved]:
+        """Join the save being written: the checkpoint, or None when none was started; raises
+        what its thread raised."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        outcome, self.thread, self._outcome = self._outcome, None, None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        where, total = outcome
+        return Saved(self.iteration, where, self.blocking_s, total)
 
 
 class Resumed(NamedTuple):

@@ -117,6 +117,7 @@ class Run:
     stop_flags: Optional["RankFlags"] = None  # should_exit's, made on first use
     rollbacks: int = 0  # --rollback-on-nan: how many this process has made
     spikes_total: int = 0  # the spike filter's count, as of the last read_window
+    saves: Optional[ckpt.BackgroundSaves] = None  # --async-save: the checkpoint being written
 
 
 @dataclass
@@ -173,6 +174,8 @@ def setup(cfg: Config) -> Run:
     run = Run(cfg, chunks, ddp, optimizer, build_lr_schedule(cfg), None, None, None, log,
               vocab, p2p_tensor_shape(cfg, st.tp), flops, peak)  # fmt: skip
     _resume(run)
+    if cfg.checkpoint.async_save:
+        run.saves = ckpt.BackgroundSaves()
     run.train_ds, run.valid_ds, _ = build_datasets(cfg, vocab)
     run.train_iter = train_batches(run)
     # Started last: building indices for a large corpus can hold the GIL for minutes, and a
@@ -435,25 +438,93 @@ def maybe_evaluate(run: Run) -> None:
         )
 
 
-def save(run: Run) -> None:
-    """Save the current iteration under --save (once; every exit path calls this)."""
+def save(run: Run, wait: bool = False) -> None:
+    """Save the current iteration under --save (once; every exit path calls this, with
+    wait=True). Synchronous: the loop waits for the whole save. --async-save: it waits for the
+    previous checkpoint to be complete, and for the snapshot (the state copied to host
+    memory); the files are written in the background (`ckpt.BackgroundSaves`). wait=True
+    writes this one in the foreground, so the process never exits before it is complete."""
     # Params all-gathered in the background must be whole before they are saved (and
     # before the process exits).
     run.ddp.finish_param_sync()
     read_window(run)  # a diverged run stops here, with its one-line error, and is never saved
-    if run.cfg.checkpoint.save and run.last_saved != run.iteration:
-        try:
-            with run.ddp.full_params():  # ZeRO-3: whole params to save
-                where = ckpt.save_checkpoint(
-                    run.cfg, run.iteration, run.consumed_samples, run.chunks, run.optimizer
-                )
-        except ckpt.SaveFailed as e:
-            if run.cfg.checkpoint.save_failure == "stop":
-                raise
-            run.log.print(f"warning: {e}; training goes on (--save-failure continue)")
-            return
-        run.last_saved = run.iteration
-        run.log.print(f"saved checkpoint {where}")
+    if not run.cfg.checkpoint.save:
+        return
+    since = time.perf_counter()  # the loop is stopped for the save from here
+    finish_save(run)  # the previous checkpoint (one at a time), or its failure
+    if run.last_saved == run.iteration:
+        return
+    args = (run.cfg, run.iteration, run.consumed_samples, run.chunks, run.optimizer)
+    try:
+        with run.ddp.full_params():  # ZeRO-3: whole params to save (or to snapshot)
+            if run.saves is not None and not wait:
+                run.saves.start(*args, since=since)
+                return  # reported when its thread has ended: poll_save, finish_save
+            started = time.perf_counter()
+            where = ckpt.save_checkpoint(*args)
+    except ckpt.SaveFailed as e:
+        _save_failed(run, e)
+        return
+    done = time.perf_counter()
+    _saved(run, ckpt.Saved(run.iteration, where, done - since, done - started))
+
+
+def _saved(run: Run, saved: ckpt.Saved) -> None:
+    """A checkpoint is complete: the log line and the metrics record of what it cost."""
+    run.last_saved = saved.iteration
+    run.log.log(
+        {"iteration": saved.iteration, "checkpoint_blocking_s": saved.blocking_s,
+         "checkpoint_total_s": saved.total_s},
+        f"saved checkpoint {saved.directory} | blocking {saved.blocking_s:.3f} s | total "
+        f"{saved.total_s:.3f} s",
+    )  # fmt: skip
+
+
+def _save_failed(run: Run, e: ckpt.SaveFailed) -> None:
+    if run.cfg.checkpoint.save_failure == "stop":
+        raise e
+    run.log.print(f"warning: {e}; training goes on (--save-failure continue)")
+
+
+def finish_save(run: Run) -> None:
+    """--async-save: wait for the checkpoint being written in the background, if any, and
+    report it (`_saved`), or its failure (raised with --save-failure stop, else a warning).
+    Every rank calls it at the same point, so they all agree on `run.last_saved` after it."""
+    if run.saves is None:
+        return
+    try:
+        saved = run.saves.wait()
+    except ckpt.SaveFailed as e:
+        _save_failed(run, e)
+        return
+    if saved is not None:
+        _saved(run, saved)
+
+
+def poll_save(run: Run) -> None:
+    """Once an iteration, with no collective: a background save whose thread has ended is
+    reported (its record on the logging rank). A failure that stops the run (SaveFailed with
+    --save-failure stop, anything else) is left to should_exit, which raises it on every rank
+    at the same iteration; each rank's thread ends at its own moment."""
+    s = run.saves
+    if s is None or not s.done():
+        return
+    failure = s.failure()
+    warned = isinstance(failure, ckpt.SaveFailed) and run.cfg.checkpoint.save_failure == "continue"
+    if failure is None or warned:
+        finish_save(run)
+
+
+def _finish_save_on_error(run: Run) -> None:
+    """Leaving by an exception: the checkpoint being written is completed (never abandoned
+    halfway by the exit), and its own failure, a warning line, does not hide that exception."""
+    try:
+        saved = run.saves.wait()
+    except Exception as e:
+        run.log.print(f"warning: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return
+    if saved is not None:
+        _saved(run, saved)
 
 
 def maybe_save(run: Run) -> None:
@@ -527,10 +598,15 @@ def should_exit(run: Run, preemption: Preemption) -> Optional[str]:
     t = run.cfg.training
     minutes = (time.time() - run.start_time) / 60
     out_of_time = bool(t.exit_duration_in_mins and minutes >= t.exit_duration_in_mins)
+    # a background save that failed, and that poll_save left to be raised on every rank
+    save_failed = run.saves is not None and run.saves.failure() is not None
     if run.stop_flags is None:
-        run.stop_flags = RankFlags(state.get().device, 2)
-    agreed = run.stop_flags([preemption.requested, out_of_time])
-    sigterm, time_up = agreed if agreed is not None else (False, False)
+        run.stop_flags = RankFlags(state.get().device, 3)
+    agreed = run.stop_flags([preemption.requested, out_of_time, save_failed])
+    sigterm, time_up, save_failed = agreed if agreed is not None else (False, False, False)
+    if save_failed:
+        # every rank's save failed (the write agrees on that), each thread ends soon after
+        finish_save(run)  # raises
     if sigterm:
         return "SIGTERM"
     if run.exit_reason:
@@ -563,6 +639,9 @@ def roll_back(run: Run, diverged: Diverged) -> None:
     if run.rollbacks >= allowed:
         raise MegaliteError(f"{diverged} (after {run.rollbacks} rollbacks: --rollback-on-nan "
                             f"{allowed})") from diverged  # fmt: skip
+    # A checkpoint being written is completed first: the load must not race its write (nor
+    # tidy its .tmp directory away), and it may be the one to go back to.
+    finish_save(run)
     latest = ckpt.latest_iteration(ck.save) if ck.save else None
     if not run.last_saved or latest != run.last_saved:
         raise MegaliteError(f"{diverged} (--rollback-on-nan: no checkpoint of this run in "
@@ -599,13 +678,14 @@ def _train(run: Run, preemption: "Preemption") -> int:
         stats = train_step(run)
         maybe_log(run, stats)
         maybe_evaluate(run)
+        poll_save(run)
         maybe_save(run)
         reason = should_exit(run, preemption)
         if reason:
-            save(run)
+            save(run, wait=True)
             run.log.print(f"exiting at iteration {run.iteration}: {reason}")
             return run.iteration
-    save(run)
+    save(run, wait=True)
     return run.iteration
 
 
@@ -625,6 +705,8 @@ def pretrain(cfg: Config) -> int:
             raise
         raise MegaliteError(lost) from e
     finally:
+        if run.saves is not None:  # (none is in flight after a clean exit: it waited)
+            _finish_save_on_error(run)
         preemption.restore()
         run.log.close()
         if run.heartbeat is not None:
