@@ -38,24 +38,39 @@ TINY = (
 SAVES = ["--train-iters", "10", "--save-interval", "3"]  # saves 3, 6 and 9, then 10 (the last)
 
 
-def slow_background_writes(seconds: float) -> None:
-    """Test-only: every checkpoint file written off the main thread (by a background save)
-    waits `seconds` before it is written."""
+def slow_background_writes(spec: str) -> None:
+    """Test-only, off the main thread (in a background save): every checkpoint file waits
+    SECONDS before it is written. spec: "SECONDS" or "SECONDS,LATE": a save that fails ends
+    its thread LATE seconds after the failure on rank 0 (on the others at once)."""
+    from megalite.parallel import state
     from megalite.training import checkpoint
 
-    real = checkpoint._torch_save_fsync
+    seconds, late = (float(x) for x in (spec + ",0").split(",")[:2])
+    real_file, real_write = checkpoint._torch_save_fsync, checkpoint.write
 
-    def slow(obj, path):
-        if threading.current_thread() is not threading.main_thread():
+    def background():
+        return threading.current_thread() is not threading.main_thread()
+
+    def slow_file(obj, path):
+        if background():
             time.sleep(seconds)
-        return real(obj, path)
+        return real_file(obj, path)
 
-    checkpoint._torch_save_fsync = slow
+    def late_failure(snap, group=None):
+        try:
+            return real_write(snap, group)
+        except checkpoint.SaveFailed:
+            if background() and state.get().rank == 0:
+                time.sleep(late)
+            raise
+
+    checkpoint._torch_save_fsync, checkpoint.write = slow_file, late_failure
 
 
-def slow_env(tmp_path, seconds, faults=None) -> dict:
-    """The environment that makes a trainer's background writes slow (and, with `faults`,
-    injects test_loss_spikes' faults too: one sitecustomize.py takes effect, so it does both)."""
+def slow_env(tmp_path, spec, faults=None) -> dict:
+    """The environment that makes a trainer's background writes slow (`slow_background_writes`
+    spec) and, with `faults`, injects test_loss_spikes' faults too (one sitecustomize.py takes
+    effect, so it does both)."""
     site = tmp_path / "slow_site"
     site.mkdir(exist_ok=True)
     # sys.path does not hold the working directory yet when sitecustomize runs: name this
@@ -64,7 +79,7 @@ def slow_env(tmp_path, seconds, faults=None) -> dict:
         "import os, sys\n"
         f"sys.path[:0] = [{REPO!r}, {TESTS!r}]\n"
         "from test_async_save import slow_background_writes\n"
-        f"slow_background_writes(float(os.environ[{SLOW_ENV!r}]))\n"
+        f"slow_background_writes(os.environ[{SLOW_ENV!r}])\n"
         + (
             f"from test_loss_spikes import inject_faults\ninject_faults({faults!r})\n"
             if faults
@@ -72,7 +87,7 @@ def slow_env(tmp_path, seconds, faults=None) -> dict:
         )  # fmt: skip
     )
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
-    return {"PYTHONPATH": path, SLOW_ENV: str(seconds)}
+    return {"PYTHONPATH": path, SLOW_ENV: str(spec)}
 
 
 def child_env(env=None) -> dict:
@@ -353,3 +368,23 @@ def test_rollback_waits_for_the_write_and_equals_a_sync_rollback(byte_corpus, tm
     assert losses(runs["async"] / "m.jsonl") == losses(runs["sync"] / "m.jsonl")
     assert [r["iteration"] for r in save_records(runs["async"] / "m.jsonl")] == [4, 8, 12, 16, 20]
     assert_same_checkpoints(runs["sync"] / "ck", runs["async"] / "ck", [4, 8, 12, 16, 20])
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_together_on_a_full_disk(small_disk, tmp_path):  # noqa: F811
+    """Each rank's thread ends at its own moment (here rank 0's 3 s after rank 1's): the
+    failure is agreed in should_exit, so both ranks stop at the same iteration, each with its
+    one line about the same save, and neither sees the other vanish mid-collective."""
+    ck = os.path.join(small_disk, "ck")
+    p = run_cli([*trainer(2), *FAULTS_TINY, "--train-iters", "40", "--save-interval", "2",
+                 "--save", ck, "--async-save", "--use-distributed-optimizer"],
+                env=slow_env(tmp_path, "0,3"))  # fmt: skip
+    assert p.returncode != 0, p.stdout[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if "error: " in ln]
+    assert len(lines) == 2 and all("not saved" in ln for ln in lines), p.stderr[-3000:]
+    # (the same save; each rank names its own failed write)
+    assert len({ln.split("error: ")[1].split(": ")[0] for ln in lines}) == 1, lines
+    assert "lost a peer" not in p.stderr
+    last = complete_latest(ck)
+    assert last is not None and f"iter_{last:07d} is intact" in lines[0]
+    assert not [n for n in os.listdir(ck) if n.endswith(".tmp")]
