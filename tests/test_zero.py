@@ -112,12 +112,14 @@ def test_bytes_per_parameter(tmp_path, dp):
 
 @pytest.mark.slow
 def test_resume_under_another_dp_size(one_process, tmp_path):
-    """ZeRO-3 at DP=2 for 5 iterations, resumed at DP=4 (ZeRO-3) and at DP=2 without
-    sharding: the 10 losses of one process either way."""
+    """ZeRO-3 at DP=2 for 5 iterations (with --async-save), resumed at DP=4 (ZeRO-3) and at
+    DP=2 without sharding: the 10 losses of one process either way."""
     ck = tmp_path / "ck"
     first = tmp_path / "first.jsonl"
+    # async saves at iterations 2 and 4 (the snapshot copies the gathered params), then 5
     train(2, "--data-parallel-sharding-strategy", "optim_grads_params", "--clip-grad", "1.0",
-          "--exit-interval", "5", "--save", str(ck), "--metrics-file", str(first))  # fmt: skip
+          "--exit-interval", "5", "--save", str(ck), "--metrics-file", str(first),
+          "--async-save", "--save-interval", "2")  # fmt: skip
     for name, nproc, strategy in (("dp4", 4, "optim_grads_params"), ("plain", 2, "no_shard")):
         shutil.copytree(ck, tmp_path / name)
         m = tmp_path / f"{name}.jsonl"

@@ -46,6 +46,7 @@ state.
 from __future__ import annotations
 
 import datetime
+import ctypes
 import hashlib
 import json
 import os
@@ -56,7 +57,6 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -268,7 +268,9 @@ class HostCopies:
                 # One thread's memcpy: Tensor.copy_ splits a copy over the OpenMP threads and
                 # waits for the slowest, and on a machine with more busy threads than cores
                 # (a run whose background write is going on) that wait is most of the copy.
-                np.copyto(buf.numpy(), src.numpy())
+                # (ctypes, not numpy: a numpy view of the source would make its storage
+                # non-resizable for good, and ZeRO-3 frees its params by resizing.)
+                ctypes.memmove(buf.data_ptr(), src.data_ptr(), nbytes)
             if whole:
                 self._shared[key] = buf
         return buf.view(t.dtype).view(t.shape)
