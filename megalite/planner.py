@@ -30,10 +30,11 @@ difference is a layer's).
   TP           per layer and micro-batch, forward and backward: 2 all-reduces each of the
                [s, b, h] activation (all-gather + reduce-scatter with SP: the same bytes), ring
                formula 2(t-1)/t x bytes / bandwidth; not overlapped (megalite does not)
-  DP           ring reduce of the fp32 grads (all-reduce; ZeRO: reduce-scatter, then the
-               params' all-gather; ZeRO-2/3 reduce every micro-batch, ZeRO-3 gathers each layer
-               twice per micro-batch); overlapped with backward when --overlap-grad-reduce, so
-               only what exceeds backward's time is exposed
+  DP           ring reduce of the fp32 grads, one collective per bucket (all-reduce; ZeRO:
+               reduce-scatter, then the params' all-gather; ZeRO-2/3 reduce every micro-batch,
+               ZeRO-3 per unit, and gathers each unit twice per micro-batch); overlapped with
+               backward when --overlap-grad-reduce (and ZeRO-3's prefetch), so only what
+               exceeds backward's time is exposed
   PP           each micro-batch's activation across each stage boundary, both ways, exposed
   latency      every message costs `latency` besides its bytes (ring steps, p2p); a ZeRO-3
                gather is one collective per layer
@@ -95,6 +96,8 @@ class Cluster:
     headroom: float = 0.9  # the fraction of memory a plan may fill: the CUDA context, NCCL's
     # buffers and the allocator's fragmentation take the rest
     latency: float = 10e-6  # seconds per message of a collective's ring step or a p2p
+    overlap: float = 1.0  # how much of the DP traffic can hide behind backward: 1 on GPUs
+    # (copy engines and NCCL's own SMs), 0 on a CPU (gloo works on the cores that compute)
     layer_overhead: float = 0.0  # host seconds per layer and micro-batch (fwd + bwd), beside
     # the FLOPs: launches and Python; what dominates a tiny model (and a CPU run)
 
@@ -315,12 +318,13 @@ def buffer_bytes(cfg: Config, sizes: dict) -> int:
 # -- time -------------------------------------------------------------------------------------
 
 
-def _ring(nbytes: float, n: int, bandwidth: float, latency: float, passes: int = 2) -> float:
-    """A ring collective over n ranks (the alpha-beta model): passes = 2 for an all-reduce,
-    1 for a reduce-scatter or an all-gather; n - 1 steps a pass, each a message."""
+def _ring(nbytes, n, bandwidth, latency, passes=2, count=1) -> float:
+    """`count` ring collectives over n ranks moving `nbytes` in all (the alpha-beta model):
+    passes = 2 for an all-reduce, 1 for a reduce-scatter or an all-gather; each pass is
+    n - 1 steps, each step a message of every collective."""
     if n <= 1:
         return 0.0
-    return passes * (n - 1) * (latency + nbytes / n / bandwidth)
+    return passes * (n - 1) * (count * latency + nbytes / n / bandwidth)
 
 
 def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
@@ -348,17 +352,25 @@ def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
     grads = 4 * numel
     dp_bw = bw[tp * dp <= g]
     strategy = p.data_parallel_sharding_strategy
+    params = numel * t.params_dtype.itemsize
+    # collectives per reduction: one per bucket (ZeRO-3: per unit, the layers and the root)
+    buckets = layers + 1 if strategy == "optim_grads_params" else -(-numel // p.ddp_bucket_size)
     if strategy == "no_shard":
-        dp_s = _ring(grads, dp, dp_bw, lat)
-    else:
-        reductions = micro if strategy in ("optim_grads", "optim_grads_params") else 1
-        gathers = 2 * micro if strategy == "optim_grads_params" else 1
-        params = numel * t.params_dtype.itemsize
-        dp_s = reductions * _ring(grads, dp, dp_bw, lat, 1)
-        dp_s += gathers * _ring(params, dp, dp_bw, lat, 1) * (layers if gathers > 1 else 1)
+        dp_s = _ring(grads, dp, dp_bw, lat, 2, buckets)
+    elif strategy == "optim":  # reduce-scatter the grads, all-gather the params after the step
+        dp_s = _ring(grads, dp, dp_bw, lat, 1, buckets) + _ring(params, dp, dp_bw, lat, 1, buckets)
+    elif strategy == "optim_grads":  # every micro-batch reduced
+        dp_s = micro * _ring(grads, dp, dp_bw, lat, 1, buckets)
+        dp_s += _ring(params, dp, dp_bw, lat, 1, buckets)
+    else:  # ZeRO-3: and each unit gathered for forward and for backward (the last layer once)
+        dp_s = micro * _ring(grads, dp, dp_bw, lat, 1, buckets)
+        dp_s += micro * (
+            2 * _ring(params, dp, dp_bw, lat, 1, buckets) - _ring(0, dp, dp_bw, lat, 1)
+        )
     backward = compute * 2 / 3
     overlapped = p.overlap_grad_reduce or strategy == "optim_grads_params"
-    dp_exposed = max(dp_s - backward, dp_s / max(micro * layers, 1)) if overlapped else dp_s
+    hidden = cluster.overlap * min(backward, dp_s * (1 - 1 / max(micro * layers, 1)))
+    dp_exposed = dp_s - hidden if overlapped else dp_s
     pp_s = 0.0
     if pp > 1:
         pp_s = 2 * micro * vp * (lat + act / bw[tp * dp < g])
