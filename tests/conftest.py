@@ -1,6 +1,7 @@
 """Shared test helpers: paths, a byte-level corpus, and a way to run the CLI."""
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -33,6 +34,39 @@ def run_cli(args, timeout=300, env=None, **kw):
     return subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env, **kw
     )
+
+
+def sitecustomize_env(site_dir, lines, env) -> dict:
+    """The environment of a child trainer whose Python first runs `lines` (a
+    sitecustomize.py in site_dir, a pathlib.Path): how the fault tests patch a trainer from
+    outside. Returns env with PYTHONPATH leading there."""
+    site_dir.mkdir(exist_ok=True)
+    # sys.path does not hold the working directory yet when sitecustomize runs: name this
+    # checkout, or `import megalite` could find another (an installed one)
+    tests = os.path.join(REPO, "tests")
+    (site_dir / "sitecustomize.py").write_text(
+        f"import os, sys\nsys.path[:0] = [{REPO!r}, {tests!r}]\n" + "".join(f"{x}\n" for x in lines)
+    )
+    path = os.pathsep.join(p for p in (str(site_dir), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, **env}
+
+
+def train_cli(nproc, flags, *args, timeout=300):
+    """The trainer through its command line with `flags` + args; it must succeed."""
+    p = run_cli([*trainer(nproc), *flags, *args], timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
+def metrics(path) -> list:
+    """The records of a --metrics-file."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def metric(path, key="loss") -> list:
+    """One key of every record of a --metrics-file that has it (the losses, by default)."""
+    return [r[key] for r in metrics(path) if key in r]
 
 
 def trainer(nproc: int = 1) -> list:

@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli, trainer
+from conftest import REPO, run_cli, sitecustomize_env, trainer
 from test_faults import TINY as FAULTS_TINY
 from test_faults import complete_latest, small_disk  # noqa: F401 (a fixture)
 
@@ -71,23 +71,11 @@ def slow_env(tmp_path, spec, faults=None) -> dict:
     """The environment that makes a trainer's background writes slow (`slow_background_writes`
     spec) and, with `faults`, injects test_loss_spikes' faults too (one sitecustomize.py takes
     effect, so it does both)."""
-    site = tmp_path / "slow_site"
-    site.mkdir(exist_ok=True)
-    # sys.path does not hold the working directory yet when sitecustomize runs: name this
-    # checkout, or `import megalite` could find another (an installed one)
-    (site / "sitecustomize.py").write_text(
-        "import os, sys\n"
-        f"sys.path[:0] = [{REPO!r}, {TESTS!r}]\n"
-        "from test_async_save import slow_background_writes\n"
-        f"slow_background_writes(os.environ[{SLOW_ENV!r}])\n"
-        + (
-            f"from test_loss_spikes import inject_faults\ninject_faults({faults!r})\n"
-            if faults
-            else ""
-        )  # fmt: skip
-    )
-    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
-    return {"PYTHONPATH": path, SLOW_ENV: str(spec)}
+    lines = ["from test_async_save import slow_background_writes",
+             f"slow_background_writes(os.environ[{SLOW_ENV!r}])"]  # fmt: skip
+    if faults:
+        lines += ["from test_loss_spikes import inject_faults", f"inject_faults({faults!r})"]
+    return sitecustomize_env(tmp_path / "slow_site", lines, {SLOW_ENV: str(spec)})
 
 
 def child_env(env=None) -> dict:

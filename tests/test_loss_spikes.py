@@ -18,7 +18,7 @@ from collections import deque
 import pytest
 import torch
 
-from conftest import REPO, run_cli, trainer
+from conftest import REPO, run_cli, sitecustomize_env, trainer
 from megalite.errors import MegaliteError
 
 TESTS = os.path.join(REPO, "tests")
@@ -64,18 +64,9 @@ def inject_faults(spec: str, patch=setattr) -> None:
 
 
 def faults_env(tmp_path, spec) -> dict:
-    site = tmp_path / "faults_site"
-    site.mkdir(exist_ok=True)
-    # sys.path does not hold the working directory yet when sitecustomize runs: name this
-    # checkout, or `import megalite` could find another (an installed one)
-    (site / "sitecustomize.py").write_text(
-        "import os, sys\n"
-        f"sys.path[:0] = [{REPO!r}, {TESTS!r}]\n"
-        "from test_loss_spikes import inject_faults\n"
-        f"inject_faults(os.environ[{FAULTS_ENV!r}])\n"
-    )
-    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
-    return {"PYTHONPATH": path, FAULTS_ENV: spec}
+    lines = ["from test_loss_spikes import inject_faults",
+             f"inject_faults(os.environ[{FAULTS_ENV!r}])"]  # fmt: skip
+    return sitecustomize_env(tmp_path / "faults_site", lines, {FAULTS_ENV: spec})
 
 
 def train(corpus, *args, nproc=1, env=None, timeout=300):

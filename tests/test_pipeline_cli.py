@@ -3,11 +3,9 @@ the losses of TP=1/PP=1 within 1e-4 for PP = 2 (1F1B), PP = 4 (interleaved) and 
 PP = 2 (interleaved, sequence parallel); checkpoints are written per (TP, PP) rank, hold every
 layer once, and a PP = 2 interleaved run with dropout resumes bitwise (10 + 10 = 20)."""
 
-import json
-
 import pytest
 
-from conftest import run_cli, trainer
+from conftest import metric, run_cli, train_cli
 
 TINY = (
     "--num-layers 8 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -17,18 +15,7 @@ TINY = (
 
 
 def train(nproc, *args, timeout=240):
-    p = run_cli([*trainer(nproc), *TINY, *args], timeout=timeout)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    return p
-
-
-def records(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh]
-
-
-def losses(path, key="loss"):
-    return [r[key] for r in records(path) if key in r]
+    return train_cli(nproc, TINY, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +51,14 @@ def test_ten_iterations_match_single_process(baseline, tmp_path, layout):
     nproc, flags = LAYOUTS[layout]
     m = tmp_path / "m.jsonl"
     train(nproc, "--train-iters", "10", "--metrics-file", str(m), *flags)
-    want, got = losses(baseline), losses(m)
+    want, got = metric(baseline), metric(m)
     assert len(got) == len(want) == 10
     worst = max(abs(a - b) for a, b in zip(got, want))
     print(f"\n{layout}: max |loss - TP1/PP1 loss| over 10 iterations = {worst:.2e}")
     assert worst <= 1e-4, (got, want)
     # evaluation runs the forward-only schedule; its loss matches too
     assert (
-        max(abs(a - b) for a, b in zip(losses(m, "valid_loss"), losses(baseline, "valid_loss")))
+        max(abs(a - b) for a, b in zip(metric(m, "valid_loss"), metric(baseline, "valid_loss")))
         <= 1e-4
     )
 
@@ -98,8 +85,8 @@ def test_checkpoint_per_rank_and_exact_resume(tmp_path):
     files = sorted(f.name for f in (tmp_path / "ck" / "iter_0000010").iterdir())
     assert files == ["metadata.json", "mp_rank_00_000.pt", "mp_rank_00_001.pt"], files
     train(2, *common, "--metrics-file", str(b), "--save", ck, "--load", ck)
-    assert losses(b) == losses(a), (losses(b), losses(a))  # bitwise
-    assert losses(b, "valid_loss") == losses(a, "valid_loss")
+    assert metric(b) == metric(a), (metric(b), metric(a))  # bitwise
+    assert metric(b, "valid_loss") == metric(a, "valid_loss")
     # each stage saved the union of its two chunks; together: every layer exactly once
     full, meta = load_full_model_state(ck)
     layers = {int(n.split(".")[1]) for n in full if n.startswith("layers.")}

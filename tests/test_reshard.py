@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_cli, trainer
+from conftest import metric, run_cli, train_cli, trainer
 
 TINY = (
     "--num-layers 8 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -23,14 +23,7 @@ TOLERANCE = 1e-5
 
 
 def train(nproc, *args, timeout=300):
-    p = run_cli([*trainer(nproc), *TINY, *args], timeout=timeout)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    return p
-
-
-def losses(path):
-    with open(path) as fh:
-        return [r["loss"] for r in map(json.loads, fh) if "loss" in r]
+    return train_cli(nproc, TINY, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +34,9 @@ def runs(tmp_path_factory):
     train(8, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
           "--use-distributed-optimizer", "--exit-interval", "10", "--save", str(d / "saved"),
           "--metrics-file", str(d / "first.jsonl"))  # fmt: skip
-    one = losses(d / "one.jsonl")
+    one = metric(d / "one.jsonl")
     assert len(one) == 20
-    first = losses(d / "first.jsonl")
+    first = metric(d / "first.jsonl")
     assert max(abs(a - b) for a, b in zip(first, one[:10])) <= TOLERANCE
     return d, one
 
@@ -56,7 +49,7 @@ def resume_from(d, src, name, nproc, *layout):
     shutil.copytree(d / src, d / name)
     p = train(nproc, "--load", str(d / name), "--save", str(d / name),
               "--metrics-file", str(d / f"{name}.jsonl"), *layout)  # fmt: skip
-    return losses(d / f"{name}.jsonl"), p.stdout + p.stderr
+    return metric(d / f"{name}.jsonl"), p.stdout + p.stderr
 
 
 RESUMED = {

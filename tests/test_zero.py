@@ -17,7 +17,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import join_gloo, rank_guard, run_cli, spawn, trainer
+from conftest import join_gloo, metric, metrics, rank_guard, run_cli, spawn, train_cli, trainer
 
 TINY = (
     "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 "
@@ -28,18 +28,7 @@ STRATEGIES = ("optim", "optim_grads", "optim_grads_params")
 
 
 def train(nproc, *args, timeout=300):
-    p = run_cli([*trainer(nproc), *TINY, *args], timeout=timeout)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    return p
-
-
-def records(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh]
-
-
-def losses(path, key="loss"):
-    return [r[key] for r in records(path) if key in r]
+    return train_cli(nproc, TINY, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +39,13 @@ def one_process(tmp_path_factory):
 
 
 def assert_matches(m, reference, what):
-    got, want = losses(m), losses(reference)
+    got, want = metric(m), metric(reference)
     assert len(got) == len(want) == 10
     worst = max(abs(a - b) for a, b in zip(got, want))
     print(f"\n{what}: max |loss - one process| over 10 iterations = {worst:.2e}")
     assert worst <= 1e-4, (got, want)
     valid = max(
-        abs(a - b) for a, b in zip(losses(m, "valid_loss"), losses(reference, "valid_loss"))
+        abs(a - b) for a, b in zip(metric(m, "valid_loss"), metric(reference, "valid_loss"))
     )
     assert valid <= 1e-4
 
@@ -101,7 +90,7 @@ def test_bytes_per_parameter(tmp_path, dp):
         m = tmp_path / f"{strategy}.jsonl"
         train(dp, "--bf16", "--data-parallel-sharding-strategy", strategy, "--train-iters", "1",
               "--eval-interval", "100", "--metrics-file", str(m))  # fmt: skip
-        start = [r for r in records(m) if "mem_params_bytes" in r]
+        start = [r for r in metrics(m) if "mem_params_bytes" in r]
         assert sorted(r["rank"] for r in start) == list(range(dp))
         for r in start:
             total = r["mem_params_bytes"] + r["mem_grads_bytes"] + r["mem_optimizer_bytes"]
@@ -126,7 +115,7 @@ def test_resume_under_another_dp_size(one_process, tmp_path):
         shutil.copy(first, m)
         train(nproc, "--data-parallel-sharding-strategy", strategy, "--clip-grad", "1.0",
               "--load", str(tmp_path / name), "--metrics-file", str(m))  # fmt: skip
-        assert [r["iteration"] for r in records(m) if "loss" in r] == list(range(1, 11))
+        assert [r["iteration"] for r in metrics(m) if "loss" in r] == list(range(1, 11))
         assert_matches(m, one_process, f"ZeRO-3 DP=2 resumed as {strategy} DP={nproc}")
 
 
