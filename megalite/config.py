@@ -292,6 +292,12 @@ class LoggingConfig:
     peak_tflops: Optional[float] = _f(
         None, "peak TFLOP/s of one device, for MFU (default: from a table of known GPUs)"
     )
+    timing_log_level: Literal[0, 1, 2] = _f(
+        0,
+        "step timers on the log line and in the metrics file (time_*_s): 0 none; 1 this "
+        "rank's forward, backward, exposed TP/DP/PP communication, pipeline bubble, "
+        "optimizer and data time; 2 also every rank's and the max over ranks",
+    )
 
 
 SECTIONS = {

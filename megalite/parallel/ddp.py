@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megalite import timers
 from megalite.config import default_bucket_size
 from megalite.errors import MegaliteError
 from megalite.parallel import state
@@ -345,12 +346,15 @@ class DistributedDataParallel:
             for b in self.buckets:
                 self._zero_missing(b)
             return
-        for b in self.buckets[self._next_launch :]:
-            self._launch(b)
-        self._next_launch = len(self.buckets)
-        for b in self.buckets:
-            b.grad_work.wait()
-            b.grad_work = None
+        # The step's exposed DP time (timers' dp_comm): what backward did not launch, and
+        # the wait for all of it; buckets that finished during backward cost nothing here.
+        with timers.timed("dp_comm"):
+            for b in self.buckets[self._next_launch :]:
+                self._launch(b)
+            self._next_launch = len(self.buckets)
+            for b in self.buckets:
+                b.grad_work.wait()
+                b.grad_work = None
 
     def zero_grad_buffer(self):
         """Start a new step. No pass over memory: the first grad of each param is copied in."""
@@ -410,7 +414,8 @@ class DistributedDataParallel:
     def finish_param_sync(self):
         for b in self.buckets:
             if b.param_work is not None:
-                b.param_work.wait()
+                with timers.timed("dp_comm"):
+                    b.param_work.wait()
                 b.param_work = None
 
     def _install_forward_pre_hooks(self):
@@ -425,7 +430,8 @@ class DistributedDataParallel:
             self._seen.add(module)
             for b in self._module_buckets.get(module, ()):
                 if b.param_work is not None:
-                    b.param_work.wait()
+                    with timers.timed("dp_comm"):
+                        b.param_work.wait()
                     b.param_work = None
 
         def chunk_hook(chunk, args):
@@ -438,7 +444,8 @@ class DistributedDataParallel:
                 }
             for b in self._unhooked or ():
                 if b.param_work is not None:
-                    b.param_work.wait()
+                    with timers.timed("dp_comm"):
+                        b.param_work.wait()
                     b.param_work = None
             wait_for(chunk)
 
@@ -495,12 +502,12 @@ def finalize_model_grads(model, ddp=None) -> None:
     # (same bucket layout) and on both embedding stages (the tied embedding has a bucket of
     # its own), so reducing whole tensors keeps the shards right.
     if st.tp > 1:
-        _all_reduce_coalesced(
-            grads([p for p in params if tag_of(p).sequence_parallel]), st.tp_group
-        )
+        sp_grads = grads([p for p in params if tag_of(p).sequence_parallel])
+        with timers.timed("tp_comm"):
+            _all_reduce_coalesced(sp_grads, st.tp_group)
     if st.pp > 1 and st.embedding_group is not None and len(st.embedding_ranks) > 1:
-        _all_reduce_coalesced(
-            grads([p for p in params if tag_of(p).tied_embedding]), st.embedding_group
-        )
+        tied_grads = grads([p for p in params if tag_of(p).tied_embedding])
+        with timers.timed("pp_comm"):
+            _all_reduce_coalesced(tied_grads, st.embedding_group)
     if ddp is None and st.dp > 1:
         _all_reduce_coalesced(grads(params), st.dp_group, scale=1.0 / st.dp)

@@ -29,6 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megalite import timers
 from megalite.errors import MegaliteError
 from megalite.parallel import p2p, state
 from megalite.parallel.schedules import Backward, Forward, schedule_ops
@@ -104,14 +105,19 @@ class _Executor:
         # its grads are in, and its buckets may start reducing while other chunks compute.
         last = {op.chunk: op for op in ops if isinstance(op, Backward)}
         self.sync_at = set(last.values())
-        for op in ops:
+        fill_end, drain_start = _steady_state(ops)
+        for i, op in enumerate(ops):
             t0 = time.perf_counter()
             if isinstance(op, Forward):
-                self.forward(op.chunk, op.mb)
+                with timers.timed("forward"):
+                    self.forward(op.chunk, op.mb)
             elif isinstance(op, Backward):
-                self.backward(op)
-            else:
-                self.communicate(op)
+                with timers.timed("backward"):
+                    self.backward(op)
+            else:  # the step timers' bubble: the transfers of the pipeline's fill and drain
+                steady = fill_end < i < drain_start
+                with timers.timed("pp_comm" if steady else "bubble"):
+                    self.communicate(op)
             if self.trace is not None:
                 self.trace.append((op, t0, time.perf_counter()))
             if self.on_op is not None:
@@ -124,7 +130,10 @@ class _Executor:
         x = None if model.pre_process else self.inputs[(c, mb)]  # [s, b, h]
         # Only the chunks at either end of the whole pipeline read data; each reads the
         # micro-batches in order, so taking the next batch is taking batch `mb`.
-        batch = next(self.data) if model.pre_process or model.post_process else {}
+        batch = {}
+        if model.pre_process or model.post_process:
+            with timers.timed("data"):
+                batch = next(self.data)
         grad_mode = torch.no_grad() if self.forward_only else contextlib.nullcontext()
         with grad_mode:
             out = model(
@@ -198,6 +207,24 @@ class _Executor:
         ]
 
 
+def _steady_state(ops):
+    """(index of the first Backward, index of the last Forward) of a rank's list: its
+    transfers strictly between the two are the schedule's steady state; those before are the
+    pipeline filling (up to the first gradient coming back), those after it draining."""
+    first_backward = next((i for i, op in enumerate(ops) if isinstance(op, Backward)), len(ops))
+    last_forward = max((i for i, op in enumerate(ops) if isinstance(op, Forward)), default=-1)
+    return first_backward, last_forward
+
+
+def _wait_for_the_pipeline(device) -> None:
+    """With the step timers on (PP > 1): wait once for every stage to finish its schedule,
+    as bubble. A later stage ends its last backward before stage 0 does; without this its
+    idle tail would land in the first part that waits for stage 0 (the grad norm's
+    all-reduce in the optimizer). One 1-element all-reduce on the stream: no host sync."""
+    with timers.timed("bubble"):
+        dist.all_reduce(torch.zeros(1, device=device), group=state.get().pp_group)
+
+
 # -- the entry point ---------------------------------------------------------------------------
 
 
@@ -220,7 +247,7 @@ def forward_backward(
     if st.pp > 1 and tensor_shape is None:
         raise MegaliteError("a pipeline (PP > 1) needs the tensor_shape of its transfers")
     ops = schedule_ops(st.pp, st.pp_rank, num_microbatches, len(chunks), forward_only)
-    return run_schedule(
+    losses = run_schedule(
         ops,
         chunks,
         data_iterator,
@@ -229,6 +256,9 @@ def forward_backward(
         tensor_shape=tensor_shape,
         **kw,
     )
+    if st.pp > 1 and timers.active is not None:
+        _wait_for_the_pipeline(st.device)
+    return losses
 
 
 def run_schedule(ops, chunks, data_iterator, num_microbatches, **kw):
@@ -253,8 +283,10 @@ def global_mean_loss(losses) -> torch.Tensor:
     st = state.get()
     loss = torch.stack(losses).mean() if losses else torch.zeros((), device=st.device)
     if st.pp > 1:
-        dist.all_reduce(loss, group=st.pp_group)
+        with timers.timed("pp_comm"):
+            dist.all_reduce(loss, group=st.pp_group)
     if st.dp > 1:
-        dist.all_reduce(loss, group=st.dp_group)
+        with timers.timed("dp_comm"):
+            dist.all_reduce(loss, group=st.dp_group)
         loss /= st.dp
     return loss

@@ -17,8 +17,9 @@ group has one rank, so the single-process model pays nothing for them.
 Collectives never write into a tensor autograd may still hold (an input, a saved tensor, an
 incoming grad that a residual branch shares): they work on a fresh buffer.
 
-Every collective of TP goes through `_timed`, so a benchmark can ask how long a step spent
-communicating (`comm_timer`); it costs one branch when not enabled.
+Every collective of TP goes through `_timed`: the step timers' tp_comm region
+(--timing-log-level, megalite/timers.py), or, for a benchmark, `comm_timer`; with neither
+on it costs two branches.
 """
 
 import contextlib
@@ -27,6 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megalite import timers
 from megalite.parallel import state
 
 # Older torch names them *_tensor; 2.13 prefers *_single. Both exist on gloo and NCCL here.
@@ -50,11 +52,15 @@ class CommTimer:
 comm_timer = CommTimer()
 
 
-@contextlib.contextmanager
 def _timed():
-    if not comm_timer.enabled:
-        yield
-        return
+    """The context around one TP collective."""
+    if comm_timer.enabled:
+        return _bench_timed()
+    return timers.timed("tp_comm")
+
+
+@contextlib.contextmanager
+def _bench_timed():
     if comm_timer.synchronize:
         torch.cuda.synchronize()
     tic = time.perf_counter()

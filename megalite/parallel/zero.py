@@ -57,6 +57,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from megalite import timers
 from megalite.parallel.ddp import (
     Bucket,
     DistributedDataParallel,
@@ -134,7 +135,8 @@ class ShardedGradDataParallel(DistributedDataParallel):
     def _fold(self, b):
         """Wait for a bucket's reduction, add my shard of it into grad_shard, drop the rest."""
         if b.grad_work is not None:
-            b.grad_work.wait()
+            with timers.timed("dp_comm"):
+                b.grad_work.wait()
             b.grad_work = None
         mine = b.shard(b.grad_data, self.dp_rank)
         if b.shard_written:
@@ -279,7 +281,8 @@ class FullyShardedDataParallel(ShardedGradDataParallel):
                 )
             b.gathered = True
         if wait and b.param_work is not None:
-            b.param_work.wait()
+            with timers.timed("dp_comm"):
+                b.param_work.wait()
             b.param_work = None
 
     def _free(self, b):

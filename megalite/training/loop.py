@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megalite import timers
 from megalite.config import Config
 from megalite.errors import MegaliteError
 from megalite.layout import padded_vocab_size
@@ -84,6 +85,7 @@ class Window:
     skipped: int = 0  # fp16: steps the loss scaler skipped (an inf/nan grad)
     loss_scale: float = 0.0  # fp16: the scale after the last step read
     spikes: int = 0  # --skip-spike-factor: updates skipped as grad-norm spikes
+    times: dict = field(default_factory=dict)  # --timing-log-level: {part: seconds}, summed
 
 
 @dataclass
@@ -118,6 +120,7 @@ class Run:
     rollbacks: int = 0  # --rollback-on-nan: how many this process has made
     spikes_total: int = 0  # the spike filter's count, as of the last read_window
     saves: Optional[ckpt.BackgroundSaves] = None  # --async-save: the checkpoint being written
+    timers: Optional[timers.Timers] = None  # --timing-log-level 1 or 2 (megalite/timers.py)
 
 
 @dataclass
@@ -132,6 +135,7 @@ class StepStats:
     grad_norm: torch.Tensor
     stepped: torch.Tensor  # bool; False: a grad held inf/nan and the step was skipped
     clock: StepClock
+    timing: Optional[timers.StepTiming] = None  # --timing-log-level >= 1: the step's parts
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -173,6 +177,7 @@ def setup(cfg: Config) -> Run:
     flops = flops_per_token(cfg.model, padded) * t.global_batch_size * cfg.model.seq_length
     run = Run(cfg, chunks, ddp, optimizer, build_lr_schedule(cfg), None, None, None, log,
               vocab, p2p_tensor_shape(cfg, st.tp), flops, peak)  # fmt: skip
+    run.timers = timers.build(cfg.logging.timing_log_level, st.device)
     _resume(run)
     if cfg.checkpoint.async_save:
         run.saves = ckpt.BackgroundSaves()
@@ -268,8 +273,10 @@ def _resume(run: Run) -> None:
 def train_step(run: Run) -> StepStats:
     """One optimizer step over the global batch. It reads nothing back from the device (in
     any precision): divergence is found when the window is read."""
-    cfg, opt = run.cfg, run.optimizer
+    cfg, opt, tm = run.cfg, run.optimizer, run.timers
     clock = StepClock(state.get().device)
+    if tm is not None:
+        tm.start_step()  # forward_backward and the rest mark their parts (megalite/timers.py)
     lr = run.lr_schedule(run.iteration)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -286,13 +293,15 @@ def train_step(run: Run) -> StepStats:
     finalize_model_grads(run.chunks, run.ddp)  # DP mean; SP sums over TP; tied embedding
     # The global grad norm (over TP, PP and DP shards) is also the inf/nan check; clipping,
     # unscaling and the fp16 loss-scale update happen inside the step.
-    stepped, grad_norm = opt.step()
+    with timers.timed("optimizer"):
+        stepped, grad_norm = opt.step()
     opt.zero_grad()
     loss = global_mean_loss(losses)
     run.iteration += 1
     run.consumed_samples += cfg.training.global_batch_size
+    timing = tm.stop_step() if tm is not None else None
     return StepStats(
-        run.iteration, run.consumed_samples, loss, lr, grad_norm, stepped, clock.stop()
+        run.iteration, run.consumed_samples, loss, lr, grad_norm, stepped, clock.stop(), timing
     )
 
 
@@ -342,6 +351,8 @@ def read_window(run: Run) -> None:
         w.skipped += int(not stepped and not spike)
         w.spikes += int(spike)
         w.time_s += s.clock.seconds()
+        if s.timing is not None:
+            timers.add(w.times, s.timing)
     if spike_filter is not None:
         run.spikes_total = int(extras.pop(0))
     if scaler is not None:
@@ -393,6 +404,10 @@ def maybe_log(run: Run, stats: StepStats) -> None:
     if cfg.training.rollback_on_nan:
         rec["rollbacks"] = run.rollbacks
         line += f" | rollbacks {run.rollbacks}"
+    if run.timers is not None:  # every rank: level 2 gathers the ranks' parts
+        times, split = timers.report(run.timers, w.times, iters, dt, run.log, run.iteration)
+        rec.update(times)
+        line += f" | {split}" if split else ""
     run.log.log(rec, line)
     run.window = Window()
 
