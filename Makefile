@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PYTHON) tools/bench/pipeline.py
 	$(PYTHON) tools/bench/data_parallel.py
 	$(PYTHON) tools/bench/timers.py
+	$(PYTHON) tools/bench/zero.py
 
 # Everything that needs a GPU, in one command and one markdown report (tools/gpu_check.py): it
 # builds the kernels in place against the installed torch, so it needs no install step (none that

@@ -1,4 +1,4 @@
-"""Shared machinery of the command-line benchmarks (train_step.py, data_parallel.py).
+"""Shared machinery of the command-line benchmarks (train_step.py, data_parallel.py, zero.py).
 
 Each side is a real command line under torchrun: `-m megalite.train <flags>` (a variant adds
 flags) or `tools/bench/plain_gpt.py <the same shape flags>`. A run writes one JSON line per
@@ -149,8 +149,9 @@ def bench_env(threads, system_malloc):
     return env
 
 
-def run_once(argv, nproc, env, workdir, tag, warmup):
-    """Run one command line under torchrun; the median tokens/s after `warmup` iterations."""
+def run_once(argv, nproc, env, workdir, tag, warmup, records=None):
+    """Run one command line under torchrun; the median tokens/s after `warmup` iterations.
+    `records`, a list, gets every record of its metrics file (start records included)."""
     metrics = os.path.join(workdir, tag + ".jsonl")
     log = os.path.join(workdir, tag + ".log")
     cmd = (
@@ -172,7 +173,10 @@ def run_once(argv, nproc, env, workdir, tag, warmup):
     recs = []
     if os.path.exists(metrics):
         with open(metrics) as fh:
-            recs = [r for r in map(json.loads, fh) if "tokens_per_sec" in r]
+            recs = list(map(json.loads, fh))
+        if records is not None:
+            records.extend(recs)
+        recs = [r for r in recs if "tokens_per_sec" in r]
     kept = [r["tokens_per_sec"] for r in recs if r["iteration"] > warmup]
     if rc != 0 or not kept:
         with open(log) as fh:
@@ -185,17 +189,21 @@ def run_once(argv, nproc, env, workdir, tag, warmup):
     return statistics.median(kept)
 
 
-def run_rounds(a, sides, nproc, env):
+def run_rounds(a, sides, nproc, env, records=None):
     """{side: [median tokens/s of its run in each round]}; `sides` maps a name to its argv.
-    Round r starts at side r mod n, so each side goes first (and last) equally often."""
+    Round r starts at side r mod n, so each side goes first (and last) equally often.
+    `records`, a dict, gets {side: [each run's metrics records]}."""
     names = list(sides)
     out = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="megalite-bench-") as d:
         for r in range(a.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.perf_counter()
-                tps = run_once(sides[name], nproc, env, d, f"r{r}-{name}", a.warmup)
+                recs = []
+                tps = run_once(sides[name], nproc, env, d, f"r{r}-{name}", a.warmup, recs)
                 out[name].append(tps)
+                if records is not None:
+                    records.setdefault(name, []).append(recs)
                 print(
                     f"  round {r + 1}/{a.rounds} {name:18s} {tps:10,.0f} tok/s "
                     f"({time.perf_counter() - t0:.0f} s)",

@@ -1,6 +1,6 @@
 """A plain PyTorch GPT-2 trainer: what a user would write themselves (nanoGPT style).
 
-The baseline of tools/bench/train_step.py and data_parallel.py; it imports nothing from
+The baseline of tools/bench/train_step.py, data_parallel.py and zero.py; it imports nothing from
 megalite and takes megalite's flag names, so one set of shape flags serves both:
 
     torchrun --standalone --nproc_per_node N tools/bench/plain_gpt.py --num-layers 4 \
@@ -10,12 +10,29 @@ megalite and takes megalite's flag names, so one set of shape flags serves both:
 One process: the plain model. WORLD_SIZE > 1: torch DDP (25 MB buckets, no_sync() on every
 micro-batch but the last) over gloo on a CPU, nccl on CUDA. Threads: torch's own, i.e.
 OMP_NUM_THREADS (torchrun sets 1 per process when it launches several, unless it is set).
+
+--fsdp2 (WORLD_SIZE > 1): torch.distributed.fsdp.fully_shard (FSDP2) instead of DDP, applied
+as torchtitan does: to each Block (resharded after forward, except the last one, which
+backward needs first), then to the root model (embeddings, final norm, the tied head). The
+optimizer steps the sharded DTensor params. Gradient accumulation lets FSDP2 reduce-scatter
+every micro-batch (its default, and torchtitan's): set_requires_gradient_sync(False) would
+keep a full unsharded grad per param between micro-batches, the memory FSDP exists to save.
+On a CPU, FSDP2 runs its collectives synchronously (its overlap comes from CUDA streams);
+--fsdp2-prefetch also issues the all-gathers asynchronously (the private
+_set_unshard_async_op(True)) with explicit prefetching of the next Block in forward and the
+previous one in backward (set_modules_to_{forward,backward}_prefetch), so they overlap compute
+as megalite's ZeRO-3 prefetch does. Its reduce-scatters stay synchronous.
+
+The metrics file gets one record per iteration from the last rank, as megalite's: loss,
+iter_time_s, tokens_per_sec and mem_peak_gb (what megalite writes: the peak resident memory
+of the process, ru_maxrss, on a CPU; max_memory_allocated on CUDA).
 """
 
 import argparse
 import contextlib
 import json
 import os
+import resource
 import time
 
 import torch
@@ -80,7 +97,12 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--metrics-file")
+    p.add_argument("--fsdp2", action="store_true", help="fully_shard instead of DDP")
+    p.add_argument(
+        "--fsdp2-prefetch", action="store_true", help="--fsdp2, async explicit prefetching"
+    )
     a = p.parse_args()
+    a.fsdp2 = a.fsdp2 or a.fsdp2_prefetch
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(a.device)
@@ -89,17 +111,34 @@ def main():
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    elif a.fsdp2:
+        p.error("--fsdp2 needs WORLD_SIZE > 1 (run it under torchrun)")
     n_micro, rem = divmod(a.global_batch_size, a.micro_batch_size * world)
     if rem or not n_micro:
         p.error("--global-batch-size must be a multiple of --micro-batch-size x WORLD_SIZE")
 
-    torch.manual_seed(a.seed)  # the same init on every rank (DDP broadcasts rank 0's anyway)
+    # The same init on every rank: DDP broadcasts rank 0's anyway, fully_shard keeps a shard.
+    torch.manual_seed(a.seed)
     model = GPT(a.vocab_size, a.seq_length, a.hidden_size, a.num_layers, a.num_attention_heads).to(
         device
     )
-    params = list(model.parameters())
-    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25) if world > 1 else None
+    ddp = None
+    if a.fsdp2:
+        from torch.distributed.fsdp import fully_shard
+
+        for i, blk in enumerate(model.blocks):
+            fully_shard(blk, reshard_after_forward=i < len(model.blocks) - 1)
+        fully_shard(model)
+        if a.fsdp2_prefetch:
+            blocks = list(model.blocks)
+            for i, blk in enumerate(blocks):
+                blk.set_modules_to_forward_prefetch(blocks[i + 1 : i + 2])
+                blk.set_modules_to_backward_prefetch(blocks[max(i - 1, 0) : i])
+            model._set_unshard_async_op(True)
+    elif world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=25)
     fwd = ddp or model
+    params = list(model.parameters())  # with FSDP2: DTensors, this rank's shards
     # Weight decay on matrices and embeddings only, not on biases and LayerNorm parameters.
     groups = [
         {"params": [q for q in params if q.ndim >= 2], "weight_decay": a.weight_decay},
@@ -135,7 +174,12 @@ def main():
             total /= world
         loss = total.item()
         dt = time.perf_counter() - t0
-        if a.metrics_file and rank == 0:  # appended after the timing, as megalite does
+        last = rank == world - 1  # the rank megalite logs from
+        if a.metrics_file and last:  # appended after the timing, as megalite does
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2**30
+            else:  # ru_maxrss is KiB on Linux
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             with open(a.metrics_file, "a") as fh:
                 fh.write(
                     json.dumps(
@@ -144,11 +188,12 @@ def main():
                             "loss": loss,
                             "iter_time_s": dt,
                             "tokens_per_sec": tokens_per_iter / dt,
+                            "mem_peak_gb": peak,
                         }
                     )
                     + "\n"
                 )
-        if rank == 0:
+        if last:
             print(
                 f"iter {it}/{a.train_iters} | loss {loss:.4f} | {tokens_per_iter / dt:,.0f} "
                 f"tok/s | {dt * 1000:.0f} ms/it",
