@@ -5,6 +5,8 @@ PYTEST_ARGS ?=
 STAMP := build/.installed
 # Hugging Face conversion (safetensors) and its tests (transformers); neither pulls in torch.
 HF_PACKAGES := "safetensors==0.8.0" "transformers==5.24.0"
+# Parquet and Arrow input of tools/preprocess.py (optional at run time; its tests need it).
+DATA_PACKAGES := "pyarrow==26.0.1"
 
 .PHONY: install demo test bench gpu-check lint format clean
 
@@ -14,6 +16,7 @@ $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install numpy pyyaml sentencepiece tqdm psutil pytest tensorboard pybind11 ninja "setuptools>=64" wheel "matplotlib==3.11.2"
 	$(PYTHON) -m pip install $(HF_PACKAGES)
+	$(PYTHON) -m pip install $(DATA_PACKAGES)
 	$(PYTHON) -m pip install --no-build-isolation -e .
 	$(PYTHON) -m megalite.env
 	@mkdir -p build && touch $(STAMP)

@@ -324,8 +324,27 @@ def test_help_documents_every_flag():
         "--dedup",
         "--min-chars",
         "--normalize-whitespace",
+        "--dedup-threshold",
+        "--minhash-num-perm",
+        "--minhash-bands",
+        "--minhash-ngram",
+        "--minhash-unit",
+        "--strip-markup",
+        "--remove-invalid-chars",
+        "--min-words",
+        "--max-symbol-ratio",
+        "--max-repeated-line-ratio",
+        "--max-repeated-ngram-ratio",
+        "--language",
+        "--language-threshold",
+        "--filter",
+        "--report",
     ):
         assert ours in flags
+    for choice in ("parquet", "arrow", "near", "exact"):
+        assert choice in text
+    for default in ("default 0.6", "default 128", "default 32", "default 3", "default 0.5"):
+        assert default in " ".join(text.split()), default
 
 
 def test_merge_shards(tmp_path, spm_model):

@@ -3,7 +3,10 @@ processes) parse, clean and tokenize them. tools/preprocess.py drives these and 
 
 A task is a list of Units (~1 MB of input). JSONL and blank-line text blocks hold whole
 documents; a one-document text file bigger than a block arrives as pieces cut at line ends,
-flagged first/last, and the writer joins them back into one document.
+flagged first/last, and the writer joins them back into one document. Parquet and Arrow IPC
+files are read by the main process one record batch at a time (a Parquet file row group by row
+group), and a Unit holds the text columns of a slice of rows as UTF-8 bytes and offsets, which
+the worker turns into the same documents as the JSONL lines of those rows would be.
 """
 
 import ctypes
@@ -20,6 +23,8 @@ from collections import Counter
 
 import numpy as np
 
+from megalite.data import near_dedup
+from megalite.data.cleaning import Cleaner
 from megalite.data.tokenizers import build_tokenizer
 from megalite.errors import MegaliteError
 
@@ -64,11 +69,12 @@ def _cut_blank_line(buf):
 
 
 class Unit:
-    """A block of input: whole documents, or (text files) a piece of one document."""
+    """A block of input: whole documents, or (text files) a piece of one document. Arrow units
+    (fmt "arrow") hold, per key, (UTF-8 bytes, int64 offsets) of rows from `line` on."""
 
-    __slots__ = ("path", "line", "offset", "data", "first", "last")
+    __slots__ = ("path", "line", "offset", "data", "first", "last", "fmt")
 
-    def __init__(self, path, line, offset, data, first=True, last=True):
+    def __init__(self, path, line, offset, data, first=True, last=True, fmt=None):
         self.path, self.line, self.offset, self.data, self.first, self.last = (
             path,
             line,
@@ -77,6 +83,10 @@ class Unit:
             first,
             last,
         )
+        self.fmt = fmt
+
+    def nbytes(self):
+        return sum(len(b) for b, _ in self.data) if self.fmt == "arrow" else len(self.data)
 
 
 def read_units(path, chunk_bytes, cut):
@@ -130,23 +140,151 @@ def read_units(path, chunk_bytes, cut):
         raw.close()
 
 
-def make_tasks(files, input_format, blank_line_docs, chunk_bytes):
+# ---- Parquet and Arrow IPC --------------------------------------------------------------
+ARROW_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow",
+                  ".ipc": "arrow"}  # fmt: skip
+
+
+def file_format(path, input_format):
+    """The format of one input file: --input-format, or else by extension (JSONL by default)."""
+    if input_format:
+        return input_format
+    return ARROW_SUFFIXES.get(os.path.splitext(path)[1].lower(), "jsonl")
+
+
+def import_pyarrow(what="Parquet and Arrow input"):
+    """pyarrow with its parquet and ipc modules, or a one-line error naming the package."""
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise MegaliteError(f"{what} needs the `pyarrow` package: pip install pyarrow") from None
+    return pyarrow
+
+
+def _check_columns(path, schema, keys):
+    pa = import_pyarrow()
+    names = schema.names
+    for k in keys:
+        if k not in names:
+            raise MegaliteError(
+                f"{path}: no column {k!r} (it has: {', '.join(names)}); choose text columns with "
+                "--json-keys"
+            )
+        t = schema.field(k).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)
+                or getattr(pa.types, "is_string_view", lambda _: False)(t)):  # fmt: skip
+            strings = [n for n in names if pa.types.is_string(schema.field(n).type)
+                       or pa.types.is_large_string(schema.field(n).type)]  # fmt: skip
+            raise MegaliteError(
+                f"{path}: column {k!r} holds {t}, not strings (string columns: "
+                f"{', '.join(strings) or 'none'}); choose text columns with --json-keys"
+            )
+
+
+def _record_batches(path, fmt, keys, chunk_bytes):
+    """Yield (record batch of the key columns, first row number, input bytes read so far)."""
+    pa = import_pyarrow()
+    try:
+        if fmt == "parquet":
+            f = pa.parquet.ParquetFile(path)
+            _check_columns(path, f.schema_arrow, keys)
+            meta, size = f.metadata, os.path.getsize(path)
+            # rows per batch from the key columns' uncompressed bytes: about one block each
+            col = [f.schema_arrow.get_field_index(k) for k in keys]
+            text_bytes = sum(
+                meta.row_group(g).column(c).total_uncompressed_size
+                for g in range(meta.num_row_groups)
+                for c in col
+            )
+            rows = max(1, min(1 << 16, int(chunk_bytes * meta.num_rows / max(text_bytes, 1))))
+            row = 0
+            for batch in f.iter_batches(batch_size=rows, columns=keys, use_threads=False):
+                row += batch.num_rows
+                yield batch, row - batch.num_rows, int(size * row / max(meta.num_rows, 1))
+            return
+        src = pa.OSFile(path)  # read, not memory-mapped: resident memory stays one batch
+        try:
+            try:
+                reader = pa.ipc.open_file(src)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            except pa.ArrowInvalid:  # the streaming format (Hugging Face datasets' .arrow)
+                src.seek(0)
+                reader = pa.ipc.open_stream(src)
+                batches = iter(reader)
+            _check_columns(path, reader.schema, keys)
+            row = 0
+            for batch in batches:
+                yield batch.select(keys), row, src.tell()
+                row += batch.num_rows
+        finally:
+            src.close()
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, MegaliteError):
+            raise
+        what = "Parquet" if fmt == "parquet" else "Arrow IPC"
+        raise MegaliteError(
+            f"{path}: cannot read it as {what} ({e}); check --input-format"
+        ) from None
+
+
+def _string_column(pa, path, arr, key, row0):
+    """-> (UTF-8 bytes, int64 offsets from 0) of a string array; nulls are an error."""
+    if arr.null_count:
+        first = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise MegaliteError(
+            f"{path}: row {row0 + first + 1}: column {key!r} is null; drop or fill such rows first"
+        )
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = arr.cast(pa.large_string())
+    bufs = arr.buffers()
+    dtype = np.int32 if pa.types.is_string(arr.type) else np.int64
+    offsets = np.frombuffer(bufs[1], dtype=dtype)[arr.offset : arr.offset + len(arr) + 1]
+    offsets = offsets.astype(np.int64)
+    data = b"" if bufs[2] is None else bufs[2][int(offsets[0]) : int(offsets[-1])].to_pybytes()
+    return data, offsets - offsets[0]
+
+
+def read_arrow_units(path, fmt, keys, chunk_bytes):
+    """Yield (Unit, input bytes read so far) of about chunk_bytes of text each."""
+    pa = import_pyarrow()
+    for batch, row0, done in _record_batches(path, fmt, keys, chunk_bytes):
+        cols = [_string_column(pa, path, batch.column(k), k, row0) for k in keys]
+        per_row = sum(o[1:] - o[:-1] for _, o in cols)
+        cum = np.cumsum(per_row)
+        cuts = np.searchsorted(cum, np.arange(chunk_bytes, cum[-1] if len(cum) else 0, chunk_bytes))
+        bounds = [0, *sorted(set((cuts + 1).tolist()) - {0, len(cum)}), len(cum)]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi <= lo:
+                continue
+            data = [(b[o[lo] : o[hi]], o[lo : hi + 1] - o[lo]) for b, o in cols]
+            yield Unit(path, row0 + lo + 1, 0, data, fmt="arrow"), done
+
+
+def make_tasks(files, input_format, blank_line_docs, chunk_bytes, keys=("text",)):
     """Yield (list of Units, input bytes read so far) in input order."""
     chunk = max(1 << 12, int(chunk_bytes))
     done = 0  # bytes of finished files
     batch, batch_bytes = [], 0
     for path in files:
-        if input_format == "jsonl":
-            cut, pieces = _cut_line, False
-        elif blank_line_docs:
-            cut, pieces = _cut_blank_line, False
+        fmt = file_format(path, input_format)
+        if fmt in ("parquet", "arrow"):
+            units = read_arrow_units(path, fmt, keys, chunk)
+            pieces = False
         else:
-            cut, pieces = _cut_line, True
-        for unit, pos in read_units(path, chunk, cut):
+            if fmt == "jsonl":
+                cut, pieces = _cut_line, False
+            elif blank_line_docs:
+                cut, pieces = _cut_blank_line, False
+            else:
+                cut, pieces = _cut_line, True
+            units = read_units(path, chunk, cut)
+        for unit, pos in units:
             if not pieces:
                 unit.first = unit.last = True  # whole documents only
             batch.append(unit)
-            batch_bytes += len(unit.data)
+            batch_bytes += unit.nbytes()
             # Small files (one document each) are batched into one task; big blocks go alone.
             if batch_bytes >= chunk:
                 yield batch, done + pos
@@ -191,6 +329,9 @@ def init_worker(tokenizer_type, tokenizer_model, options):
     _W.clear()
     _W.update(options)
     _W["tok"] = build_tokenizer(tokenizer_type, tokenizer_model)
+    _W["cleaner"] = Cleaner(options)
+    if options.get("dedup") == "near":
+        _W["perms"] = near_dedup.permutations(options["minhash_num_perm"])
 
 
 _JSON = json.JSONDecoder()
@@ -216,15 +357,38 @@ def _bad_field(unit, n, obj, keys):
     )
 
 
+def _arrow_texts(unit, data, offsets, key):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        row = unit.line + int(np.searchsorted(offsets, e.start, "right")) - 1
+        raise MegaliteError(
+            f"{unit.path}: row {row}: column {key!r} is not valid UTF-8; fix the file"
+        ) from None
+    if len(text) != len(data):  # not ASCII: byte offsets are not character offsets
+        o = offsets.tolist()
+        return [data[a:b].decode("utf-8") for a, b in zip(o[:-1], o[1:])]
+    o = offsets.tolist()
+    return [text[a:b] for a, b in zip(o[:-1], o[1:])]
+
+
+def _arrow_docs(unit):
+    cols = [_arrow_texts(unit, d, o, k) for (d, o), k in zip(unit.data, _W["keys"])]
+    return list(zip(*cols))
+
+
 def _parse(units):
     """-> list of documents (tuples of texts, one per key), list of (first, last) or None."""
     keys, mode = _W["keys"], _W["mode"]
     docs = []
-    if mode == "jsonl":
+    if mode == "jsonl":  # JSONL, Parquet and Arrow units, in any mix
         # One decode per block and the decoder called directly: json.loads on bytes would sniff
         # the encoding and decode again for every line, a tenth of a worker's time.
         loads, single = _JSON.decode, keys[0] if len(keys) == 1 else None
         for unit in units:
+            if unit.fmt == "arrow":
+                docs += _arrow_docs(unit)
+                continue
             for n, line in enumerate(_decode(unit).split("\n")):
                 if not line or line.isspace():
                     continue
@@ -261,7 +425,9 @@ def _flatten(ids, dtype, eod=None):
     if eod is not None:
         lengths += 1
         if isinstance(ids[0], np.ndarray):  # interleave [ids, eod, ids, eod, ...]: one concatenate
-            parts, e = [None] * (2 * len(ids)), np.array([eod], dtype=ids[0].dtype)
+            # (the EOD in the output dtype: the ids' own may be too narrow, as the byte
+            # tokenizer's uint8)
+            parts, e = [None] * (2 * len(ids)), np.array([eod], dtype=dtype)
             parts[0::2], parts[1::2] = ids, [e] * len(ids)
             ids = parts
         else:
@@ -274,10 +440,12 @@ def _flatten(ids, dtype, eod=None):
 
 def process(units):
     """One task: parse, clean, tokenize. Complete documents are filtered here; pieces of long
-    documents are returned unfiltered and decided on by the main process."""
-    tok, keys, dtype = _W["tok"], _W["keys"], _W["dtype"]
+    documents are returned with their measures and decided on by the main process."""
+    tok, keys, dtype, cleaner = _W["tok"], _W["keys"], _W["dtype"], _W["cleaner"]
     docs, pieces = _parse(units)
-    dropped = Counter()
+    dropped, changed = Counter(), Counter()
+    if cleaner.transforms:
+        docs = cleaner.transform(docs, changed)
     if _W["normalize"]:
         docs = [tuple(normalize_whitespace(t) for t in d) for d in docs]
     if pieces is None:  # blank in every key: "empty", whatever --min-chars says
@@ -295,6 +463,15 @@ def process(units):
         dropped["min_chars"] += int((~keep).sum())
         docs = [d for d, k in zip(docs, keep) if k]
         chars = chars[keep]
+    measures = None
+    if pieces is None:
+        docs = cleaner.filter(docs, dropped, changed)
+    elif cleaner.filters:
+        measures = []
+        for i, d in enumerate(docs):
+            text, stats, reason = cleaner.piece(d[0])
+            docs[i] = (text,)
+            measures.append((stats, reason))
     # Pieces of a long document get their EOD from the main process, at the document's end.
     eod = _W["eod"] if pieces is None else None
     tokens, lengths = [], []
@@ -318,11 +495,23 @@ def process(units):
             ).digest()
             for d in docs
         ]
+    sig = keys_ = None
+    if _W["dedup"] == "near":
+        texts = [d[0] if len(d) == 1 else "\n".join(d) for d in docs]
+        sig = near_dedup.signatures(
+            texts, _W["minhash_num_perm"], _W["minhash_ngram"], _W["minhash_unit"], _W["perms"]
+        )
+        if pieces is None:  # a long document's keys come from its pieces' signatures combined
+            keys_ = near_dedup.band_keys(sig, _W["minhash_bands"])
     return {
         "tokens": tokens,
         "lengths": lengths,
         "hashes": hashes,
+        "signatures": sig,
+        "band_keys": keys_,
         "chars": chars,
         "pieces": pieces,
+        "measures": measures,
         "dropped": dropped,
+        "changed": changed,
     }
