@@ -253,6 +253,17 @@ class DataConfig:
         None, "tokenizer kind (default: from the model file's suffix)"
     )
     tokenizer_model: Optional[str] = _f(None, "tokenizer model file (.model or tokenizer.json)")
+    data_blend_temperature: float = _f(
+        1.0,
+        "temperature T of the blend: dataset i is sampled in proportion to w_i^(1/T) (w: the "
+        "--data-path weights, or the token counts with --data-blend-by-tokens); T > 1 "
+        "upsamples small datasets, T = 1 keeps the weights",
+    )
+    data_blend_by_tokens: bool = _f(
+        False,
+        "blend by the datasets' token counts (then tempered by --data-blend-temperature) "
+        "instead of --data-path weights; give the prefixes alone",
+    )
     data_cache_path: Optional[str] = _f(None, "where sample indices are cached")
     mock_data: bool = _f(False, "random tokens instead of --data-path (benchmarks, smoke tests)")
     num_workers: int = _f(0, "data loader worker processes")
@@ -456,7 +467,14 @@ def _check(cfg: Config) -> None:
     if cfg.checkpoint.async_save and not cfg.checkpoint.save:
         raise MegaliteError("--async-save needs --save DIR")
     _check_fault_handling(t, cfg.checkpoint)
+    _check_data(cfg.data)
     _check_layout(cfg)
+
+
+def _check_data(d: DataConfig) -> None:
+    T = d.data_blend_temperature
+    if not (math.isfinite(T) and T > 0):
+        raise MegaliteError(f"--data-blend-temperature must be a positive number, got {T}")
 
 
 def _check_sharding(p: ParallelConfig) -> None:

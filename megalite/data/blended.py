@@ -14,6 +14,7 @@ bit-identical results. Indices are cached as `.npy` like GPTDataset's.
 import ctypes
 import importlib.util
 import logging
+import math
 import os
 import time
 
@@ -105,12 +106,30 @@ def build_blending_indices(weights, size, kernel=None):
     return dataset_index, dataset_sample_index
 
 
+def blend_weights(weights, temperature=1.0):
+    """Effective proportions: w_i^(1/T) normalised (weights: the blend's weights or the
+    datasets' token counts). T > 1 flattens the blend (small datasets are upsampled), T < 1
+    sharpens it; a weight of 0 stays 0."""
+    w = np.asarray(weights, dtype=np.float64)
+    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise MegaliteError(
+            f"blend weights {w.tolist()} must be non-negative, finite and not all zero"
+        )
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise MegaliteError(f"the blend temperature must be positive, got {temperature}")
+    w = w / w.max()  # token counts can be large: w^(1/T) on [0, 1]
+    if temperature != 1.0:
+        w = np.where(w > 0, w ** (1.0 / temperature), 0.0)
+    return w / w.sum()
+
+
 class BlendedDataset(CachedIndices):
     """Item i -> datasets[dataset_index[i]][dataset_sample_index[i]]; len = size exactly."""
 
     KINDS = ("dataset_index", "dataset_sample_index")
 
-    def __init__(self, datasets, weights, size, cache_dir, split_name="train", allow_build=True):
+    def __init__(self, datasets, weights, size, cache_dir, split_name="train", allow_build=True,
+                 names=None, origin=None):  # fmt: skip
         if len(datasets) != len(weights) or not datasets:
             raise ValueError("need one weight per dataset")
         weights = np.asarray(weights, dtype=np.float64)
@@ -120,6 +139,8 @@ class BlendedDataset(CachedIndices):
             )
         self.datasets = list(datasets)
         self.weights = weights / weights.sum()
+        self.names = list(names) if names is not None else [repr(d) for d in self.datasets]
+        self.origin = origin  # how the weights came about, for describe()
         self.size = int(size)
         self.split_name = split_name
         # The assignment depends only on the weights and the size.
@@ -163,6 +184,27 @@ class BlendedDataset(CachedIndices):
         if not 0 <= idx < self.size:
             raise IndexError(f"sample {idx} out of range for {self.size} samples")
         return self.datasets[int(self.dataset_index[idx])][int(self.dataset_sample_index[idx])]
+
+    def describe(self):
+        """One line: every dataset's effective proportion (and what it was made from)."""
+        o = self.origin or {}
+        how = []
+        if o.get("by_tokens"):
+            how.append("by token counts")
+        if o.get("temperature", 1.0) != 1.0:
+            how.append(f"temperature {o['temperature']:g}")
+        base = o.get("base")
+        parts = []
+        for i, (name, w) in enumerate(zip(self.names, self.weights)):
+            was = ""
+            if base is not None and o.get("by_tokens"):
+                was = f" ({o['tokens'][i]:,} tokens, {base[i]:.4f} by size)"
+            elif base is not None and o.get("temperature", 1.0) != 1.0:
+                was = f" (weight {base[i]:.4f})"
+            parts.append(f"{name} {w:.4f}{was}")
+        head = f"data blend ({self.split_name}, {self.size:,} samples"
+        head += (", " + ", ".join(how)) if how else ""
+        return head + "): " + "; ".join(parts)
 
     def __repr__(self):
         weights = np.round(self.weights, 4).tolist()

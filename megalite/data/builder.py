@@ -9,12 +9,14 @@ shared between nodes) builds its own copy, which is identical because the build 
 
 import math
 import operator
+import os
 import sys
 
-from megalite.data.blended import BlendedDataset
+from megalite.data.blended import BlendedDataset, blend_weights
 from megalite.data.gpt_dataset import (
     SPLIT_NAMES,
     GPTDataset,
+    data_path_has_weights,
     default_cache_dir,
     parse_data_path,
     parse_split,
@@ -48,18 +50,25 @@ def _check_args(split, seq_length, num_samples, seed):
     return parse_split(split), tuple(int(n) for n in num_samples)
 
 
-def _materialize(prefixes, weights, split_weights, seq_length, num_samples, seed, cache_dir):
+def _materialize(prefixes, weights, split_weights, seq_length, num_samples, seed, cache_dir,
+                 temperature=1.0, by_tokens=False):  # fmt: skip
     """Open the shards and build or load every index; the same on every rank."""
     indexed = {p: IndexedDataset(p) for p in prefixes}
+    tokens = [indexed[p].num_tokens for p in prefixes]
+    base = weights
+    if by_tokens or temperature != 1.0:  # (otherwise the weights as given, to the last bit)
+        base = blend_weights(tokens) if by_tokens else weights
+        weights = blend_weights(base, temperature).tolist()
     result = []
     for s, name in enumerate(SPLIT_NAMES):
         if num_samples[s] == 0 or split_weights[s] == 0:
             result.append(None)
             continue
-        parts = []
-        for prefix, w in zip(prefixes, weights):
+        parts, kept = [], []
+        for k, (prefix, w) in enumerate(zip(prefixes, weights)):
             if w == 0:
                 continue
+            kept.append(k)
             ds = indexed[prefix]
             begin, end = split_document_ranges(ds.num_documents, split_weights)[s]
             if end <= begin:
@@ -80,9 +89,21 @@ def _materialize(prefixes, weights, split_weights, seq_length, num_samples, seed
             result.append(parts[0][0])
         else:
             blend_dir = cache_dir or default_cache_dir(prefixes[0])
+            origin = {
+                "temperature": temperature,
+                "by_tokens": by_tokens,
+                "base": [float(base[k]) for k in kept],
+                "tokens": [tokens[k] for k in kept],
+            }
             result.append(
                 BlendedDataset(
-                    [p[0] for p in parts], [p[1] for p in parts], num_samples[s], blend_dir, name
+                    [p[0] for p in parts],
+                    [p[1] for p in parts],
+                    num_samples[s],
+                    blend_dir,
+                    name,
+                    names=[os.path.basename(prefixes[k]) for k in kept],
+                    origin=origin,
                 )
             )
     return tuple(result)
@@ -103,18 +124,39 @@ def _distributed():
 
 
 def build_train_valid_test_datasets(
-    data_path, split, seq_length, num_samples, seed, cache_dir=None, group=None
+    data_path,
+    split,
+    seq_length,
+    num_samples,
+    seed,
+    cache_dir=None,
+    group=None,
+    blend_temperature=1.0,
+    blend_by_tokens=False,
 ):
     """(train, valid, test): GPTDataset, BlendedDataset or None (weight 0 or 0 samples).
 
     data_path: Megatron style ['0.3', 'A', '0.7', 'B'], ['A'] or ['A', 'B']; split: '969,30,1';
     num_samples: (train, valid, test); group: the torch.distributed group whose rank 0 builds
-    the indices (None: the world, when initialised).
+    the indices (None: the world, when initialised). The blend samples dataset i in proportion
+    to w_i^(1/blend_temperature), w being the weights or, with blend_by_tokens, the datasets'
+    token counts (blend_weights); the order is a function of those proportions and the sizes
+    alone, so it is the same on every rank and after a resume.
     """
     prefixes, weights = parse_data_path(data_path)
+    if blend_by_tokens and data_path_has_weights(data_path):
+        raise MegaliteError(
+            "--data-blend-by-tokens takes the blend weights from the datasets' token counts; "
+            "give --data-path the prefixes alone"
+        )
+    if not (math.isfinite(blend_temperature) and blend_temperature > 0):
+        raise MegaliteError(
+            f"--data-blend-temperature must be a positive number, got {blend_temperature}"
+        )
     split_weights, num_samples = _check_args(split, seq_length, num_samples, seed)
     seq_length, seed = int(seq_length), int(seed)
-    args = (prefixes, weights, split_weights, seq_length, num_samples, seed, cache_dir)
+    args = (prefixes, weights, split_weights, seq_length, num_samples, seed, cache_dir,
+            float(blend_temperature), bool(blend_by_tokens))  # fmt: skip
 
     dist = _distributed()
     if dist is None:

@@ -87,6 +87,13 @@ def parse_data_path(data_path):
     return [strip_suffix(p) for p in prefixes], [w / total for w in weights]
 
 
+def data_path_has_weights(data_path):
+    """Whether a --data-path gives weights (0.3 A 0.7 B) rather than prefixes alone."""
+    if isinstance(data_path, str):
+        data_path = [data_path]
+    return any(_is_number(tok) for item in (data_path or []) for tok in str(item).split())
+
+
 def parse_split(split):
     """'969,30,1' (or '969/30/1', '98,2', '1') -> three weights summing to 1."""
     text = str(split).strip()

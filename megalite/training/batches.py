@@ -76,8 +76,21 @@ def build_datasets(cfg, vocab_size):
     from megalite.data import build_train_valid_test_datasets
 
     return build_train_valid_test_datasets(
-        d.data_path, d.split, m.seq_length, n, cfg.training.seed, d.data_cache_path
+        d.data_path,
+        d.split,
+        m.seq_length,
+        n,
+        cfg.training.seed,
+        d.data_cache_path,
+        blend_temperature=d.data_blend_temperature,
+        blend_by_tokens=d.data_blend_by_tokens,
     )
+
+
+def describe_data(dataset):
+    """The log line of a blend's effective proportions, or None (one dataset, mock data)."""
+    describe = getattr(dataset, "describe", None)
+    return describe() if callable(describe) else None
 
 
 def batch_iterator(dataset, micro_batch_size, consumed_samples, num_workers, vocab_size, device):

@@ -44,7 +44,7 @@ from megalite.parallel.ddp import DistributedDataParallel, finalize_model_grads
 from megalite.parallel.zero import data_parallel
 from megalite.parallel.pipeline import forward_backward, global_mean_loss, p2p_tensor_shape
 from megalite.training import checkpoint as ckpt
-from megalite.training.batches import batch_iterator, build_datasets, vocab_size
+from megalite.training.batches import batch_iterator, build_datasets, describe_data, vocab_size
 from megalite.training.metrics import MetricsWriter, memory_stats, peak_tflops
 
 
@@ -182,6 +182,9 @@ def setup(cfg: Config) -> Run:
     if cfg.checkpoint.async_save:
         run.saves = ckpt.BackgroundSaves()
     run.train_ds, run.valid_ds, _ = build_datasets(cfg, vocab)
+    blend = describe_data(run.train_ds)
+    if blend:
+        log.print(blend)
     run.train_iter = train_batches(run)
     # Started last: building indices for a large corpus can hold the GIL for minutes, and a
     # starved heartbeat would look like a lost rank.
