@@ -573,12 +573,21 @@ def _check_args(args):
             raise MegaliteError("--dedup-threshold must be above 0")
 
 
-def peak_rss_mb():
-    """Peak resident memory (MB) of this process and of its largest reaped child (a worker)."""
+def peak_rss_mb(pid="self"):
+    """Peak resident memory (MB) of a process: VmHWM, the high-water mark of its own address
+    space (ru_maxrss would carry a launching parent's over exec); ru_maxrss where there is no
+    /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    if pid != "self":
+        return None
     kb = 1 if sys.platform != "darwin" else 1 / 1024  # ru_maxrss: KB on Linux, bytes on macOS
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kb / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kb / 1024
-    return round(own, 1), round(children, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kb / 1024, 1)
 
 
 def write_report(path, report):
@@ -678,7 +687,12 @@ def main(argv):
     finally:
         results.close()
         progress.close()
+        worker_mb = None
         if pool is not None:
+            import multiprocessing as mp
+
+            peaks = [peak_rss_mb(c.pid) for c in mp.active_children()]
+            worker_mb = max((x for x in peaks if x is not None), default=None)
             pool.terminate()
             pool.join()
     seconds = time.perf_counter() - t0
@@ -714,7 +728,6 @@ def main(argv):
         flush=True,
     )
     if args.report:
-        main_mb, worker_mb = peak_rss_mb()
         report = {
             "inputs": files,
             "outputs": [p + ".bin/.idx" for p in prefixes],
@@ -731,7 +744,7 @@ def main(argv):
                 if k in d or k in active
             },  # fmt: skip
             "changed": {k: c[k] for k in (*TRANSFORMS, "filter") if k in changers},
-            "peak_rss_mb": {"main": main_mb, "workers": worker_mb if pool is not None else None},
+            "peak_rss_mb": {"main": peak_rss_mb(), "workers": worker_mb},
         }
         if args.dedup:
             report["dedup"] = {"mode": args.dedup, "exact_hashes": len(collector.seen)}

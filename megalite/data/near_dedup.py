@@ -11,7 +11,7 @@ i is the minimum over the document's distinct shingles x of h_i(x) = (a_i x + b_
 odd: the minimum is decided by the leading bits, which are Dietzfelbinger's multiply-shift hash
 of x (a universal family); a_i and b_i come from a fixed seed, so signatures are the same in
 every process and run. Measured against exact Jaccard on planted near-duplicates the estimate
-is unbiased within 0.003 (tests/test_data_cleaning.py). P(sig_A[i] == sig_B[i]) is the Jaccard
+is unbiased within 0.01 (tests/test_data_near_dedup.py). P(sig_A[i] == sig_B[i]) is the Jaccard
 similarity of the two shingle sets, and the signature of a union is the elementwise minimum
 (pieces of a long document combine exactly, but for the shingles that straddle two pieces).
 

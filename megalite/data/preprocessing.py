@@ -153,13 +153,18 @@ def file_format(path, input_format):
 
 
 def import_pyarrow(what="Parquet and Arrow input"):
-    """pyarrow with its parquet and ipc modules, or a one-line error naming the package."""
+    """pyarrow with its parquet and ipc modules, or a one-line error naming the package. Its
+    buffers come from the system allocator, which (with return_freed_memory) gives a row
+    group's memory back when it is done; pyarrow's default pool keeps it, and resident memory
+    then grows with the input."""
     try:
         import pyarrow
         import pyarrow.ipc  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError:
         raise MegaliteError(f"{what} needs the `pyarrow` package: pip install pyarrow") from None
+    if pyarrow.default_memory_pool().backend_name != "system":
+        pyarrow.set_memory_pool(pyarrow.system_memory_pool())
     return pyarrow
 
 
@@ -183,26 +188,21 @@ def _check_columns(path, schema, keys):
             )
 
 
-def _record_batches(path, fmt, keys, chunk_bytes):
+def _record_batches(path, fmt, keys):
     """Yield (record batch of the key columns, first row number, input bytes read so far)."""
     pa = import_pyarrow()
     try:
         if fmt == "parquet":
             f = pa.parquet.ParquetFile(path)
             _check_columns(path, f.schema_arrow, keys)
-            meta, size = f.metadata, os.path.getsize(path)
-            # rows per batch from the key columns' uncompressed bytes: about one block each
-            col = [f.schema_arrow.get_field_index(k) for k in keys]
-            text_bytes = sum(
-                meta.row_group(g).column(c).total_uncompressed_size
-                for g in range(meta.num_row_groups)
-                for c in col
-            )
-            rows = max(1, min(1 << 16, int(chunk_bytes * meta.num_rows / max(text_bytes, 1))))
-            row = 0
-            for batch in f.iter_batches(batch_size=rows, columns=keys, use_threads=False):
-                row += batch.num_rows
-                yield batch, row - batch.num_rows, int(size * row / max(meta.num_rows, 1))
+            meta, size, row = f.metadata, os.path.getsize(path), 0
+            for g in range(meta.num_row_groups):  # one row group in memory at a time
+                table = f.read_row_group(g, columns=keys, use_threads=False)
+                done = int(size * (row + table.num_rows) / max(meta.num_rows, 1))
+                for batch in table.to_batches():
+                    yield batch, row, done
+                    row += batch.num_rows
+                del table
             return
         src = pa.OSFile(path)  # read, not memory-mapped: resident memory stays one batch
         try:
@@ -249,7 +249,7 @@ def _string_column(pa, path, arr, key, row0):
 def read_arrow_units(path, fmt, keys, chunk_bytes):
     """Yield (Unit, input bytes read so far) of about chunk_bytes of text each."""
     pa = import_pyarrow()
-    for batch, row0, done in _record_batches(path, fmt, keys, chunk_bytes):
+    for batch, row0, done in _record_batches(path, fmt, keys):
         cols = [_string_column(pa, path, batch.column(k), k, row0) for k in keys]
         per_row = sum(o[1:] - o[:-1] for _, o in cols)
         cum = np.cumsum(per_row)
