@@ -60,3 +60,16 @@ def test_slurm_dry_run_writes_one_script_per_point(tmp_path):
         and "'--tensor-model-parallel-size' '2'" in s16
     )
     assert "tensor-model-parallel-size" not in s8
+
+
+def test_plan_picks_each_points_layout(tmp_path):
+    """--plan: a count without --layout gets the planner's fastest layout (here on H100s: a
+    tiny model, so pure data parallelism with the largest micro-batch that divides)."""
+    out = tmp_path / "planned"
+    p = run_cli(["tools/scaling.py", "--mode", "strong", "--gpus", "8", "--slurm", "--dry-run",
+                 "--plan", "H100", "--output", str(out), "--", *TINY, "--train-iters", "5",
+                 "--global-batch-size", "64"])  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    script = (out / "point_8.sbatch").read_text()
+    assert "'--data-parallel-sharding-strategy'" in script
+    assert "'--tensor-model-parallel-size' '1'" in script, script

@@ -12,7 +12,8 @@ of the metrics file's per-iteration records). --mode strong keeps the global bat
 weak multiplies --global-batch-size by GPUs / the first count (with no --global-batch-size,
 the trainer's default, micro-batch x DP, grows by itself). --layout N=FLAGS gives the parallel
 flags of the count N (`=`-joined flags, comma-separated: `8=--tensor-model-parallel-size=2,
---use-distributed-optimizer`); a count without one runs pure data parallelism.
+--use-distributed-optimizer`); a count without one runs pure data parallelism, or with
+--plan GPU the planner's fastest layout for that many GPUs (tools/plan.py).
 
 Locally each point is `NPROC=N launch/pretrain.sh ...`. With --slurm each point is an sbatch
 script (one torchrun per node, as launch/slurm.sbatch) submitted with `sbatch`
@@ -34,6 +35,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 
 def parse(argv):
@@ -42,6 +44,12 @@ def parse(argv):
     p.add_argument("--gpus", required=True, help="comma-separated process counts: 1,2,4")
     p.add_argument("--output", required=True, help="directory for runs and results")
     p.add_argument("--layout", action="append", default=[], help="N=FLAGS (see above)")
+    p.add_argument(
+        "--plan",
+        metavar="GPU",
+        help="each count without --layout runs the "
+        "planner's fastest layout for that many GPUs of this kind (H100, ...)",
+    )
     p.add_argument("--iters", type=int, default=10, help="timed iterations per point")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--gpus-per-node", type=int, default=8, help="for --slurm")
@@ -62,6 +70,33 @@ def parse(argv):
             p.error(f"--layout {item!r}: N=FLAGS, such as 8=--tensor-model-parallel-size=2")
         a.layouts[int(n)] = [part for f in flags.split(",") for part in f.split("=", 1)]
     return a
+
+
+def planned_layout(a, n) -> list:
+    """--plan: the parallel flags of tools/plan.py's fastest fitting layout for n GPUs."""
+    from megalite.config import parse_config
+    from megalite.planner import Cluster, search
+
+    per_node = min(n, a.gpus_per_node)
+    cluster = Cluster.of(a.plan, nodes=max(1, n // per_node), gpus_per_node=per_node)
+    best = search(parse_config(a.train, world_size=n), cluster, top=1)
+    if not best or not best[0].fits:
+        raise SystemExit(f"error: the planner finds no layout that fits {n} x {a.plan}")
+    lo = best[0].layout
+    flags = ["--tensor-model-parallel-size", str(lo["tp"]),
+             "--pipeline-model-parallel-size", str(lo["pp"]),
+             "--data-parallel-sharding-strategy", lo["strategy"],
+             "--micro-batch-size", str(lo["micro_batch_size"]),
+             "--overlap-grad-reduce"]  # fmt: skip
+    p = best[0].cfg.parallel
+    if p.num_layers_per_virtual_pipeline_stage:
+        flags += ["--num-layers-per-virtual-pipeline-stage",
+                  str(p.num_layers_per_virtual_pipeline_stage)]  # fmt: skip
+    if lo["sequence_parallel"]:
+        flags.append("--sequence-parallel")
+    if lo["recompute"]:
+        flags += ["--recompute-granularity", lo["recompute"]]
+    return flags
 
 
 def point_flags(a, n) -> list:
@@ -209,6 +244,9 @@ def plot(a, points) -> None:
 def main(argv=None):
     a = parse(argv)
     os.makedirs(a.output, exist_ok=True)
+    if a.plan:
+        for n in a.counts:
+            a.layouts.setdefault(n, planned_layout(a, n))
     points, pending = [], []
     for n in a.counts:
         point = measure(a, n)
