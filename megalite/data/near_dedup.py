@@ -36,6 +36,7 @@ _D = 0xC2B2AE3D27D4EB4F
 _CHUNK = 8192  # shingles per [num_perm, chunk] block in the min-hash loop
 _CAP = 16  # matches taken per band key and run (earliest documents first)
 _BLOCK = 1 << 16  # stored signatures per block
+_GROUP = 1 << 18  # characters of text hashed at a time
 
 # A byte is part of a word: ASCII letters and digits, and every byte of a non-ASCII character.
 _WORD_BYTE = np.zeros(256, dtype=bool)
@@ -131,8 +132,22 @@ def permutations(num_perm):
 
 def signatures(texts, num_perm, ngram, unit="word", perms=None):
     """MinHash signatures uint32 [len(texts), num_perm]; a document without a shingle gets
-    all 0xFFFFFFFF (signature_is_empty)."""
-    a, b = perms if perms is not None else permutations(num_perm)
+    all 0xFFFFFFFF (signature_is_empty). Texts are hashed ~256k characters at a time, which
+    bounds the temporaries (8 bytes per byte of text, or per shingle and hash function)."""
+    perms = perms if perms is not None else permutations(num_perm)
+    sizes = np.cumsum(np.fromiter(map(len, texts), np.int64, count=len(texts)))
+    cuts = np.searchsorted(sizes, np.arange(_GROUP, sizes[-1] if len(sizes) else 0, _GROUP))
+    bounds = [0, *sorted(set((cuts + 1).tolist()) - {0, len(texts)}), len(texts)]
+    if len(bounds) > 2:
+        return np.concatenate([
+            _signatures(texts[lo:hi], num_perm, ngram, unit, perms)
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ])  # fmt: skip
+    return _signatures(texts, num_perm, ngram, unit, perms)
+
+
+def _signatures(texts, num_perm, ngram, unit, perms):
+    a, b = perms
     x, doc = shingle_hashes(texts, ngram, unit)
     sig = np.full((len(texts), num_perm), 0xFFFFFFFF, dtype=np.uint32)
     for lo in range(0, len(x), _CHUNK):
