@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PYTHON) tools/bench/kernels.py
 	$(PYTHON) tools/bench/train_step.py
 	$(PYTHON) tools/bench/preprocess.py
+	$(PYTHON) tools/bench/preprocess.py --near-dedup
 	$(PYTHON) tools/bench/tensor_parallel.py
 	$(PYTHON) tools/bench/pipeline.py
 	$(PYTHON) tools/bench/data_parallel.py

@@ -22,6 +22,21 @@ Tokenizer: a sentencepiece BPE (vocab 4000) trained on tinyshakespeare by tools/
 
 Runs alternate ceiling and end-to-end, so load from other processes hits both alike; medians
 of --repeats runs are reported. Goal: ratio >= 0.8 and flat memory from 10x to 100x.
+
+    python tools/bench/preprocess.py --near-dedup [--docs 20000] [--scale 10] [--json out.json]
+
+--near-dedup measures `--dedup near` against `--dedup exact` instead, with --workers processes,
+on generated corpora (tools/bench/corpus.py: Shakespeare lines, 10% planted copies with 5% of
+their words changed) of --docs and --scale x --docs documents:
+
+  docs/s       input documents / wall seconds of `tools/preprocess.py` (launch to exit), the
+               sentencepiece tokenizer above, runs of the two modes alternating; cpu ratio:
+               the same in documents per CPU-second of the process tree (far less sensitive
+               to load from other processes)
+  recall       planted copies removed / planted copies, precision: planted copies removed /
+               all documents removed (from a byte-tokenizer run whose shards decode exactly)
+  memory       peak RSS (ru_maxrss) of the main process, which holds the index, and of the
+               largest worker, from --report; and the index's own bytes per kept document
 """
 
 import argparse
@@ -39,6 +54,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
@@ -163,6 +179,169 @@ def index_build(tmp):
     return int(lengths.sum()), time.perf_counter() - t0
 
 
+def _train_tokenizer(tmp):
+    model = os.path.join(tmp, "tok")
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "train_tokenizer.py"),
+            "--input",
+            SHAKESPEARE,
+            "--vocab-size",
+            "4000",
+            "--output-prefix",
+            model,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return model + ".model"
+
+
+def _dedup_run(corpus, out, workers, mode, tokenizer):
+    """One preprocess run -> (wall seconds, its --report)."""
+    tok = ["--tokenizer-type", "byte"] if tokenizer is None else ["--tokenizer-model", tokenizer]
+    dedup = ["--dedup", mode] if mode else []
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "preprocess.py"),
+        "--input",
+        corpus,
+        *tok,
+        "--append-eod",
+        "--workers",
+        str(workers),
+        *dedup,
+        "--report",
+        out + ".json",
+        "--output-prefix",
+        out,
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run's whole process tree
+    if proc.returncode != 0:
+        raise SystemExit(f"preprocess failed:\n{proc.stderr}")
+    with open(out + ".json") as f:
+        rep = json.load(f)
+    rep["cpu_seconds"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return seconds, rep
+
+
+def near_dedup_bench(a):
+    from corpus import near_duplicate_corpus
+
+    res = {"workers": a.workers, "repeats": a.repeats, "cpus": os.cpu_count(), "scales": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _train_tokenizer(tmp)
+        for scale in (1, a.scale):
+            n = a.docs * scale
+            texts, source = near_duplicate_corpus(n, seed=scale)
+            corpus = os.path.join(tmp, f"corpus{scale}.jsonl")
+            with open(corpus, "w") as f:
+                for t in texts:
+                    f.write(json.dumps({"text": t}) + "\n")
+            out = os.path.join(tmp, "out")
+            # quality: byte tokens decode to the exact texts that were kept
+            _, rep = _dedup_run(corpus, out, a.workers, "near", None)
+            kept = {
+                bytes(x[:-1].astype(np.uint8)).decode()
+                for x in IndexedDataset(out + "_text_document")
+            }
+            removed = np.array([t not in kept for t in texts])
+            planted = source >= 0
+            run = {
+                "documents": n,
+                "input_mb": round(os.path.getsize(corpus) / 2**20, 1),
+                "planted": int(planted.sum()),
+                "recall": float(removed[planted].mean()),
+                "precision": float(planted[removed].mean()) if removed.any() else 1.0,
+                "distinct_removed": float(removed[~planted].mean()),
+                "index_bytes": rep["dedup"]["index_bytes"],
+                "index_bytes_per_kept_document": rep["dedup"]["index_bytes"]
+                / max(rep["dedup"]["signatures"], 1),
+            }
+            del texts, source, kept, removed
+            times = {"exact": [], "near": []}
+            cpu = {"exact": [], "near": []}
+            rss = {"exact": [], "near": []}
+            for _ in range(a.repeats):
+                for mode in ("exact", "near"):
+                    sec, rep = _dedup_run(corpus, out, a.workers, mode, model)
+                    times[mode].append(rep["documents_in"] / sec)
+                    cpu[mode].append(rep["documents_in"] / rep["cpu_seconds"])
+                    rss[mode].append(rep["peak_rss_mb"])
+            for mode in ("exact", "near"):
+                run[f"{mode}_docs_per_s"] = statistics.median(times[mode])
+                run[f"{mode}_all_docs_per_s"] = times[mode]
+                run[f"{mode}_docs_per_cpu_s"] = statistics.median(cpu[mode])
+                run[f"{mode}_peak_rss_main_mb"] = max(r["main"] for r in rss[mode])
+                run[f"{mode}_peak_rss_worker_mb"] = max(r["workers"] for r in rss[mode])
+            run["near_over_exact"] = run["near_docs_per_s"] / run["exact_docs_per_s"]
+            run["near_over_exact_cpu"] = run["near_docs_per_cpu_s"] / run["exact_docs_per_cpu_s"]
+            try:  # the same documents as Parquet (row groups of 5000), no deduplication
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                texts = [json.loads(line)["text"] for line in open(corpus)]
+                pq.write_table(pa.table({"text": texts}), corpus + ".parquet", row_group_size=5000)
+                del texts
+                for fmt, path in (("jsonl", corpus), ("parquet", corpus + ".parquet")):
+                    sec, rep = _dedup_run(path, out, a.workers, None, model)
+                    run[f"{fmt}_plain_docs_per_s"] = rep["documents_in"] / sec
+                    run[f"{fmt}_plain_peak_rss_main_mb"] = rep["peak_rss_mb"]["main"]
+                os.remove(corpus + ".parquet")
+            except ImportError:
+                pass
+            res["scales"][f"{scale}x"] = run
+            os.remove(corpus)
+    one, big = res["scales"]["1x"], res["scales"][f"{a.scale}x"]
+    print(
+        f"--dedup near vs exact, {a.workers} workers, median of {a.repeats} ({os.cpu_count()} "
+        f"CPUs, load {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        f"{'input':>6} {'docs':>8} {'MB':>6} {'exact docs/s':>12} {'near docs/s':>11} "
+        f"{'ratio':>5} {'cpu ratio':>9} {'recall':>7} {'precision':>9} {'RSS exact':>9} "
+        f"{'RSS near':>8} {'index B/doc':>11}"
+    )
+    for name, r in res["scales"].items():
+        cols = [
+            f"{name:>6}",
+            f"{r['documents']:>8,}",
+            f"{r['input_mb']:>6.1f}",
+            f"{r['exact_docs_per_s']:>12,.0f}",
+            f"{r['near_docs_per_s']:>11,.0f}",
+            f"{r['near_over_exact']:>5.2f}",
+            f"{r['near_over_exact_cpu']:>9.2f}",
+            f"{r['recall']:>7.4f}",
+            f"{r['precision']:>9.4f}",
+            f"{r['exact_peak_rss_main_mb']:>9.1f}",
+            f"{r['near_peak_rss_main_mb']:>8.1f}",
+            f"{r['index_bytes_per_kept_document']:>11.0f}",
+        ]
+        print(" ".join(cols))
+    res["near_memory_growth"] = big["near_peak_rss_main_mb"] / one["near_peak_rss_main_mb"]
+    res["exact_memory_growth"] = big["exact_peak_rss_main_mb"] / one["exact_peak_rss_main_mb"]
+    if "parquet_plain_peak_rss_main_mb" in one:
+        for name, r in res["scales"].items():
+            print(
+                f"{name:>6} no dedup: JSONL {r['jsonl_plain_docs_per_s']:,.0f} docs/s, "
+                f"{r['jsonl_plain_peak_rss_main_mb']:.1f} MB; Parquet "
+                f"{r['parquet_plain_docs_per_s']:,.0f} docs/s, "
+                f"{r['parquet_plain_peak_rss_main_mb']:.1f} MB (main process peak RSS)"
+            )
+    print(
+        f"peak RSS of the main process {a.scale}x / 1x: near {res['near_memory_growth']:.2f}, "
+        f"exact {res['exact_memory_growth']:.2f}"
+    )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2)
@@ -181,7 +360,14 @@ def main():
         help="copies of tinyshakespeare in the small and the large input",
     )
     p.add_argument("--json", help="write the results here")
+    p.add_argument(
+        "--near-dedup", action="store_true", help="measure --dedup near against --dedup exact"
+    )
+    p.add_argument("--docs", type=int, default=20000, help="--near-dedup: the small corpus")
+    p.add_argument("--scale", type=int, default=10, help="--near-dedup: the large one, x docs")
     a = p.parse_args()
+    if a.near_dedup:
+        return near_dedup_bench(a)
     res = {"workers": a.workers, "repeats": a.repeats, "cpus": os.cpu_count(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "tok")
