@@ -370,22 +370,7 @@ def main():
         return near_dedup_bench(a)
     res = {"workers": a.workers, "repeats": a.repeats, "cpus": os.cpu_count(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        model = os.path.join(tmp, "tok")
-        subprocess.run(
-            [
-                sys.executable,
-                os.path.join(ROOT, "tools", "train_tokenizer.py"),
-                "--input",
-                SHAKESPEARE,
-                "--vocab-size",
-                "4000",
-                "--output-prefix",
-                model,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        model += ".model"
+        model = _train_tokenizer(tmp)
         for copies in a.scales:
             corpus = os.path.join(tmp, f"corpus{copies}.jsonl")
             _DOCS[:] = make_corpus(corpus, copies)
