@@ -143,7 +143,12 @@ class Plan:
 def fake_world(size: int):
     """A process group of `size` ranks whose collectives do nothing (torch's "fake" backend),
     so the real layers and data-parallel objects can be built and run on meta tensors."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    try:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+    except ImportError as e:  # a torch build without its testing package
+        raise MegaliteError(
+            f"the planner needs torch's fake process group ({e}); use a full torch install"
+        ) from e
 
     if dist.is_initialized():
         raise MegaliteError("the planner runs in a process without a process group")

@@ -111,8 +111,8 @@ class ShardedGradDataParallel(DistributedDataParallel):
             for p in b.params:
                 s, e = b.offsets[p]
                 p.main_grad = b.grad_data[s:e].view(p.shape)
-            if b.numel > sum(e - s for s, e in b.offsets.values()):
-                b.grad_data[sum(e - s for s, e in b.offsets.values()) :].zero_()  # padding
+            used = sum(e - s for s, e in b.offsets.values())
+            b.grad_data[used:].zero_()  # the padding to a multiple of DP (empty if none)
 
     def _syncs_now(self, param) -> bool:
         return True  # every micro-batch: no full grad buffer is kept between them
