@@ -266,6 +266,12 @@ class DataConfig:
     )
     data_cache_path: Optional[str] = _f(None, "where sample indices are cached")
     mock_data: bool = _f(False, "random tokens instead of --data-path (benchmarks, smoke tests)")
+    sft: bool = _f(
+        False,
+        "instruction tuning: --data-path names shards of `tools/preprocess.py --sft` (tokens "
+        "and a loss mask); conversations are packed into --seq-length samples with attention "
+        "confined to each, and the loss is the mean over the global batch's response tokens",
+    )
     num_workers: int = _f(0, "data loader worker processes")
 
 
@@ -295,6 +301,34 @@ class CheckpointConfig:
     )
 
 
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    lora_rank: int = _f(
+        0,
+        "LoRA: train rank-R adapters on the --lora-target-modules linears, the base model "
+        "frozen (no grads, no optimizer state); checkpoints hold the adapters (0: off)",
+    )
+    lora_alpha: Optional[float] = _f(None, "LoRA scale alpha: updates are alpha/R B A (default R)")
+    lora_dropout: float = _f(0.0, "LoRA: dropout on the adapters' input")
+    lora_target_modules: str = _f(
+        ",".join(LORA_TARGETS), "LoRA: which linears get adapters, comma-separated, of "
+        "qkv (attention's fused QKV), proj (its output), fc1, fc2 (the MLP's)",
+    )  # fmt: skip
+
+    @property
+    def targets(self) -> tuple:
+        return tuple(t.strip() for t in self.lora_target_modules.split(",") if t.strip())
+
+    @property
+    def scaling(self) -> float:
+        return (self.lora_alpha if self.lora_alpha is not None else self.lora_rank) / max(
+            self.lora_rank, 1
+        )
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     log_interval: int = _f(10, "log every N iterations")
@@ -318,6 +352,7 @@ SECTIONS = {
     "optimizer": OptimizerConfig,
     "data": DataConfig,
     "checkpoint": CheckpointConfig,
+    "lora": LoRAConfig,
     "logging": LoggingConfig,
 }
 
@@ -349,6 +384,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     world_size: int = 1
 
@@ -468,10 +504,42 @@ def _check(cfg: Config) -> None:
         raise MegaliteError("--async-save needs --save DIR")
     _check_fault_handling(t, cfg.checkpoint)
     _check_data(cfg.data)
+    _check_lora(cfg)
     _check_layout(cfg)
 
 
+def _check_lora(cfg) -> None:
+    lo = cfg.lora
+    if lo.lora_rank < 0:
+        raise MegaliteError(f"--lora-rank must be >= 0, got {lo.lora_rank}")
+    if not lo.lora_rank:
+        return
+    bad = [t for t in lo.targets if t not in LORA_TARGETS]
+    if bad or not lo.targets:
+        raise MegaliteError(
+            f"--lora-target-modules {lo.lora_target_modules!r}: unknown {bad or 'empty'}; "
+            f"choose among {','.join(LORA_TARGETS)}"
+        )
+    if not cfg.checkpoint.load:
+        raise MegaliteError(
+            "--lora-rank needs --load DIR: the model to adapt (with --finetune), or a LoRA "
+            "checkpoint to resume"
+        )
+    if not 0.0 <= lo.lora_dropout < 1.0:
+        raise MegaliteError(f"--lora-dropout must be in [0, 1), got {lo.lora_dropout}")
+    if cfg.parallel.data_parallel_sharding_strategy in ("optim_grads", "optim_grads_params"):
+        raise MegaliteError(
+            "LoRA trains only the adapters, whose state is small: use "
+            "--data-parallel-sharding-strategy no_shard or optim, not "
+            f"{cfg.parallel.data_parallel_sharding_strategy}"
+        )
+
+
 def _check_data(d: DataConfig) -> None:
+    if d.sft and (d.mock_data or not d.data_path):
+        raise MegaliteError(
+            "--sft needs --data-path PREFIX: shards written by `tools/preprocess.py --sft`"
+        )
     T = d.data_blend_temperature
     if not (math.isfinite(T) and T > 0):
         raise MegaliteError(f"--data-blend-temperature must be a positive number, got {T}")

@@ -75,10 +75,15 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(device))  # [s, d/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [s, 1, 1, d]
+    def forward(self, seq_len: int, device, position_ids=None) -> tuple:
+        """(cos, sin) of [s, 1, 1, d], or [s, b, 1, d] for per-sample positions [b, s]
+        (packed sequences: each conversation starts again at position 0)."""
+        if position_ids is None:
+            pos = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None]  # [s, 1]
+        else:
+            pos = position_ids.t().float()  # [s, b]
+        freqs = pos[..., None] * self.inv_freq.to(device)  # [s, 1 or b, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [s, 1 or b, 1, d]
         return emb.cos(), emb.sin()
 
 
@@ -138,7 +143,9 @@ class Attention(nn.Module):
             dtype=dtype,
         )
 
-    def forward(self, x, rotary=None):
+    def forward(self, x, rotary=None, attention_mask=None):
+        """attention_mask: None (causal) or a bool [b, 1, s, s], True where a query may attend
+        to a key (packed sequences: causal within each conversation, `segment_mask`)."""
         qkv = self.linear_qkv(x)  # [s, b, g*(q+2)*d] (g local groups)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_groups, self.q_per_group + 2, self.head_dim)
@@ -152,19 +159,20 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         if self.recompute_core and torch.is_grad_enabled():
-            o = checkpoint(self.core_attention, q, k, v)
+            o = checkpoint(self.core_attention, q, k, v, attention_mask)
         else:
-            o = self.core_attention(q, k, v)  # [b, n, s, d]
+            o = self.core_attention(q, k, v, attention_mask)  # [b, n, s, d]
         o = o.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, n*d]
         return self.linear_proj(o)  # [s, b, h]
 
-    def core_attention(self, q, k, v):
+    def core_attention(self, q, k, v, attention_mask=None):
         # Heads differ per TP rank, so dropout on the probabilities uses the TP-rank stream.
         p = self.attention_dropout if self.training else 0.0
         with tracker.fork() if p > 0 else contextlib.nullcontext():
             return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=p, is_causal=True, enable_gqa=self.q_per_group > 1
-            )
+                q, k, v, attn_mask=attention_mask, dropout_p=p,
+                is_causal=attention_mask is None, enable_gqa=self.q_per_group > 1,
+            )  # fmt: skip
 
 
 class MLP(nn.Module):
@@ -214,12 +222,12 @@ class TransformerLayer(nn.Module):
         self.hidden_dropout = cfg.hidden_dropout
         self.sequence_parallel = sequence_parallel
 
-    def forward(self, x, rotary=None):
+    def forward(self, x, rotary=None, attention_mask=None):
         # x [s, b, h]
         def drop(t):
             return dropout(t, self.hidden_dropout, self.training, self.sequence_parallel)
 
-        x = x + drop(self.attention(self.input_norm(x), rotary))
+        x = x + drop(self.attention(self.input_norm(x), rotary, attention_mask))
         return x + drop(self.mlp(self.pre_mlp_norm(x)))
 
 
@@ -313,29 +321,40 @@ class GPTModel(nn.Module):
             return self.output_layer.weight
         return self.embedding.word_embeddings.weight
 
-    def embed(self, tokens):
+    def embed(self, tokens, position_ids=None):
         # tokens [b, s] -> [s, b, h] ([s/tp, b, h] with sequence parallelism)
         x = self.embedding.word_embeddings(tokens)
         if hasattr(self.embedding, "position_embeddings"):
-            pos = torch.arange(tokens.shape[1], device=tokens.device)
-            pos = self.embedding.position_embeddings(pos).unsqueeze(1)  # [s, 1, h]
+            if position_ids is None:
+                pos = torch.arange(tokens.shape[1], device=tokens.device)
+                pos = self.embedding.position_embeddings(pos).unsqueeze(1)  # [s, 1, h]
+            else:  # packed sequences: [b, s] positions, restarting per conversation
+                pos = self.embedding.position_embeddings(position_ids.t())  # [s, b, h]
             x = x + (scatter_to_sp(pos) if self.sequence_parallel else pos)
         return dropout(x, self.cfg.hidden_dropout, self.training, self.sequence_parallel)
 
-    def forward(self, tokens=None, labels=None, hidden_states=None):
+    def forward(
+        self, tokens=None, labels=None, hidden_states=None, position_ids=None, segment_ids=None
+    ):
         """First stage: tokens [b, s]; later stages: hidden_states [s, b, h] from the stage
         before. Last stage returns the per-token loss [b, s] (fp32) when labels are given,
-        else vocab-parallel logits [s, b, v/tp]; other stages return hidden states."""
-        x = self.embed(tokens) if self.pre_process else hidden_states
+        else vocab-parallel logits [s, b, v/tp]; other stages return hidden states.
+
+        Packed sequences (--sft): position_ids [b, s] restart at 0 for each conversation and
+        segment_ids [b, s] number the conversations of a sample; attention is causal within
+        a conversation and never crosses into another (`segment_mask`). Every stage needs
+        both, so with them every pipeline stage reads the batch."""
+        x = self.embed(tokens, position_ids) if self.pre_process else hidden_states
         rotary = None
         if self.rotary is not None:
             seq = x.shape[0] * (state.get().tp if self.sequence_parallel else 1)
-            rotary = self.rotary(seq, x.device)
+            rotary = self.rotary(seq, x.device, position_ids)
+        mask = None if segment_ids is None else segment_mask(segment_ids)
         for i, layer in enumerate(self.layers.values()):
             if i < self.recompute_layers and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rotary)  # keeps only x; reruns in backward
+                x = checkpoint(layer, x, rotary, mask)  # keeps only x; reruns in backward
             else:
-                x = layer(x, rotary)  # [s, b, h] ([s/tp, b, h] with SP)
+                x = layer(x, rotary, mask)  # [s, b, h] ([s/tp, b, h] with SP)
         if not self.post_process:
             return x
         x = self.final_norm(x)
@@ -349,9 +368,20 @@ class GPTModel(nn.Module):
         return loss.t()  # [b, s]
 
     @torch.no_grad()
-    def full_logits(self, tokens):
-        """Logits over the whole padded vocabulary, gathered over TP: [b, s, v]."""
-        return gather_from_tp(self(tokens)).transpose(0, 1)
+    def full_logits(self, tokens, **packing):
+        """Logits over the whole padded vocabulary, gathered over TP: [b, s, v]. packing:
+        position_ids and segment_ids of packed sequences (see forward)."""
+        return gather_from_tp(self(tokens, **packing)).transpose(0, 1)
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal causal mask of packed sequences: [b, s] segment ids -> bool
+    [b, 1, s, s], True where query i may attend to key j (j <= i, same segment). SDPA takes
+    it as is (on CUDA its memory-efficient kernel supports such masks)."""
+    s = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [b, s, s]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    return (same & causal).unsqueeze(1)
 
 
 def num_parameters(cfg: ModelConfig, vocab_size: int) -> dict:

@@ -90,6 +90,7 @@ class ColumnParallelLinear(nn.Module):
         rows = _local_rows(out_features, tp, group_layout, "output features")
         # rows [0, split_local) are this rank's own; [split_local, rows) are shared by replicas
         self.split_local = rows - group_layout[2] if self.replicas > 1 else rows
+        self.lora = None  # a LoRA adapter (model/lora.py), whose update joins the output
         self.weight = tag(
             nn.Parameter(torch.empty(rows, in_features, dtype=dtype)),
             partition_dim=0,
@@ -117,6 +118,8 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x):
         w, b = self._replicated(self.weight), self._replicated(self.bias)
         y = column_parallel_linear(x, w, b, self.sequence_parallel)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return gather_from_tp(y) if self.gather_output else y
 
 
@@ -150,6 +153,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         tp = state.get().tp
         self.sequence_parallel = sequence_parallel and tp > 1
+        self.lora = None  # a LoRA adapter (model/lora.py), whose update joins the output
         self.weight = tag(
             nn.Parameter(
                 torch.empty(out_features, _divide(in_features, tp, "input features"), dtype=dtype)
@@ -167,9 +171,12 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         if state.get().tp == 1:  # no reduction: the bias joins the GEMM
-            return ops.linear(x, self.weight, self.bias, fuse_wgrad_accumulation=True)
+            y = ops.linear(x, self.weight, self.bias, fuse_wgrad_accumulation=True)
+            return y if self.lora is None else y + self.lora(x)
         y = ops.linear(x, self.weight, fuse_wgrad_accumulation=True)
         y = reduce_scatter_to_sp(y) if self.sequence_parallel else reduce_from_tp(y)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y + self.bias if self.bias is not None else y
 
 
@@ -222,16 +229,19 @@ def full_shape(param) -> list:
 
 
 @torch.no_grad()
-def init_parameters(module: nn.Module, seed: int) -> None:
+def init_parameters(module: nn.Module, seed: int, only=None) -> None:
     """Give every parameter its full value from (seed, name), then keep this rank's slice.
 
     A parameter's tag may name another (`init_name`) to be initialised as it (the pipeline's
     last-stage copy of a tied embedding starts equal to the first stage's embedding). The full
     value is drawn on the CPU in fp32 whatever the layout, so every TP size slices the same numbers
     (a vocabulary padded further for a larger TP only appends rows: the real rows are equal).
+    only: a predicate on names, to initialise those parameters alone (LoRA's adapters).
     """
     st = state.get()
     for name, p in module.named_parameters():
+        if only is not None and not only(name):
+            continue
         t = tag_of(p)
         rule = t.init
         if rule[0] == "zeros":
@@ -241,7 +251,11 @@ def init_parameters(module: nn.Module, seed: int) -> None:
             p.fill_(1.0)
             continue
         gen = torch.Generator().manual_seed(_seed_for(seed, t.init_name or name))
-        full = torch.empty(full_shape(p), dtype=torch.float32).normal_(0.0, rule[1], generator=gen)
+        full = torch.empty(full_shape(p), dtype=torch.float32)
+        if rule[0] == "uniform":  # ("uniform", bound): U(-bound, bound)
+            full.uniform_(-rule[1], rule[1], generator=gen)
+        else:
+            full.normal_(0.0, rule[1], generator=gen)
         p.copy_(shard_of(full, p, st.tp, st.tp_rank))
 
 

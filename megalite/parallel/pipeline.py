@@ -78,8 +78,11 @@ class _Executor:
         dtype=None,
         trace=None,
         on_op=None,
+        packed=False,
     ):
         self.chunks, self.data, self.M = chunks, data_iterator, num_microbatches
+        self.packed = packed
+        self.batches = []  # the micro-batches read so far, in order: batches[mb]
         self.forward_only = forward_only
         # What each micro-batch's loss is multiplied by. fp16's loss scale is a 0-dim fp32
         # tensor on the device (updated there by the step: no host read); the factor is then
@@ -125,24 +128,32 @@ class _Executor:
         assert not (self.inputs or self.outputs or self.grads or self.to_send), "schedule leak"
         return self.losses
 
+    def batch(self, mb) -> dict:
+        """Micro-batch `mb`. The data is read in order, once, whichever chunk asks first."""
+        with timers.timed("data"):
+            while len(self.batches) <= mb:
+                self.batches.append(next(self.data))
+        return self.batches[mb]
+
     def forward(self, c, mb):
         model = self.chunks[c]
         x = None if model.pre_process else self.inputs[(c, mb)]  # [s, b, h]
-        # Only the chunks at either end of the whole pipeline read data; each reads the
-        # micro-batches in order, so taking the next batch is taking batch `mb`.
+        # The chunks at either end of the whole pipeline read data (tokens, labels); with
+        # packed sequences every chunk does (each layer's attention needs the segments).
         batch = {}
-        if model.pre_process or model.post_process:
-            with timers.timed("data"):
-                batch = next(self.data)
+        if model.pre_process or model.post_process or self.packed:
+            batch = self.batch(mb)
         grad_mode = torch.no_grad() if self.forward_only else contextlib.nullcontext()
         with grad_mode:
             out = model(
                 tokens=batch.get("tokens") if model.pre_process else None,
-                labels=batch.get("labels"),
+                labels=batch.get("labels") if model.post_process else None,
                 hidden_states=x,
+                position_ids=batch.get("position_ids"),
+                segment_ids=batch.get("segment_ids"),
             )
             if model.post_process:
-                loss = out.float().mean()  # out: [b, s] losses
+                loss = micro_batch_loss(out, batch)  # out: [b, s] losses
                 self.losses.append(loss.detach())
                 out = loss * self.loss_factor
             else:
@@ -207,6 +218,19 @@ class _Executor:
         ]
 
 
+def micro_batch_loss(token_losses: torch.Tensor, batch: dict) -> torch.Tensor:
+    """A micro-batch's share of the global batch's loss, as the mean of its micro-batches'.
+
+    Pretraining: the mean over its tokens. With a loss mask (--sft): its masked-in tokens'
+    sum times `loss_weight` = DP x M / (masked-in tokens of the whole global batch), set by
+    `batches.weigh_by_targets`: the mean over micro-batches and the DP mean of the grads then
+    give the mean over every target token of the global batch, however unevenly the targets
+    fall into micro-batches and ranks (not a mean of per-micro-batch means)."""
+    if "loss_mask" not in batch:
+        return token_losses.float().mean()
+    return (token_losses.float() * batch["loss_mask"]).sum() * batch["loss_weight"]
+
+
 def _steady_state(ops):
     """(index of the first Backward, index of the last Forward) of a rank's list: its
     transfers strictly between the two are the schedule's steady state; those before are the
@@ -235,7 +259,8 @@ def forward_backward(
     schedule of the layout (`schedules.schedule_ops`), accumulating grads unless forward_only.
 
     tensor_shape: of every activation passed between stages (`p2p_tensor_shape`; needed only
-    with PP > 1). kw, as for `run_schedule`: loss_scale (a float, or a 0-dim fp32 device
+    with PP > 1). packed: the batches carry position_ids and segment_ids (packed sequences),
+    which every chunk reads. kw, as for `run_schedule`: loss_scale (a float, or a 0-dim fp32 device
     tensor: fp16's); no_sync (`ddp.no_sync`, called with a
     chunk index: it holds that chunk's grad sync back around every backward but its last);
     dtype of the transfers (default: the parameters'); trace / on_op (instrumentation).
@@ -264,7 +289,7 @@ def forward_backward(
 def run_schedule(ops, chunks, data_iterator, num_microbatches, **kw):
     """Play a given list of operations (the layout's own, or another such as GPipe's order in
     the memory test). kw: forward_only, loss_scale, no_sync, tensor_shape, dtype, trace,
-    on_op (see forward_backward)."""
+    on_op, packed (see forward_backward)."""
     return _Executor(list(chunks), data_iterator, num_microbatches, **kw).run(ops)
 
 

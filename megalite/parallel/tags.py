@@ -28,7 +28,7 @@ Fields:
   tied_embedding    "input": the word embedding of a model whose output layer reuses it;
                     "output": the last pipeline stage's copy of it (PP > 1). Their grads are
                     summed over the embedding group; only the input counts in the grad norm
-  init              ("normal", std) | ("zeros",) | ("ones",)
+  init              ("normal", std) | ("uniform", bound) | ("zeros",) | ("ones",)
   init_name         initialise as this parameter name instead of its own (the output copy of
                     a tied embedding starts equal to the input embedding)
 """

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from megalite import timers
 from megalite.errors import MegaliteError
 from megalite.parallel import state
 
@@ -27,8 +31,29 @@ class MockGPTDataset(Dataset):
 
 
 def collate(samples):
+    """Pretraining samples ([seq + 1] token arrays) or packed SFT samples (dicts of [seq]
+    arrays: tokens, labels, loss_mask, position_ids, segment_ids) into a micro-batch."""
+    if isinstance(samples[0], dict):
+        from megalite.data.sft import collate_samples
+
+        return collate_samples(samples)
     s = torch.from_numpy(np.stack(samples).astype(np.int64))  # [b, seq+1]
     return {"tokens": s[:, :-1].contiguous(), "labels": s[:, 1:].contiguous()}
+
+
+def global_batch(data, cfg) -> Iterator:
+    """This DP rank's micro-batches of one global batch, read now, each given the
+    `loss_weight` that makes the loss the mean over the global batch's target tokens
+    (`pipeline.micro_batch_loss`): DP x M / (loss-mask ones over every micro-batch of every
+    DP rank). The count is one all-reduce over DP, on the device (no host read)."""
+    st, m = state.get(), cfg.num_microbatches
+    with timers.timed("data"):
+        batches = [next(data) for _ in range(m)]
+        targets = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
+        if st.dp > 1:
+            dist.all_reduce(targets, group=st.dp_group)
+    weight = (st.dp * m) / targets.clamp(min=1.0)  # no target at all: a zero loss
+    return iter([dict(b, loss_weight=weight) for b in batches])
 
 
 def vocab_size(cfg) -> int:
@@ -72,6 +97,12 @@ def build_datasets(cfg, vocab_size):
         return tuple(
             MockGPTDataset(vocab_size, m.seq_length, k, cfg.training.seed + i)
             for i, k in enumerate(n)
+        )
+    if d.sft:  # packed conversations with their loss masks (megalite/data/sft.py)
+        from megalite.data.sft import build_sft_datasets
+
+        return build_sft_datasets(
+            d.data_path, d.split, m.seq_length, n, cfg.training.seed, d.data_cache_path
         )
     from megalite.data import build_train_valid_test_datasets
 

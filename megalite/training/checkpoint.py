@@ -346,8 +346,22 @@ def model_state_dict(chunks) -> dict:
     return {k: v for chunk in chunks for k, v in chunk.state_dict().items()}
 
 
-def _load_model_state(chunks, saved: dict, where: str) -> None:
+def saved_weights(chunks) -> dict:
+    """What a checkpoint stores of the model: every weight, or with LoRA (a frozen base)
+    the trainable adapters alone, the base being named in metadata.json (`lora_base`)."""
+    weights = model_state_dict(chunks)
+    trainable = {n for c in chunks for n, p in c.named_parameters() if p.requires_grad}
+    if getattr(chunks[0], "lora_base", None) is None or len(trainable) == len(weights):
+        return weights
+    return {k: v for k, v in weights.items() if k in trainable}
+
+
+def _load_model_state(chunks, saved: dict, where: str, names=None) -> None:
+    """Copy `saved` into the chunks' weights: all of them, or those in `names` (LoRA: the
+    frozen base, or the adapters), each of which it must hold, and nothing else."""
     mine = model_state_dict(chunks)
+    if names is not None:
+        mine = {k: v for k, v in mine.items() if k in names}
     missing = [k for k in mine if k not in saved]
     extra = [k for k in saved if k not in mine]
     if missing or extra:
@@ -357,7 +371,8 @@ def _load_model_state(chunks, saved: dict, where: str) -> None:
             f"shape; load it with the settings it was trained with"
         )
     for chunk in chunks:
-        chunk.load_state_dict({k: saved[k] for k in chunk.state_dict()})
+        mine = {k for k in chunk.state_dict() if names is None or k in names}
+        chunk.load_state_dict({k: saved[k] for k in mine}, strict=names is None)
 
 
 # -- saving: a snapshot, then the write ----------------------------------------------------------
@@ -385,8 +400,13 @@ def snapshot(cfg, iteration, consumed_samples, chunks, optimizer, copies=None) -
         shard = {
             "iteration": iteration,
             "consumed_samples": consumed_samples,
-            "model": model_state_dict(chunks),
-            "partition": {n: tag_of(p).partition for c in chunks for n, p in c.named_parameters()},
+            "model": (weights := saved_weights(chunks)),
+            "partition": {
+                n: tag_of(p).partition
+                for c in chunks
+                for n, p in c.named_parameters()
+                if n in weights
+            },
             "optimizer": optimizer.state_dict(),
             "rng": prandom.get_rng_state(),
         }
@@ -401,6 +421,8 @@ def snapshot(cfg, iteration, consumed_samples, chunks, optimizer, copies=None) -
     meta = {}
     if st.rank == 0:
         meta = _metadata(cfg, iteration, consumed_samples, st.tp, st.pp, st.dp)
+        if getattr(chunks[0], "lora_base", None) is not None:
+            meta["lora_base"] = chunks[0].lora_base  # the frozen weights these adapters need
     ck = cfg.checkpoint
     return Snapshot(ck.save, iteration, files, meta, ck.keep_last)
 
@@ -587,7 +609,11 @@ def load_checkpoint(cfg, chunks, optimizer) -> Optional[Resumed]:
     A checkpoint of another layout (TP, PP, virtual-pipeline split; a DP size or optimizer
     kind change alone needs nothing of this) is re-cut for this rank (training/reshard.py):
     weights, fp32 main params and moments exactly; the RNG streams, which belong to the
-    saved ranks, are re-seeded from --seed and the iteration, as `note` says."""
+    saved ranks, are re-seeded from --seed and the iteration, as `note` says.
+
+    LoRA (--lora-rank): a checkpoint without adapters is the base model (with --finetune:
+    its weights, the adapters as initialised); a LoRA checkpoint holds the adapters and
+    names its base, whose weights are loaded first (any layout too)."""
     st, ck = state.get(), cfg.checkpoint
     if st.rank == 0:
         recover(ck.load)
@@ -601,32 +627,36 @@ def load_checkpoint(cfg, chunks, optimizer) -> Optional[Resumed]:
             )
         return None
     meta, where = read_metadata(ck.load, it), iter_dir(ck.load, it)
-    saved_layout = _layout_of(meta)
-    if saved_layout == (st.tp, cfg.pipeline_layout()):
-        shard = read_shard(ck.load, it, st.tp_rank, st.pp_rank)
-        optimizer_state, rng, note = shard.get("optimizer"), shard.get("rng"), None
-        model = shard["model"]
-    else:
-        saved = saved_checkpoint(ck.load, it)
-        saved.check_model(cfg.model.num_layers)
-        params = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
-        model, pieces = saved.rank_state(params, st.tp, st.tp_rank, not ck.no_load_optim)
-        optimizer_state, rng = saved.optimizer, None
-        if optimizer_state is not None and pieces is not None:
-            optimizer_state = dict(optimizer_state, sharded=False, pieces=pieces)
-        vp = len(saved_layout[1][0])
-        note = (
-            f"re-cut checkpoint {where} from TP={saved_layout[0]} PP={len(saved_layout[1])} "
-            f"VP={vp} DP={meta['data_parallel_size']} to TP={st.tp} PP={st.pp} "
-            f"VP={cfg.virtual_pipeline_size} DP={st.dp}"
+    base = meta.get("lora_base")
+    if base is not None and not cfg.lora.lora_rank:
+        raise MegaliteError(
+            f"checkpoint {where} holds LoRA adapters only: train on with --lora-rank "
+            f"{meta['config']['lora']['lora_rank']}, or fold them into the base first "
+            f"(tools/convert.py merge-lora)"
         )
+    params = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
+    frozen = {n: p for n, p in params.items() if not p.requires_grad}
+    if frozen and base is None:  # LoRA from a base model: its weights, adapters as they are
+        if not (ck.no_load_optim and ck.no_load_rng):
+            raise MegaliteError(
+                f"checkpoint {where} has no LoRA adapters: start LoRA from it with --finetune"
+            )
+        base = {"path": os.path.abspath(ck.load), "iteration": it}
+        _load_weights(cfg, base["path"], it, chunks, frozen)
+        _mark_base(chunks, base)
+        return Resumed(0, 0, where, f"LoRA: base weights from {where}, adapters initialised")
+    if frozen:  # a LoRA checkpoint: its base first, then the adapters below
+        _load_weights(cfg, base["path"], base["iteration"], chunks, frozen)
+        _mark_base(chunks, base)
+        params = {n: p for n, p in params.items() if p.requires_grad}
+    model, optimizer_state, rng, note = _rank_state(cfg, ck.load, it, meta, params)
     if optimizer_state is None and not (ck.no_load_optim and ck.no_load_rng):
         raise MegaliteError(
             f"checkpoint {where} holds weights only (an imported model); "
             f"train from it with --finetune"
         )
     with optimizer.ddp.full_params():  # ZeRO-3: whole params, written back to the shards
-        _load_model_state(chunks, model, where)
+        _load_model_state(chunks, model, where, set(params))
     optimizer.reload_model_params()  # fp32 main params <- the loaded weights
     iteration, consumed = 0, 0
     if not ck.no_load_optim:
@@ -642,6 +672,53 @@ def load_checkpoint(cfg, chunks, optimizer) -> Optional[Resumed]:
                 f"(the saved streams belong to the saved layout's ranks)"
             )
     return Resumed(iteration, consumed, where, note)
+
+
+def _rank_state(cfg, root, it, meta, params: dict) -> tuple:
+    """This rank's (model {name: tensor} of `params`, optimizer state, RNG state, note) from
+    iteration `it` of `root`: its own shard when the layout is the saved one, else re-cut."""
+    st, ck = state.get(), cfg.checkpoint
+    saved_layout = _layout_of(meta)
+    if saved_layout == (st.tp, cfg.pipeline_layout()):
+        shard = read_shard(root, it, st.tp_rank, st.pp_rank)
+        model = {n: t for n, t in shard["model"].items() if n in params}
+        return model, shard.get("optimizer"), shard.get("rng"), None
+    saved = saved_checkpoint(root, it)
+    saved.check_model(cfg.model.num_layers)
+    model, pieces = saved.rank_state(params, st.tp, st.tp_rank, not ck.no_load_optim)
+    optimizer_state = saved.optimizer
+    if optimizer_state is not None and pieces is not None:
+        optimizer_state = dict(optimizer_state, sharded=False, pieces=pieces)
+    vp = len(saved_layout[1][0])
+    note = (
+        f"re-cut checkpoint {iter_dir(root, it)} from TP={saved_layout[0]} "
+        f"PP={len(saved_layout[1])} VP={vp} DP={meta['data_parallel_size']} to TP={st.tp} "
+        f"PP={st.pp} VP={cfg.virtual_pipeline_size} DP={st.dp}"
+    )
+    return model, optimizer_state, None, note
+
+
+def _load_weights(cfg, root, it, chunks, params: dict) -> None:
+    """Load the weights of `params` alone (LoRA's frozen base) from iteration `it` of `root`,
+    a checkpoint of any layout."""
+    where = iter_dir(root, it)
+    if not os.path.isdir(where):
+        raise MegaliteError(
+            f"the LoRA base model {where} is missing: these adapters were trained on it; "
+            f"restore it, or merge the adapters where it is (tools/convert.py merge-lora)"
+        )
+    meta = read_metadata(root, it)
+    if meta.get("lora_base") is not None:
+        raise MegaliteError(f"LoRA base {where} is itself a LoRA checkpoint: merge it first")
+    model, _, _, _ = _rank_state(cfg, root, it, meta, params)
+    _load_model_state(chunks, model, where, set(params))
+
+
+def _mark_base(chunks, base: dict) -> None:
+    """Record on the model the checkpoint its frozen base weights came from (LoRA): a save
+    writes the adapters alone and this pointer."""
+    for chunk in chunks:
+        chunk.lora_base = dict(base)
 
 
 def saved_checkpoint(root, iteration) -> SavedCheckpoint:

@@ -34,6 +34,7 @@ from megalite.config import Config
 from megalite.errors import MegaliteError
 from megalite.layout import padded_vocab_size
 from megalite.model.gpt import build_model, cast_params, flops_per_token, num_parameters
+from megalite.model.lora import add_lora, parameter_counts
 from megalite.optim import build_lr_schedule, build_optimizer
 from megalite.optim.grad_norm import SpikeFilter
 from megalite.optim.mixed_precision import memory_footprint
@@ -44,7 +45,13 @@ from megalite.parallel.ddp import DistributedDataParallel, finalize_model_grads
 from megalite.parallel.zero import data_parallel
 from megalite.parallel.pipeline import forward_backward, global_mean_loss, p2p_tensor_shape
 from megalite.training import checkpoint as ckpt
-from megalite.training.batches import batch_iterator, build_datasets, describe_data, vocab_size
+from megalite.training.batches import (
+    batch_iterator,
+    build_datasets,
+    describe_data,
+    global_batch,
+    vocab_size,
+)
 from megalite.training.metrics import MetricsWriter, memory_stats, peak_tflops
 
 
@@ -170,7 +177,14 @@ def setup(cfg: Config) -> Run:
         f"(padded {padded}), layout TP={st.tp} PP={st.pp} DP={st.dp}, "
         f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'} on {st.device}"
     )
-    report_memory(log, ddp, optimizer)
+    trainable, total = parameter_counts(chunks)
+    if trainable != total:
+        lo = cfg.lora
+        log.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}"
+                  f"%): LoRA rank {lo.lora_rank} alpha {lo.scaling * lo.lora_rank:g} on "
+                  f"{lo.lora_target_modules}, the base frozen")  # fmt: skip
+    log.record({"iteration": 0, "trainable_parameters": trainable, "parameters": total})
+    report_memory(log, chunks, ddp, optimizer)
     peak, peak_why = peak_tflops(st.device, t.bf16 or t.fp16, cfg.logging.peak_tflops)
     if peak is None:
         log.print(f"MFU not reported: {peak_why}")
@@ -192,19 +206,20 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-def report_memory(log: MetricsWriter, ddp, optimizer) -> None:
+def report_memory(log: MetricsWriter, chunks, ddp, optimizer) -> None:
     """Once, at start: every rank's bytes of params, grads and optimizer state, measured from
-    the real storages (memory_footprint), as one metrics record per rank and one line."""
+    the real storages (memory_footprint), as one metrics record per rank and one line (bytes
+    per parameter: over all of the rank's params, frozen ones (LoRA's base) included)."""
     st = state.get()
     mine = memory_footprint(ddp, optimizer)
-    mine["numel"] = sum(p.numel() for p in ddp.params)
+    mine["numel"] = sum(p.numel() for c in chunks for p in c.parameters())
     every = [mine]
     if dist.is_initialized():
         every = [None] * st.world_size
         dist.all_gather_object(every, mine)
     for rank, m in enumerate(every):
         sizes = {f"mem_{k}_bytes": m[k] for k in ("params", "grads", "optimizer")}
-        log.record({"iteration": 0, "rank": rank, **sizes})
+        log.record({"iteration": 0, "rank": rank, **sizes, "mem_numel": m["numel"]})
     worst = max(range(len(every)), key=lambda r: every[r]["total"])
     parts = []
     for rank in dict.fromkeys([0, worst]):
@@ -232,6 +247,10 @@ def parallelize(cfg: Config, vocab_size: int, unpadded_vocab_size: int, build=bu
     # 1. the plain model of this rank's pipeline stage(s), each layer holding its TP slice
     #    (initialised from (seed, parameter name), so every layout starts from one model);
     chunks = build(cfg, vocab_size, unpadded_vocab_size)
+    # 1b. LoRA (--lora-rank): adapters beside the target linears, split as they are, and
+    #     every other param frozen, so that DDP and the optimizer below see adapters alone;
+    if cfg.lora.lora_rank:
+        add_lora(chunks, cfg.lora, cfg.training.seed)
     # 2. the training dtype: bf16/fp16 params (fp32 main params live in the optimizer);
     cast_params(chunks, cfg.training.params_dtype)
     # 3. data parallelism: fp32 grad buffers in buckets, synced during backward with
@@ -283,15 +302,19 @@ def train_step(run: Run) -> StepStats:
     lr = run.lr_schedule(run.iteration)
     for group in opt.param_groups:
         group["lr"] = lr
+    # --sft: the loss is a mean over the global batch's target tokens, so their number is
+    # counted (over DP) before any backward.
+    data = global_batch(run.train_iter, cfg) if cfg.data.sft else run.train_iter
     # Every micro-batch through this rank's chunks under the layout's schedule; the grads
     # of each chunk's last backward start their bucket's DP reduction.
     losses = forward_backward(
         run.chunks,
-        run.train_iter,
+        data,
         cfg.num_microbatches,
         loss_scale=opt.loss_scale,
         no_sync=run.ddp.no_sync,
         tensor_shape=run.p2p_shape,
+        packed=cfg.data.sft,
     )
     finalize_model_grads(run.chunks, run.ddp)  # DP mean; SP sums over TP; tied embedding
     # The global grad norm (over TP, PP and DP shards) is also the inf/nan check; clipping,
@@ -427,9 +450,9 @@ def evaluate(run: Run) -> float:
     )
     losses = []
     for _ in range(cfg.training.eval_iters):
-        losses += forward_backward(
-            run.chunks, it, cfg.num_microbatches, forward_only=True, tensor_shape=run.p2p_shape
-        )
+        data = global_batch(it, cfg) if cfg.data.sft else it
+        losses += forward_backward(run.chunks, data, cfg.num_microbatches, forward_only=True,
+                                   tensor_shape=run.p2p_shape, packed=cfg.data.sft)  # fmt: skip
     for c in run.chunks:
         c.train()
     return global_mean_loss(losses).item()
