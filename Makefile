@@ -4,11 +4,11 @@ TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 STAMP := build/.installed
 # Hugging Face conversion (safetensors) and its tests (transformers); neither pulls in torch.
-HF_PACKAGES := "safetensors==0.8.0" "transformers==5.24.0"
+HF_PACKAGES := "safetensors==0.8.0" "transformers==5.24.0" "peft==0.21.2" "accelerate==1.15.0"
 # Parquet and Arrow input of tools/preprocess.py (optional at run time; its tests need it).
 DATA_PACKAGES := "pyarrow==26.0.1"
 
-.PHONY: install demo test bench gpu-check lint format clean
+.PHONY: install demo finetune-demo test bench gpu-check lint format clean
 
 # Installs torch only when none is importable (an existing CUDA build is never replaced),
 # then the dependencies and megalite itself, building the kernels against that torch.
@@ -25,6 +25,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	bash launch/pretrain.sh
+
+# LoRA fine-tuning of the demo's model on instructions from the standard library (runs the
+# demo first when its checkpoint is missing); prints a held-out answer before and after.
+finetune-demo: $(STAMP)
+	$(PYTHON) tools/finetune_demo.py
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)

@@ -21,6 +21,9 @@ import sysconfig
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo model (tools/finetune_demo.py fine-tunes it with the same shape).
+MODEL_FLAGS = "--model-style gpt2 --num-layers 4 --hidden-size 256 --num-attention-heads 4 "
+MODEL_FLAGS = (MODEL_FLAGS + "--seq-length 256").split()
 
 
 def build_corpus(path, max_bytes):
@@ -133,16 +136,7 @@ def main():
         [
             "bash",
             "launch/pretrain.sh",
-            "--model-style",
-            "gpt2",
-            "--num-layers",
-            "4",
-            "--hidden-size",
-            "256",
-            "--num-attention-heads",
-            "4",
-            "--seq-length",
-            "256",
+            *MODEL_FLAGS,
             "--micro-batch-size",
             "8",
             "--global-batch-size",
