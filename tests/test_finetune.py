@@ -36,9 +36,10 @@ def write_sft_shards(prefix, n=300, seed=0):
     falls), each with one or two random target spans: the token shard and its uint8
     loss-mask shard, as `tools/preprocess.py --sft` writes them."""
     rng = np.random.default_rng(seed)
-    with IndexedDatasetWriter(prefix, np.uint16) as tokens, IndexedDatasetWriter(
-        prefix + "_loss_mask", np.uint8
-    ) as masks:
+    with (
+        IndexedDatasetWriter(prefix, np.uint16) as tokens,
+        IndexedDatasetWriter(prefix + "_loss_mask", np.uint8) as masks,
+    ):
         for _ in range(n):
             length = int(rng.integers(4, 41))
             mask = np.zeros(length, np.uint8)
@@ -140,8 +141,9 @@ def test_resume_is_exact(base, reference):
     (d / "resumed" / "latest_checkpointed_iteration.txt").write_text("5")
     shutil.rmtree(d / "resumed" / "iter_0000010")
     m = d / "resumed.jsonl"
+    resumed = str(d / "resumed")
     train_cli(1, MODEL, *LORA, "--sft", "--data-path", data, "--split", "90,10,0", "--load",
-              str(d / "resumed"), "--save", str(d / "resumed"), "--metrics-file", str(m))  # fmt: skip
+              resumed, "--save", resumed, "--metrics-file", str(m))  # fmt: skip
     assert metric(m) == reference[0][5:]
 
 
