@@ -11,6 +11,8 @@ Examples:
       --max-repeated-line-ratio 0.3 --max-repeated-ngram-ratio 0.15 --language en \\
       --tokenizer-model tok.model --append-eod --workers 16 --output-prefix data/web \\
       --report data/web_report.json
+  python tools/preprocess.py --sft --input 'chat/*.jsonl' --tokenizer-model tok.model \\
+      --workers 8 --output-prefix data/chat --report data/chat_report.json
 
 How it streams: the main process reads the input in ~0.5 MB blocks cut at document boundaries
 (Parquet: row group by row group; Arrow: record batch by record batch) and hands them to
@@ -27,6 +29,14 @@ Cleaning order: --strip-markup, --remove-invalid-chars, --normalize-whitespace; 
 --max-repeated-line-ratio, --max-repeated-ngram-ratio, --filter (a document is counted under
 the first that drops it); then exact and near duplicates (among the documents left). With
 several --json-keys the filters and deduplication judge a document's texts together.
+
+--sft (instruction data): JSONL rows {"messages": [{"role", "content"}, ...]} or {"prompt",
+"response"[, "system"]}, rendered with a chat template (the built-in one, --chat-template FILE,
+or the Hugging Face tokenizer directory's chat_template; see megalite/data/chat.py) into
+{prefix}_sft_document.bin/.idx and the aligned uint8 loss mask
+{prefix}_sft_document_loss_mask.bin/.idx (1 on assistant content and its end-of-turn). Bad rows
+are skipped and counted by reason. --dedup works on conversations; --append-eod, --json-keys,
+the cleaning flags and Parquet/Arrow/text input are refused.
 """
 
 import argparse
@@ -44,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from megalite.data import chat  # noqa: E402
 from megalite.data.cleaning import FILTERS, TRANSFORMS, Cleaner  # noqa: E402
 from megalite.data.indexed import IndexedDatasetWriter, best_dtype  # noqa: E402
 from megalite.data.near_dedup import (  # noqa: E402
@@ -104,7 +115,7 @@ def get_parser():
     g.add_argument(
         "--json-keys",
         nargs="+",
-        default=["text"],
+        default=None,
         metavar="KEY",
         help="JSON fields (Parquet/Arrow: string columns) to tokenize (default: text); each key "
         "gets its own shard pair {prefix}_{key}_document; with --input-format text the first "
@@ -115,6 +126,25 @@ def get_parser():
         action="store_true",
         help="with --input-format text: documents are separated by one or more blank lines "
         "(default: each file is one document)",
+    )
+    g.add_argument(
+        "--sft",
+        action="store_true",
+        help='instruction data: JSONL rows {"messages": [{"role": system|user|assistant, '
+        '"content": ...}, ...]} or {"prompt", "response"[, "system"]}, rendered with '
+        "a chat template; writes {prefix}_sft_document.bin/.idx and the uint8 loss mask "
+        "{prefix}_sft_document_loss_mask.bin/.idx (same lengths; 1 on assistant content and its "
+        "end-of-turn token). Bad rows are skipped and counted by reason; no row written is an "
+        "error",
+    )
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE|default",
+        help="with --sft: a jinja chat template file (needs `pip install jinja2`), or 'default' "
+        "for the built-in <|system|>/<|user|>/<|assistant|> text template ending each "
+        "assistant turn with the eod token. Default: the chat_template of a Hugging Face "
+        "--tokenizer-model directory (tokenizer_config.json) if it has one, else the built-in",
     )
     g = p.add_argument_group("tokenizer")
     g.add_argument(
@@ -298,7 +328,7 @@ def get_parser():
         help="write a JSON report: documents in and out, what each cleaning step and "
         "deduplication dropped or changed (by name), tokens, seconds, documents/s, the "
         "near-duplicate index's size, peak resident memory of the main process and of the "
-        "workers",
+        "workers; with --sft also the bad rows by reason, the first of each, and loss tokens",
     )
     g = p.add_argument_group("runtime")
     g.add_argument(
@@ -412,6 +442,11 @@ class Collector:
             )
         self.dropped, self.changed = Counter(), Counter()
         self.docs = 0
+        # --sft: the writers are tokens and loss mask; bad rows by reason: [count, path, line,
+        # detail] of the first in input order
+        self.sft = bool(getattr(args, "sft", False))
+        self.bad = {}
+        self.loss_tokens = 0
         self.doc = None  # the long document being assembled: dict(tokens, chars, hashes, ...)
         # decisions that need the whole document
         self.buffer_pieces = bool(args.dedup or args.min_chars > 0 or cleaner.filters)
@@ -419,6 +454,11 @@ class Collector:
     def add(self, r):
         self.dropped.update(r["dropped"])
         self.changed.update(r["changed"])
+        for reason, (count, *first) in r.get("bad", {}).items():
+            if reason in self.bad:
+                self.bad[reason][0] += count
+            else:
+                self.bad[reason] = [count, *first]
         if r["pieces"] is None:
             return self._add_documents(r)
         return self._add_pieces(r)
@@ -441,11 +481,14 @@ class Collector:
         if keep is not None and keep.all():
             keep = None
         tokens_written = 0
-        for w, toks, lens in zip(self.writers, r["tokens"], r["lengths"]):
+        for k, (w, toks, lens) in enumerate(zip(self.writers, r["tokens"], r["lengths"])):
             if keep is not None:
                 toks, lens = toks[np.repeat(keep, lens)], lens[keep]
             w.add_documents(toks, lens)
-            tokens_written += len(toks)
+            if self.sft and k == 1:  # the loss mask: not tokens of their own
+                self.loss_tokens += int(toks.sum(dtype=np.int64))
+            else:
+                tokens_written += len(toks)
         kept = n if keep is None else int(keep.sum())
         self.docs += kept
         return kept, tokens_written
@@ -534,6 +577,9 @@ def _check_args(args):
             raise MegaliteError(f"{flag} must be >= 0, got {v}")
     if args.chunk_size_mb <= 0 or args.log_interval < 1:
         raise MegaliteError("--chunk-size-mb and --log-interval must be positive")
+    _check_sft_args(args)
+    if args.json_keys is None:
+        args.json_keys = ["text"]
     if args.input_format == "text" and len(args.json_keys) > 1:
         raise MegaliteError(
             "--input-format text has one text per document; give at most one --json-keys (it "
@@ -573,6 +619,49 @@ def _check_args(args):
             raise MegaliteError("--dedup-threshold must be above 0")
 
 
+CLEANING_FLAGS = (
+    ("--strip-markup", "strip_markup", False),
+    ("--remove-invalid-chars", "remove_invalid_chars", False),
+    ("--normalize-whitespace", "normalize_whitespace", False),
+    ("--min-chars", "min_chars", 0),
+    ("--min-words", "min_words", 0),
+    ("--max-symbol-ratio", "max_symbol_ratio", None),
+    ("--max-repeated-line-ratio", "max_repeated_line_ratio", None),
+    ("--max-repeated-ngram-ratio", "max_repeated_ngram_ratio", None),
+    ("--language", "language", None),
+    ("--filter", "filter", None),
+)
+
+
+def _check_sft_args(args):
+    """--sft takes JSONL conversations and --dedup; the flags that make no sense there are
+    refused in one line each."""
+    if not args.sft:
+        if args.chat_template is not None:
+            raise MegaliteError("--chat-template applies to --sft; add --sft")
+        return
+    if args.input_format not in (None, "jsonl"):
+        raise MegaliteError(
+            f"--sft reads JSONL conversations, not --input-format {args.input_format}; convert "
+            'the rows to JSONL (one {"messages": [...]} or {"prompt", "response"} a line)'
+        )
+    if args.json_keys is not None:
+        raise MegaliteError(
+            "--sft reads the fields messages or prompt/response (and system); drop --json-keys"
+        )
+    if args.append_eod:
+        raise MegaliteError(
+            "--append-eod does not apply to --sft: the chat template ends every assistant turn "
+            "(the default one with the eod token); drop --append-eod"
+        )
+    used = [flag for flag, name, off in CLEANING_FLAGS if getattr(args, name) != off]
+    if used:
+        raise MegaliteError(
+            f"--sft does not clean text (it would change the conversations the loss mask is "
+            f"built from); drop {', '.join(used)} and clean the rows beforehand"
+        )
+
+
 def peak_rss_mb(pid="self"):
     """Peak resident memory (MB) of a process: VmHWM, the high-water mark of its own address
     space (ru_maxrss would carry a launching parent's over exec); ru_maxrss where there is no
@@ -590,6 +679,63 @@ def peak_rss_mb(pid="self"):
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kb / 1024, 1)
 
 
+def describe_bad_rows(bad):
+    """'skipped 3 bad rows: 2 empty_content (first: a.jsonl line 7: message 1), ...'."""
+    total = sum(v[0] for v in bad.values())
+    if not total:
+        return "skipped 0 bad rows"
+    order = list(chat.BAD_ROW_REASONS)
+    parts = []
+    for reason in sorted(bad, key=lambda r: (-bad[r][0], order.index(r) if r in order else 99)):
+        count, path, line, detail = bad[reason]
+        first = f"{path} line {line}" + (f": {detail}" if detail else "")
+        parts.append(f"{count:,} {reason} (first: {first})")
+    return f"skipped {total:,} bad row{'s' * (total != 1)}: " + ", ".join(parts)
+
+
+def _sft_summary(args, files, prefixes, collector, tokens, seconds, mb, worker_mb):
+    d, bad = collector.dropped, collector.bad
+    rows_in = collector.docs + sum(d.values()) + sum(v[0] for v in bad.values())
+    dedup = [k for k, on in (("duplicate", bool(args.dedup)),
+                             ("near_duplicate", args.dedup == "near")) if on]  # fmt: skip
+    line = describe_bad_rows(bad)
+    if dedup:
+        line += "; dropped " + ", ".join(f"{d[k]:,} {k}" for k in dedup)
+    share = 100 * collector.loss_tokens / max(tokens, 1)
+    template = args._template_origin
+    print(
+        f"done: {collector.docs:,} conversations, {tokens:,} tokens ({collector.loss_tokens:,} "
+        f"loss tokens, {share:.1f}%), {seconds:.2f} s, {tokens / max(seconds, 1e-9):,.0f} "
+        f"tokens/s, {rows_in / max(seconds, 1e-9):,.0f} rows/s; chat template {template}; {line}; "
+        f"wrote {', '.join(p + '.bin/.idx' for p in prefixes)}",
+        flush=True,
+    )
+    if args.report:
+        report = {
+            "inputs": files,
+            "outputs": [p + ".bin/.idx" for p in prefixes],
+            "chat_template": template,
+            "documents_in": rows_in,
+            "documents": collector.docs,
+            "tokens": tokens,
+            "loss_tokens": collector.loss_tokens,
+            "input_mb": round(mb, 3),
+            "seconds": round(seconds, 3),
+            "documents_per_second": round(rows_in / max(seconds, 1e-9), 1),
+            "workers": args.workers,
+            "bad_rows": {r: v[0] for r, v in bad.items()},
+            "bad_rows_first": {
+                r: {"file": v[1], "line": v[2], "detail": v[3]} for r, v in bad.items()
+            },
+            "dropped": {k: d[k] for k in dedup},
+            "peak_rss_mb": {"main": peak_rss_mb(), "workers": worker_mb},
+        }
+        if args.dedup:
+            report["dedup"] = {"mode": args.dedup, "exact_hashes": len(collector.seen)}
+        write_report(args.report, report)
+    return 0
+
+
 def write_report(path, report):
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -603,6 +749,12 @@ def main(argv):
     _check_args(args)
     files = expand_inputs(args.input)
     formats = {file_format(f, args.input_format) for f in files}
+    if args.sft and formats != {"jsonl"}:
+        other = next(f for f in files if file_format(f, args.input_format) != "jsonl")
+        raise MegaliteError(
+            f"--sft reads JSONL conversations; {other} is {file_format(other, None)}: convert "
+            "it to JSONL (or pass --input-format jsonl if it is JSONL)"
+        )
     arrow_like = [n for f, n in (("parquet", "Parquet"), ("arrow", "Arrow")) if f in formats]
     if arrow_like:
         import_pyarrow(" and ".join(arrow_like) + " input")
@@ -633,10 +785,20 @@ def main(argv):
         "minhash_bands": args.minhash_bands,
         "minhash_ngram": args.minhash_ngram,
         "minhash_unit": args.minhash_unit,
+        "sft": None,
     }
     cleaner = Cleaner(options)  # fail fast on --language and --filter, before forking
-    prefixes = [f"{args.output_prefix}_{k}_document" for k in keys]
-    writers = [IndexedDatasetWriter(p, dtype) for p in prefixes]
+    if args.sft:
+        options["sft"] = chat.template_options(args.chat_template, args.tokenizer_model, tok)
+        chat.build_template(options["sft"])  # fail fast: jinja2 missing, a syntax error
+        args._template_origin = options["sft"]["origin"]
+        prefixes = [chat.sft_prefix(args.output_prefix)]
+        prefixes.append(chat.loss_mask_prefix(prefixes[0]))
+        writers = [IndexedDatasetWriter(prefixes[0], dtype),
+                   IndexedDatasetWriter(prefixes[1], np.uint8)]  # fmt: skip
+    else:
+        prefixes = [f"{args.output_prefix}_{k}_document" for k in keys]
+        writers = [IndexedDatasetWriter(p, dtype) for p in prefixes]
     collector = Collector(writers, args, eod, dtype, cleaner)
     init_args = (args.tokenizer_type, args.tokenizer_model, options)
     pool = None
@@ -668,6 +830,11 @@ def main(argv):
             docs, tokens = collector.add(r)
             total_tokens += tokens
             progress.update(bytes_done, docs, tokens)
+        if args.sft and collector.docs == 0:
+            why = describe_bad_rows(collector.bad) if collector.bad else "the input has no rows"
+            if collector.dropped:
+                why += f", {sum(collector.dropped.values()):,} duplicates dropped"
+            raise MegaliteError(f"no conversation written: {why}; nothing was written")
         for w in writers:
             w.finalize()
     except BaseException as e:
@@ -719,6 +886,8 @@ def main(argv):
     dropped += "".join(f", {d[k]:,} {k}" for k in active)
     if changers:
         dropped += "; changed " + ", ".join(f"{c[k]:,} {k}" for k in changers)
+    if args.sft:
+        return _sft_summary(args, files, prefixes, collector, total_tokens, seconds, mb, worker_mb)
     docs_in = collector.docs + sum(d.values())
     print(
         f"done: {collector.docs:,} documents, {total_tokens:,} tokens, {seconds:.2f} s, "

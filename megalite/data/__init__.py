@@ -1,6 +1,7 @@
 """Data pipeline: Megatron-compatible token shards, GPT samples, blending, sampler, tokenizers.
 
     tools/preprocess.py   raw text -> {prefix}_{key}_document.bin/.idx (IndexedDatasetWriter)
+                          --sft: chat rows -> tokens + a uint8 loss-mask shard (chat.py)
     IndexedDataset        memory-mapped reader of one shard
     GPTDataset            seq_len+1-token samples over the shuffled document stream (cached indices)
     BlendedDataset        several datasets mixed by weight

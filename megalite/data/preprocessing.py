@@ -23,7 +23,7 @@ from collections import Counter
 
 import numpy as np
 
-from megalite.data import near_dedup
+from megalite.data import chat, near_dedup
 from megalite.data.cleaning import Cleaner
 from megalite.data.tokenizers import build_tokenizer
 from megalite.errors import MegaliteError
@@ -332,6 +332,8 @@ def init_worker(tokenizer_type, tokenizer_model, options):
     _W["cleaner"] = Cleaner(options)
     if options.get("dedup") == "near":
         _W["perms"] = near_dedup.permutations(options["minhash_num_perm"])
+    if options.get("sft") is not None:
+        _W["chat"] = chat.build_template(options["sft"])
 
 
 _JSON = json.JSONDecoder()
@@ -441,6 +443,8 @@ def _flatten(ids, dtype, eod=None):
 def process(units):
     """One task: parse, clean, tokenize. Complete documents are filtered here; pieces of long
     documents are returned with their measures and decided on by the main process."""
+    if _W.get("sft") is not None:
+        return process_sft(units)
     tok, keys, dtype, cleaner = _W["tok"], _W["keys"], _W["dtype"], _W["cleaner"]
     docs, pieces = _parse(units)
     dropped, changed = Counter(), Counter()
@@ -514,4 +518,99 @@ def process(units):
         "measures": measures,
         "dropped": dropped,
         "changed": changed,
+    }
+
+
+# ---- --sft: conversations -> tokens and loss mask ------------------------------------------
+def _sft_lines(unit):
+    """Yield (line number, text or None when the line is not valid UTF-8) of a JSONL unit."""
+    try:
+        lines = unit.data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        for n, raw in enumerate(unit.data.split(b"\n")):
+            try:
+                yield unit.line + n, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield unit.line + n, None
+        return
+    for n, line in enumerate(lines):
+        yield unit.line + n, line
+
+
+def process_sft(units):
+    """One task of --sft: parse rows, render them with the chat template, tokenize segment by
+    segment. Bad rows come back counted by reason with the first one's file, line and detail;
+    the tokens and the loss mask come back as two aligned "keys"."""
+    tok, dtype, template = _W["tok"], _W["dtype"], _W["chat"]
+    bad = {}  # reason -> [count, path, line, detail] of the first
+
+    def note(reason, path, line, detail=None):
+        if reason in bad:
+            bad[reason][0] += 1
+        else:
+            bad[reason] = [1, path, line, detail]
+
+    convs, rendered, where = [], [], []
+    loads = _JSON.decode
+    for unit in units:
+        for line_no, line in _sft_lines(unit):
+            if line is None:
+                note("invalid_utf8", unit.path, line_no)
+                continue
+            if not line or line.isspace():
+                continue
+            try:
+                obj = loads(line)
+            except ValueError as e:
+                detail = f"{e.msg} at column {e.colno}" if hasattr(e, "msg") else str(e)[:80]
+                note("invalid_json", unit.path, line_no, detail)
+                continue
+            try:
+                messages = chat.parse_row(obj)
+                segments = template.render(messages)
+            except chat.BadRow as e:
+                note(e.reason, unit.path, line_no, e.detail)
+                continue
+            convs.append(messages)
+            rendered.append(segments)
+            where.append((unit.path, line_no))
+    encoded = chat.encode(tok, rendered)
+    keep = [i for i, (_, m) in enumerate(encoded) if m.any()]
+    if len(keep) < len(encoded):
+        for i in sorted(set(range(len(encoded))) - set(keep)):
+            note("no_loss_tokens", *where[i])
+        encoded = [encoded[i] for i in keep]
+        convs = [convs[i] for i in keep]
+    lengths = np.fromiter((len(t) for t, _ in encoded), np.int64, count=len(encoded))
+    if encoded:
+        tokens = np.concatenate([t for t, _ in encoded]).astype(dtype)
+        mask = np.concatenate([m for _, m in encoded])
+    else:
+        tokens, mask = np.zeros(0, dtype), np.zeros(0, np.uint8)
+    hashes = sig = band_keys = None
+    if _W["dedup"]:  # the same conversation, whichever row shape it came in
+        hashes = [
+            hashlib.blake2b(
+                json.dumps(c, ensure_ascii=False, sort_keys=True).encode("utf-8"), digest_size=16
+            ).digest()
+            for c in convs
+        ]
+    if _W["dedup"] == "near":
+        texts = ["\n".join(m["content"] for m in c) for c in convs]
+        sig = near_dedup.signatures(
+            texts, _W["minhash_num_perm"], _W["minhash_ngram"], _W["minhash_unit"], _W["perms"]
+        )
+        band_keys = near_dedup.band_keys(sig, _W["minhash_bands"])
+    return {
+        "tokens": [tokens, mask],
+        "lengths": [lengths, lengths.copy()],
+        "hashes": hashes,
+        "signatures": sig,
+        "band_keys": band_keys,
+        "chars": None,
+        "pieces": None,
+        "measures": None,
+        "dropped": Counter(),
+        "changed": Counter(),
+        "bad": bad,
     }
