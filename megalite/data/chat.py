@@ -352,6 +352,13 @@ def build_template(options):
     )
 
 
+def render_prompt(tok, messages) -> list:
+    """Token ids of `messages` in the default template followed by the assistant's header:
+    the prompt a model tuned on that template answers (tools/finetune_demo.py)."""
+    segments = DefaultTemplate(tok.eod).render(messages) + [(HEADERS["assistant"], 0)]
+    return encode(tok, [_merge(segments)])[0][0].tolist()
+
+
 # ---- segments -> tokens and mask -----------------------------------------------------------
 def encode(tok, rendered):
     """Segment lists -> list of (token ids int64[n], mask uint8[n]); the text of every segment

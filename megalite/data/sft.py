@@ -58,11 +58,11 @@ from megalite.data.gpt_dataset import (
 )
 from megalite.data.indexed import IndexedDataset, data_path, shard_exists, strip_suffix
 from megalite.errors import MegaliteError
+from megalite.data.chat import loss_mask_prefix
 
 logger = logging.getLogger("megalite.data")
 
 SFT_INDEX_FORMAT = 1  # bump whenever the packing changes: old caches stop matching
-LOSS_MASK_SUFFIX = "_loss_mask"
 DEFAULT_PACK_WINDOW = 10_000
 BLEND_MARGIN = 1.005  # as in builder.py: each blended dataset gets 0.5% more than its share
 
@@ -93,7 +93,7 @@ class SFTSource:
         self._open()
 
     def _open(self):
-        mask_prefix = self.prefix + LOSS_MASK_SUFFIX
+        mask_prefix = loss_mask_prefix(self.prefix)
         self.tokens = IndexedDataset(self.prefix)
         if not shard_exists(mask_prefix):
             raise MegaliteError(
