@@ -158,10 +158,17 @@ def build_train_valid_test_datasets(
     args = (prefixes, weights, split_weights, seq_length, num_samples, seed, cache_dir,
             float(blend_temperature), bool(blend_by_tokens))  # fmt: skip
 
+    return rank0_first(_materialize, args, group, "data")
+
+
+def rank0_first(materialize, args, group=None, what="data"):
+    """materialize(*args) on rank 0 of `group` first (it builds the index caches), then on
+    the others (they load them, or build an identical copy where the cache directory is not
+    shared); a failure on any rank is raised on every rank. Without torch.distributed: just
+    materialize(*args)."""
     dist = _distributed()
     if dist is None:
-        return _materialize(*args)
-
+        return materialize(*args)
     group = group if group is not None else dist.group.WORLD
     rank = dist.get_rank(group)
     src = dist.get_global_rank(group, 0)
@@ -169,7 +176,7 @@ def build_train_valid_test_datasets(
     status = [None]
     if rank == 0:
         try:
-            result = _materialize(*args)
+            result = materialize(*args)
         except Exception as e:  # noqa: BLE001 -- every failure must reach the other ranks
             error = e
             status = [_describe(e)]
@@ -177,11 +184,11 @@ def build_train_valid_test_datasets(
     if status[0] is not None:
         if error is not None:
             raise error
-        raise MegaliteError(f"rank {src} failed to build the data indices: {status[0]}")
+        raise MegaliteError(f"rank {src} failed to build the {what} indices: {status[0]}")
 
     if rank != 0:
         try:
-            result = _materialize(*args)
+            result = materialize(*args)
         except Exception as e:  # noqa: BLE001
             error = e
     statuses = [None] * dist.get_world_size(group)
@@ -192,5 +199,5 @@ def build_train_valid_test_datasets(
         if error is not None:
             raise error
         r, msg = failed[0]
-        raise MegaliteError(f"rank {r} failed to load the data indices: {msg}")
+        raise MegaliteError(f"rank {r} failed to load the {what} indices: {msg}")
     return result

@@ -186,6 +186,25 @@ class IndexCache:
     def path(self, kind):
         return f"{self.stem}-{kind}.npy"
 
+    def load_or_build(self, build, allow_build=True):
+        """The cached arrays; when missing, build() (which saves them) first, if allowed
+        (only rank 0 builds: the others load what it wrote)."""
+        arrays = self.load()
+        if arrays is None:
+            if not allow_build:
+                raise MegaliteError(
+                    f"index cache {self.description} missing; it should have been built by "
+                    "rank 0"
+                )
+            build()
+            arrays = self.load()
+            if arrays is None:
+                raise MegaliteError(
+                    f"index cache {self.description} vanished right after it was written; "
+                    f"is {self.dir} shared and stable?"
+                )
+        return arrays
+
     def load(self):
         """The cached arrays memory-mapped, or None when the set is absent or unreadable."""
         if not os.path.isfile(self.description):
@@ -312,20 +331,7 @@ class GPTDataset(CachedIndices):
         self.cache = IndexCache(
             cache_dir or default_cache_dir(self.indexed.path_prefix), key, split_name, self.KINDS
         )
-        arrays = self.cache.load()
-        if arrays is None:
-            if not allow_build:
-                raise MegaliteError(
-                    f"index cache {self.cache.description} missing; it should have been built by "
-                    "rank 0"
-                )
-            self._build()
-            arrays = self.cache.load()
-            if arrays is None:
-                raise MegaliteError(
-                    f"index cache {self.cache.description} vanished right after it was written; "
-                    f"is {self.cache.dir} shared and stable?"
-                )
+        arrays = self.cache.load_or_build(self._build, allow_build)
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]

@@ -40,14 +40,13 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import time
 from bisect import bisect_left, insort
 
 import numpy as np
 
 from megalite.data.blended import BlendedDataset
-from megalite.data.builder import _check_args
+from megalite.data.builder import _check_args, rank0_first
 from megalite.data.gpt_dataset import (
     SPLIT_NAMES,
     CachedIndices,
@@ -273,20 +272,7 @@ class SFTDataset(CachedIndices):
         self.cache = IndexCache(
             cache_dir or default_cache_dir(self.source.prefix), key, split_name, self.KINDS
         )
-        arrays = self.cache.load()
-        if arrays is None:
-            if not allow_build:
-                raise MegaliteError(
-                    f"index cache {self.cache.description} missing; it should have been built by "
-                    "rank 0"
-                )
-            self._build(lengths)
-            arrays = self.cache.load()
-            if arrays is None:
-                raise MegaliteError(
-                    f"index cache {self.cache.description} vanished right after it was written; "
-                    f"is {self.cache.dir} shared and stable?"
-                )
+        arrays = self.cache.load_or_build(lambda: self._build(lengths), allow_build)
         for k in self.KINDS:
             setattr(self, k, arrays[k])
         self._num_targets = None
@@ -502,14 +488,6 @@ def _materialize(prefixes, weights, split_weights, seq_length, num_samples, seed
     return tuple(result)
 
 
-def _distributed():
-    if "torch" not in sys.modules:
-        return None
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
 def build_sft_datasets(data_prefix, split, seq_length, num_samples, seed, cache_path=None,
                        pack_window=DEFAULT_PACK_WINDOW, group=None):  # fmt: skip
     """(train, valid, test): SFTDataset, SFTBlendedDataset or None (split weight 0 or 0 samples).
@@ -524,33 +502,4 @@ def build_sft_datasets(data_prefix, split, seq_length, num_samples, seed, cache_
     split_weights, num_samples = _check_args(split, seq_length, num_samples, seed)
     args = (prefixes, weights, split_weights, int(seq_length), num_samples, int(seed), cache_path,
             int(pack_window))  # fmt: skip
-    dist = _distributed()
-    if dist is None:
-        return _materialize(*args)
-    group = group if group is not None else dist.group.WORLD
-    rank = dist.get_rank(group)
-    status, result, error = [None], None, None
-    if rank == 0:
-        try:
-            result = _materialize(*args)
-        except Exception as e:  # noqa: BLE001 -- every failure must reach the other ranks
-            error, status = e, [" ".join(str(e).split()) or type(e).__name__]
-    dist.broadcast_object_list(status, src=dist.get_global_rank(group, 0), group=group)
-    if status[0] is not None:
-        if error is not None:
-            raise error
-        raise MegaliteError(f"rank 0 failed to build the SFT indices: {status[0]}")
-    if rank != 0:
-        try:
-            result = _materialize(*args)
-        except Exception as e:  # noqa: BLE001
-            error = e
-    statuses = [None] * dist.get_world_size(group)
-    mine = None if error is None else (dist.get_rank(), " ".join(str(error).split()))
-    dist.all_gather_object(statuses, mine, group=group)
-    failed = [x for x in statuses if x is not None]
-    if failed:
-        if error is not None:
-            raise error
-        raise MegaliteError(f"rank {failed[0][0]} failed to load the SFT indices: {failed[0][1]}")
-    return result
+    return rank0_first(_materialize, args, group, "SFT")
