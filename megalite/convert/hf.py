@@ -374,13 +374,25 @@ def copy_tokenizer(data_cfg, out_dir: str):
 # -- the two directions -----------------------------------------------------------------------
 
 
-def export_hf(load_dir: str, out_dir: str, max_shard_size="5GB", iteration=None) -> list:
-    """Write a megalite checkpoint (any layout) as an HF model directory; returns its files."""
+def export_hf(
+    load_dir: str, out_dir: str, max_shard_size="5GB", iteration=None, merge_lora=False
+) -> list:
+    """Write a megalite checkpoint (any layout) as an HF model directory; returns its files.
+    A LoRA checkpoint (adapters only) needs merge_lora: its adapters folded into its base."""
     from megalite.config import Config
+    from megalite.convert.lora import merged_state
     from megalite.convert.pretrained import real_vocab_size
     from megalite.training.checkpoint import load_full_model_state
 
-    full, meta = load_full_model_state(load_dir, iteration)
+    if merge_lora:
+        full, meta = merged_state(load_dir, iteration)
+    else:
+        full, meta = load_full_model_state(load_dir, iteration)
+        if meta.get("lora_base") is not None:
+            raise MegaliteError(
+                f"{load_dir} is a LoRA checkpoint (adapters only): add --merge-lora for the "
+                f"merged model, or write the adapters for peft with export-peft"
+            )
     cfg = Config.from_dict(meta["config"])
     m = cfg.model
     style_of(m)  # fails early, before anything is written, on a model HF cannot hold

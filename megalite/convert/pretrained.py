@@ -2,7 +2,8 @@
 
 The checkpoint's TP x PP shards are merged (`load_full_model_state`) into one GPTModel built
 at TP = PP = 1 from the checkpoint's saved config; no process group is needed (uninitialised,
-`parallel.state` reads as one rank, and every TP region function is the identity).
+`parallel.state` reads as one rank, and every TP region function is the identity). A LoRA
+checkpoint (adapters only) gives its base model with the adapters on, unmerged, as trained.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn as nn
 from megalite.config import Config
 from megalite.errors import MegaliteError
 from megalite.model.gpt import GPTModel, cast_params
+from megalite.model.lora import add_lora
 from megalite.parallel import state
 from megalite.training.checkpoint import load_full_model_state
 
@@ -53,7 +55,8 @@ def load_pretrained(
     device="cpu",
 ) -> PretrainedGPT:
     """The model of checkpoint directory `root` (its latest iteration unless `iteration`),
-    in eval mode, in `dtype` (fp32 by default, whatever it was trained in), on `device`."""
+    in eval mode, in `dtype` (fp32 by default, whatever it was trained in), on `device`.
+    A LoRA checkpoint: its base (the one metadata.json names) with the adapters attached."""
     st = state.get()
     if st.tp > 1 or st.pp > 1:
         raise MegaliteError(
@@ -63,8 +66,16 @@ def load_pretrained(
         )
     full, meta = load_full_model_state(root, iteration)
     cfg = Config.from_dict(meta["config"])
+    adapters = None
+    if meta.get("lora_base") is not None:  # a LoRA checkpoint: its base, with the adapters
+        from megalite.convert.lora import read_lora
+
+        adapters, meta, full, _ = read_lora(root, iteration)
     padded = full["embedding.word_embeddings.weight"].shape[0]
     gpt = GPTModel(cfg.model, padded, unpadded_vocab_size=real_vocab_size(cfg, padded))
+    if adapters is not None:
+        add_lora([gpt], cfg.lora, cfg.training.seed)
+        full.update(adapters)
     if not hasattr(gpt, "output_layer"):
         # A tied model saved with PP > 1 also holds the last stage's copy of the embedding.
         full.pop("output_layer.weight", None)
