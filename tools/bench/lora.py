@@ -66,8 +66,9 @@ def main():
         m = memory(records[side][0])
         med = statistics.median(tps)
         results[side] = dict(m, tokens_per_sec=med, rounds=tps)
+        ratio = med / full_tps
         print(f"{side:10s} {m['trainable']:12,d} {m['total']:8.2f} {m['params']:7.2f} "
-              f"{m['grads']:6.2f} {m['optimizer']:6.2f} {med:9,.0f} {med / full_tps:6.2f}x")  # fmt: skip
+              f"{m['grads']:6.2f} {m['optimizer']:6.2f} {med:9,.0f} {ratio:6.2f}x")  # fmt: skip
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"shape": vars(a), "results": results}, fh, indent=1)
