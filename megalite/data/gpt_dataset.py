@@ -193,8 +193,7 @@ class IndexCache:
         if arrays is None:
             if not allow_build:
                 raise MegaliteError(
-                    f"index cache {self.description} missing; it should have been built by "
-                    "rank 0"
+                    f"index cache {self.description} missing; it should have been built by rank 0"
                 )
             build()
             arrays = self.load()
