@@ -32,35 +32,49 @@ from demo import MODEL_FLAGS, ROOT  # noqa: E402
 HELD_OUT = ("textwrap", "dedent")
 
 
-def signature(node: ast.FunctionDef) -> str:
-    args = ast.unparse(node.args)
-    return f"{node.name}({args})"
+SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "ensurepip"}
+
+
+def _functions(tree):
+    """(qualified name, node) of the public functions and methods of a module's tree."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            for sub in node.body:
+                if isinstance(sub, ast.FunctionDef) and not sub.name.startswith("_"):
+                    yield f"{node.name}.{sub.name}", sub
 
 
 def instructions(max_rows: int) -> list:
-    """{"prompt", "response"} rows: public functions with a docstring, module by module."""
+    """{"prompt", "response"} rows: public functions and methods with a docstring, module by
+    module over the standard library (its tests, and the held-out module, left out)."""
     stdlib = sysconfig.get_paths()["stdlib"]
     rows = []
-    for name in sorted(os.listdir(stdlib)):
-        if not name.endswith(".py") or name.startswith("_") or name == f"{HELD_OUT[0]}.py":
-            continue
-        try:
-            with open(os.path.join(stdlib, name), encoding="utf-8") as fh:
-                tree = ast.parse(fh.read())
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        module = name[:-3]
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+    for dirpath, dirnames, filenames in sorted(os.walk(stdlib)):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        package = os.path.relpath(dirpath, stdlib).replace(os.sep, ".").strip(".")
+        for name in sorted(filenames):
+            if not name.endswith(".py") or name.startswith("_"):
                 continue
-            doc = ast.get_docstring(node)
-            if not doc:
+            module = ".".join(x for x in (package, name[:-3]) if x)
+            if module == HELD_OUT[0]:
                 continue
-            answer = " ".join(doc.split("\n\n")[0].split())
-            if 20 <= len(answer) <= 400:
-                question = f"What does `{module}.{signature(node)}` do?"
-                rows.append({"prompt": question, "response": answer})
-    return rows[:max_rows]
+            try:
+                with open(os.path.join(dirpath, name), encoding="utf-8") as fh:
+                    tree = ast.parse(fh.read())
+            except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+                continue
+            for qualname, node in _functions(tree):
+                doc = ast.get_docstring(node)
+                answer = " ".join(doc.split("\n\n")[0].split()) if doc else ""
+                if 20 <= len(answer) <= 400:
+                    args = ast.unparse(node.args)
+                    question = f"What does `{module}.{qualname}({args})` do?"
+                    rows.append({"prompt": question, "response": answer})
+                    if len(rows) == max_rows:
+                        return rows
+    return rows
 
 
 def held_out_prompt() -> str:
@@ -70,7 +84,7 @@ def held_out_prompt() -> str:
     with open(path, encoding="utf-8") as fh:
         tree = ast.parse(fh.read())
     node = next(n for n in tree.body if getattr(n, "name", None) == HELD_OUT[1])
-    return f"What does `{HELD_OUT[0]}.{signature(node)}` do?"
+    return f"What does `{HELD_OUT[0]}.{node.name}({ast.unparse(node.args)})` do?"
 
 
 def run(cmd):
@@ -97,7 +111,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
     p.add_argument("--train-iters", type=int, default=200)
-    p.add_argument("--max-rows", type=int, default=4000)
+    p.add_argument("--max-rows", type=int, default=8000)
     args, trainer_flags = p.parse_known_args()
     py, t0 = sys.executable, time.time()
     base = os.path.join(args.out, "checkpoints")
