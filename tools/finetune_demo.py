@@ -4,10 +4,11 @@ CPU in a few minutes, with no download.
 
 1. base        the checkpoint of `make demo` (runs/demo/checkpoints; made first if missing)
 2. data        an instruction set from the Python standard library's sources: a function's
-               signature as the prompt ("What does `textwrap.dedent(text)` do?"), the first
-               paragraph of its docstring as the response (read with `ast`: nothing imported)
+               or method's signature as the prompt ("What does `textwrap.dedent(text)` do?"),
+               the first sentence of its docstring as the response (read with `ast`: nothing
+               imported; up to 8,000 rows; textwrap held out)
 3. shards      tools/preprocess.py --sft (the default chat template, loss mask on answers)
-4. fine-tune   the trainer: --sft --load BASE --finetune --lora-rank 8 (the base frozen;
+4. fine-tune   the trainer: --sft --load BASE --finetune --lora-rank 16 (the base frozen;
                conversations packed into samples, the loss over answer tokens only)
 5. answers     tools/convert.py merge-lora, then one held-out prompt answered by the base
                model and by the fine-tuned one (greedy)
@@ -67,8 +68,9 @@ def instructions(max_rows: int) -> list:
                 continue
             for qualname, node in _functions(tree):
                 doc = ast.get_docstring(node)
-                answer = " ".join(doc.split("\n\n")[0].split()) if doc else ""
-                if 20 <= len(answer) <= 400:
+                # the docstring's summary: its first sentence
+                answer = " ".join(doc.split("\n\n")[0].split()).split(". ")[0] if doc else ""
+                if 20 <= len(answer) <= 200:
                     args = ast.unparse(node.args)
                     question = f"What does `{module}.{qualname}({args})` do?"
                     rows.append({"prompt": question, "response": answer})
@@ -104,7 +106,8 @@ def answer(load_dir: str, tokenizer_model: str, question: str) -> str:
     tok = build_tokenizer(None, tokenizer_model)
     ids = render_prompt(tok, [{"role": "user", "content": question}])
     out = generate(model, ids, 80, tok.vocab_size, temperature=0, eod=tok.eod)
-    return tok.detokenize(out[len(ids) :]).strip()
+    text = tok.detokenize(out[len(ids) :]).strip()
+    return text or "(nothing: it ends the turn at once)"
 
 
 def main():
@@ -139,9 +142,9 @@ def main():
     t_train = time.time()
     run(["bash", "launch/pretrain.sh", *MODEL_FLAGS, "--tokenizer-model", tokenizer,
          "--sft", "--data-path", prefix + "_sft_document", "--split", "98,2,0",
-         "--load", base, "--finetune", "--lora-rank", "8", "--lora-alpha", "16",
+         "--load", base, "--finetune", "--lora-rank", "16", "--lora-alpha", "32",
          "--micro-batch-size", "8", "--global-batch-size", "16",
-         "--train-iters", str(args.train_iters), "--lr", "2e-3", "--min-lr", "2e-4",
+         "--train-iters", str(args.train_iters), "--lr", "5e-3", "--min-lr", "5e-4",
          "--lr-warmup-iters", "10", "--weight-decay", "0.0", "--eval-interval", "100",
          "--eval-iters", "4", "--log-interval", "20", "--save", lora,
          "--metrics-file", os.path.join(args.out, "finetune_metrics.jsonl"),
