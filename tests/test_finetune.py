@@ -3,11 +3,12 @@ from a base checkpoint of another layout.
 
 The base: 3 pretraining iterations at TP=2 (mock data). Then `--sft --finetune --lora-rank 4`
 for 10 iterations on packed conversations with loss masks, at TP=1 (the reference), TP=2 with
-sequence parallelism, PP=2 (every stage reads the segments) and DP=2 (the token-weighted
-loss over ranks): every loss within 1e-4 of TP=1. Only the adapters train: the trainable
-count logged is the one computed here by hand, grads and optimizer state are the adapters'
-alone (measured from the storages), a checkpoint holds the adapters and names its base, and
-resuming one gives the straight run's losses bitwise. Misuse gets one line."""
+sequence parallelism, TP=4 (more ranks than key/value groups), PP=2 (every stage reads the
+segments) and DP=2 (the token-weighted loss over ranks): every loss within 1e-4 of TP=1.
+Only the adapters train: the trainable count logged is the one computed here by hand, grads
+and optimizer state are the adapters' alone (measured from the storages), a checkpoint holds
+the adapters and names its base, and resuming one gives the straight run's losses bitwise.
+Misuse gets one line."""
 
 import json
 import os
@@ -118,16 +119,19 @@ def test_checkpoint_holds_adapters_and_names_its_base(base, reference):
 @pytest.mark.parametrize(
     "layout",
     [
-        ("tp2-sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-        ("pp2", ["--pipeline-model-parallel-size", "2"]),
-        ("dp2", ["--use-distributed-optimizer"]),
+        ("tp2-sp", 2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+        ("pp2", 2, ["--pipeline-model-parallel-size", "2"]),
+        ("dp2", 2, ["--use-distributed-optimizer"]),
+        # TP 4 > 2 key/value groups: B's k/v rows replicated (their grads summed over the
+        # replicas), the vocabulary padded to 512 rows instead of the base's 256
+        ("tp4-sp-gqa", 4, ["--tensor-model-parallel-size", "4", "--sequence-parallel"]),
     ],
     ids=lambda x: x[0],
 )
 def test_layouts_match_one_process(base, reference, layout):
     d, data = base
-    name, flags = layout
-    losses, _, _ = finetune(d, data, name, 2, *flags)
+    name, nproc, flags = layout
+    losses, _, _ = finetune(d, data, name, nproc, *flags)
     diff = max(abs(a - b) for a, b in zip(losses, reference[0]))
     print(f"LoRA + SFT {name}: max |loss - TP1| over 10 iterations {diff:.3g}")
     assert len(losses) == 10 and diff <= TOLERANCE
