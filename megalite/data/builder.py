@@ -70,18 +70,8 @@ def _materialize(prefixes, weights, split_weights, seq_length, num_samples, seed
                 continue
             kept.append(k)
             ds = indexed[prefix]
-            begin, end = split_document_ranges(ds.num_documents, split_weights)[s]
-            if end <= begin:
-                raise MegaliteError(
-                    f"the {name} split of {prefix} is empty ({ds.num_documents} documents, split "
-                    f"weights {[round(x, 4) for x in split_weights]}); raise its --split weight or "
-                    f"request no {name} samples"
-                )
-            n = (
-                num_samples[s]
-                if len(prefixes) == 1
-                else int(math.ceil(num_samples[s] * w * BLEND_MARGIN))
-            )
+            (begin, end), n = split_part(prefix, ds.num_documents, split_weights, s, w,
+                                         num_samples[s], len(prefixes) > 1)  # fmt: skip
             parts.append(
                 (GPTDataset(ds, name, (begin, end), seq_length, max(n, 1), seed, cache_dir), w)
             )
@@ -159,6 +149,23 @@ def build_train_valid_test_datasets(
             float(blend_temperature), bool(blend_by_tokens))  # fmt: skip
 
     return rank0_first(_materialize, args, group, "data")
+
+
+def split_part(prefix, num_documents, split_weights, s, weight, num_samples, blended,
+               what="documents"):  # fmt: skip
+    """((begin, end) documents of split s of one dataset, samples to build from it): all
+    of num_samples alone, its share (plus BLEND_MARGIN) in a blend. An empty needed split is
+    one line."""
+    begin, end = split_document_ranges(num_documents, split_weights)[s]
+    name = SPLIT_NAMES[s]
+    if end <= begin:
+        raise MegaliteError(
+            f"the {name} split of {prefix} is empty ({num_documents} {what}, split weights "
+            f"{[round(x, 4) for x in split_weights]}); raise its --split weight or request no "
+            f"{name} samples"
+        )
+    n = int(math.ceil(num_samples * weight * BLEND_MARGIN)) if blended else num_samples
+    return (begin, end), n
 
 
 def rank0_first(materialize, args, group=None, what="data"):

@@ -38,7 +38,6 @@ files like GPTDataset's (IndexCache), keyed by the split's document lengths.
 
 import hashlib
 import logging
-import math
 import os
 import time
 from bisect import bisect_left, insort
@@ -46,14 +45,13 @@ from bisect import bisect_left, insort
 import numpy as np
 
 from megalite.data.blended import BlendedDataset
-from megalite.data.builder import _check_args, rank0_first
+from megalite.data.builder import _check_args, rank0_first, split_part
 from megalite.data.gpt_dataset import (
     SPLIT_NAMES,
     CachedIndices,
     IndexCache,
     default_cache_dir,
     parse_data_path,
-    split_document_ranges,
 )
 from megalite.data.indexed import IndexedDataset, data_path, shard_exists, strip_suffix
 from megalite.errors import MegaliteError
@@ -457,18 +455,9 @@ def _materialize(prefixes, weights, split_weights, seq_length, num_samples, seed
             if w == 0:
                 continue
             src = sources[prefix]
-            begin, end = split_document_ranges(src.num_documents, split_weights)[s]
-            if end <= begin:
-                raise MegaliteError(
-                    f"the {name} split of {prefix} is empty ({src.num_documents} conversations, "
-                    f"split weights {[round(x, 4) for x in split_weights]}); raise its --split "
-                    f"weight or request no {name} samples"
-                )
-            n = (
-                num_samples[s]
-                if len(prefixes) == 1
-                else math.ceil(num_samples[s] * w * BLEND_MARGIN)
-            )
+            blended = len(prefixes) > 1
+            (begin, end), n = split_part(prefix, src.num_documents, split_weights, s, w,
+                                         num_samples[s], blended, "conversations")  # fmt: skip
             ds = SFTDataset(src, name, (begin, end), seq_length, max(n, 1), seed, cache_dir,
                             pack_window)  # fmt: skip
             parts.append((ds, w, os.path.basename(prefix)))
