@@ -94,7 +94,7 @@ def test_only_adapters_train(reference):
     counts = next(r for r in records if "trainable_parameters" in r)
     assert counts["trainable_parameters"] == adapter_parameters()
     assert f"trainable parameters: {adapter_parameters():,} of" in out
-    assert "re-cut" in out or "base weights from" in out
+    assert "LoRA: base weights from" in out
     mem = next(r for r in records if "mem_grads_bytes" in r)
     # fp32: 4 B of grad, 4 + 4 B of Adam moments (+ 4 B of main param at most) per adapter
     # param; the frozen base (~16x more params) has none
@@ -158,6 +158,7 @@ def test_misuse_gets_one_line(base, reference):
         (["--load", str(d / "lora")], "holds LoRA adapters only"),
         (["--load", str(d / "base"), "--lora-rank", "4"], "with --finetune"),
         (["--lora-rank", "4"], "--lora-rank needs --load"),
+        (["--load", str(d / "lora"), "--lora-rank", "8"], "made with --lora-rank 4"),
         (["--load", str(d / "base"), "--finetune", "--lora-rank", "4",
           "--lora-target-modules", "qkv,mlp"], "unknown ['mlp']"),
     ]  # fmt: skip
@@ -175,7 +176,8 @@ def test_misuse_gets_one_line(base, reference):
     meta = json.loads(meta_path.read_text())
     meta["lora_base"]["path"] = str(d / "missing")
     meta_path.write_text(json.dumps(meta))
-    p = run_cli([*trainer(1), *sft, "--load", str(moved / "lora"), "--lora-rank", "4"])
+    p = run_cli([*trainer(1), *sft, "--load", str(moved / "lora"), "--lora-rank", "4",
+                 "--lora-alpha", "8"])  # fmt: skip
     assert p.returncode != 0 and "LoRA base model" in p.stderr and "missing" in p.stderr
 
 

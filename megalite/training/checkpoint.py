@@ -634,6 +634,8 @@ def load_checkpoint(cfg, chunks, optimizer) -> Optional[Resumed]:
             f"{meta['config']['lora']['lora_rank']}, or fold them into the base first "
             f"(tools/convert.py merge-lora)"
         )
+    if base is not None:
+        _check_same_adapters(meta["config"].get("lora", {}), cfg.lora, where)
     params = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
     frozen = {n: p for n, p in params.items() if not p.requires_grad}
     if frozen and base is None:  # LoRA from a base model: its weights, adapters as they are
@@ -672,6 +674,20 @@ def load_checkpoint(cfg, chunks, optimizer) -> Optional[Resumed]:
                 f"(the saved streams belong to the saved layout's ranks)"
             )
     return Resumed(iteration, consumed, where, note)
+
+
+def _check_same_adapters(saved: dict, lora, where: str) -> None:
+    """A LoRA checkpoint resumes only with the adapters it holds: rank, targets and alpha
+    (which scales their update) as saved; one line otherwise."""
+    keys = ("lora_rank", "lora_alpha", "lora_target_modules")
+    mine = {k: getattr(lora, k) for k in keys}
+    if any(saved.get(k) != mine[k] for k in keys):
+        flags = " ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in keys
+                         if saved.get(k) is not None)  # fmt: skip
+        raise MegaliteError(
+            f"checkpoint {where} holds LoRA adapters made with {flags}; resume with those flags "
+            f"(or merge them first: tools/convert.py merge-lora)"
+        )
 
 
 def _rank_state(cfg, root, it, meta, params: dict) -> tuple:
