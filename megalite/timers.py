@@ -208,10 +208,10 @@ class Timers:
         self.unread = []  # StepTimings whose marks have not been read yet
         self.marks, self.parts, self.stack = [], [], []
 
-    def start_step(self) -> None:
-        global active
-        # Read the steps that have completed since (no waiting): their events go back to
-        # the pool, which so stays at about two steps' worth on CUDA.
+    def read_completed(self) -> None:
+        """Read the steps that have completed since (no waiting): their events go back to
+        the pool, which so stays at about two steps' worth on CUDA. Called before the step's
+        own clock starts (train_step), so that this work is in neither."""
         waiting = []
         for t in self.unread:
             if t.ready():
@@ -219,8 +219,15 @@ class Timers:
             else:
                 waiting.append(t)
         self.unread = waiting
-        self.marks, self.parts, self.stack = [self.clock.mark()], ["other"], []
+        self.marks, self.parts, self.stack = [], [], []  # a step that raised left its own
+
+    def start_step(self) -> None:
+        global active
         active = self
+        # No new object here (one could start a garbage collection between the two clocks):
+        # the lists are the empty ones that __init__ or stop_step left.
+        self.parts.append("other")
+        self.marks.append(self.clock.mark())  # last: the step's clock started just before
 
     def push(self, part: str) -> None:
         self.marks.append(self.clock.mark())
@@ -234,10 +241,10 @@ class Timers:
     def stop_step(self) -> StepTiming:
         global active
         active = None
-        self.marks.append(self.clock.mark())
         step = StepTiming(self.clock, self.marks, self.parts)
-        self.marks, self.parts, self.stack = [], [], []
         self.unread.append(step)
+        self.marks, self.parts, self.stack = [], [], []
+        step.marks.append(self.clock.mark())  # last: the step's clock stops just after
         return step
 
 

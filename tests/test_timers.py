@@ -120,6 +120,7 @@ def test_cuda_path_reads_completed_events_only_and_reuses_them(monkeypatch, clea
     t = timers.Timers(1, clock)
     steps, last_mark = [], []
     for k in range(20):
+        t.read_completed()  # as train_step does, before the step's clock
         t.start_step()
         for _ in range(3):  # three micro-batches
             with timers.timed("forward"):
