@@ -161,6 +161,11 @@ class ParallelConfig:
     ddp_bucket_size: Optional[int] = _f(
         None, "elements per data-parallel grad bucket (default: max(40M, 1M x DP), Megatron's)"
     )
+    no_shm_grad_reduce: bool = _f(
+        False,
+        "CPU: sum grad buckets over gloo's sockets even when every data-parallel rank is on "
+        "one node (by default such ranks sum through shared memory: megalite/parallel/shm.py)",
+    )
     distributed_backend: Optional[Literal["nccl", "gloo"]] = _f(
         None, "torch.distributed backend (default: nccl on CUDA, gloo on CPU)"
     )

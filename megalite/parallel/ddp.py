@@ -56,12 +56,23 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from megalite import timers
 from megalite.config import default_bucket_size
 from megalite.errors import MegaliteError
-from megalite.parallel import state
+from megalite.parallel import shm, state
 from megalite.parallel.tags import tag_of
 
 # Older torch names them *_tensor; 2.13 prefers *_single (the old names warn).
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class _Done:
+    """The handle of a collective that finished when it was called."""
+
+    @staticmethod
+    def wait():
+        return True
+
+
+_DONE = _Done()
 
 
 def _chunks(modules):
@@ -127,6 +138,8 @@ class DistributedDataParallel:
         overlap_grad_reduce=False,
         use_distributed_optimizer=False,
         overlap_param_gather=False,
+        shm_grad_reduce=True,
+        timeout_s=600.0,
     ):
         st = state.get()
         self.modules = _chunks(modules)
@@ -143,6 +156,11 @@ class DistributedDataParallel:
         self.reduce_scatter = (
             use_distributed_optimizer and self.dp > 1 and dist.get_backend(self.group) != "gloo"
         )
+        # CPU ranks of one node sum their buckets through shared memory (shm.py: ~3x faster
+        # than gloo's sockets, and no socket copies competing with compute); collective.
+        self.shm = None
+        if shm_grad_reduce and self.dp > 1 and dist.get_backend(self.group) == "gloo":
+            self.shm = shm.for_group(self.group, timeout_s)
 
         named = []
         self._chunk_of = {}
@@ -335,7 +353,17 @@ class DistributedDataParallel:
                 b.shard(b.grad_data, self.dp_rank), b.grad_data, group=self.group, async_op=True
             )
         else:
-            b.grad_work = dist.all_reduce(b.grad_data, group=self.group, async_op=True)
+            b.grad_work = self._all_reduce(b.grad_data)
+
+    def _all_reduce(self, flat):
+        """Start a bucket's sum over DP; returns what finish_grad_sync waits on. Through
+        shared memory the sum is done when this returns (each bucket's turn still comes in
+        the same order on every rank)."""
+        if self.shm is not None:
+            with timers.timed("dp_comm"):  # inside backward too, with --overlap-grad-reduce
+                self.shm.all_reduce_(flat)
+            return _DONE
+        return dist.all_reduce(flat, group=self.group, async_op=True)
 
     @torch.no_grad()
     def finish_grad_sync(self):

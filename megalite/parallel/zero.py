@@ -79,7 +79,7 @@ class ShardedGradDataParallel(DistributedDataParallel):
     strategy = "optim_grads"
 
     def __init__(self, modules, *, bucket_size=None, overlap_grad_reduce=False,
-                 overlap_param_gather=False):  # fmt: skip
+                 overlap_param_gather=False, **reduce_kw):  # fmt: skip
         self._in_flight = []  # buckets whose reduction was launched, oldest first
         self._callback_queued = False
         super().__init__(
@@ -88,6 +88,7 @@ class ShardedGradDataParallel(DistributedDataParallel):
             overlap_grad_reduce=overlap_grad_reduce,
             use_distributed_optimizer=True,
             overlap_param_gather=overlap_param_gather,
+            **reduce_kw,
         )
 
     def _make_buckets(self, tied):
@@ -126,7 +127,7 @@ class ShardedGradDataParallel(DistributedDataParallel):
             shard = b.shard(b.grad_data, self.dp_rank)
             b.grad_work = _reduce_scatter(shard, b.grad_data, group=self.group, async_op=True)
         else:  # gloo: its all-reduce is faster than its reduce-scatter (see ddp.py)
-            b.grad_work = dist.all_reduce(b.grad_data, group=self.group, async_op=True)
+            b.grad_work = self._all_reduce(b.grad_data)
         self._in_flight.append(b)
         while len(self._in_flight) > IN_FLIGHT:
             self._fold(self._in_flight.pop(0))
@@ -218,9 +219,9 @@ class FullyShardedDataParallel(ShardedGradDataParallel):
     strategy = "optim_grads_params"
 
     def __init__(self, modules, *, bucket_size=None, overlap_grad_reduce=False,
-                 overlap_param_gather=False):  # fmt: skip
+                 overlap_param_gather=False, **reduce_kw):  # fmt: skip
         self._units_of_chunk = None  # set by _bucket_indices
-        super().__init__(modules, bucket_size=bucket_size, overlap_grad_reduce=True)
+        super().__init__(modules, bucket_size=bucket_size, overlap_grad_reduce=True, **reduce_kw)
         self.overlap_param_gather = False  # gathers are driven by the unit hooks instead
         self._install_unit_hooks()
 
@@ -385,7 +386,9 @@ class FullyShardedDataParallel(ShardedGradDataParallel):
 def data_parallel(modules, par) -> DistributedDataParallel:
     """The data-parallel object of --data-parallel-sharding-strategy (par: ParallelConfig)."""
     common = dict(bucket_size=par.ddp_bucket_size, overlap_grad_reduce=par.overlap_grad_reduce,
-                  overlap_param_gather=par.overlap_param_gather)  # fmt: skip
+                  overlap_param_gather=par.overlap_param_gather,
+                  shm_grad_reduce=not par.no_shm_grad_reduce,
+                  timeout_s=60 * par.distributed_timeout_minutes)  # fmt: skip
     strategy = par.data_parallel_sharding_strategy
     if strategy == "optim_grads":
         return ShardedGradDataParallel(modules, **common)

@@ -185,6 +185,9 @@ def setup(cfg: Config) -> Run:
                   f"{lo.lora_target_modules}, the base frozen")  # fmt: skip
     log.record({"iteration": 0, "trainable_parameters": trainable, "parameters": total})
     report_memory(log, chunks, ddp, optimizer)
+    if ddp.shm is not None:
+        log.print(f"data-parallel grads: summed through shared memory ({st.dp} ranks on one "
+                  "node; --no-shm-grad-reduce: over gloo)")  # fmt: skip
     peak, peak_why = peak_tflops(st.device, t.bf16 or t.fp16, cfg.logging.peak_tflops)
     if peak is None:
         log.print(f"MFU not reported: {peak_why}")

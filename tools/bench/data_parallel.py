@@ -6,7 +6,9 @@ torch.nn.parallel.DistributedDataParallel (25 MB buckets, no_sync() on all but t
 micro-batch) against these megalite command lines, all with the same shape flags (global batch
 16 = 2 micro-batches of 4 per rank):
 
-    megalite          default flags: bucketed grad all-reduce after backward
+    megalite          default flags: bucketed grad all-reduce after backward (through shared
+                      memory: both ranks are on this machine, megalite/parallel/shm.py)
+    megalite-gloo     --no-shm-grad-reduce: the same all-reduce over gloo's sockets
     megalite-overlap  --overlap-grad-reduce: each bucket's all-reduce starts in backward
     megalite-distopt  --use-distributed-optimizer --overlap-grad-reduce (ZeRO-1)
 
@@ -23,6 +25,7 @@ import cli_bench as cb
 
 VARIANTS = {
     "megalite": [],
+    "megalite-gloo": ["--no-shm-grad-reduce"],
     "megalite-overlap": ["--overlap-grad-reduce"],
     "megalite-distopt": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
 }
