@@ -41,7 +41,8 @@ def _sum_worker(rank, world, port, out_dir):
                     "scale": ref.abs().max().item(),
                     "checksum": got.double().sum().item(),
                     "same_as_gloo": (
-                        torch.equal(got, _gloo_sum(mine)) if world == 2 and dtype != torch.bfloat16
+                        torch.equal(got, _gloo_sum(mine))
+                        if world == 2 and dtype != torch.bfloat16
                         else None
                     ),
                 }

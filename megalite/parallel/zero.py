@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
 from megalite import timers
 from megalite.parallel.ddp import (
