@@ -442,7 +442,11 @@ def _flatten(ids, dtype, eod=None):
 
 def process(units):
     """One task: parse, clean, tokenize. Complete documents are filtered here; pieces of long
-    documents are returned with their measures and decided on by the main process."""
+    documents are returned with their measures and decided on by the main process.
+
+    Over ~60 lines: the steps run in the order the output depends on (parse, transforms,
+    length filters, quality filters, tokenize, exact and near-duplicate signatures), each a few
+    lines over the same locals; --sft rows go to process_sft."""
     if _W.get("sft") is not None:
         return process_sft(units)
     tok, keys, dtype, cleaner = _W["tok"], _W["keys"], _W["dtype"], _W["cleaner"]
@@ -540,7 +544,10 @@ def _sft_lines(unit):
 def process_sft(units):
     """One task of --sft: parse rows, render them with the chat template, tokenize segment by
     segment. Bad rows come back counted by reason with the first one's file, line and detail;
-    the tokens and the loss mask come back as two aligned "keys"."""
+    the tokens and the loss mask come back as two aligned "keys".
+
+    Over ~60 lines: parse, render, tokenize and the dedup signatures in the order the output
+    depends on, over the same locals, as `process`."""
     tok, dtype, template = _W["tok"], _W["dtype"], _W["chat"]
     bad = {}  # reason -> [count, path, line, detail] of the first
 

@@ -97,7 +97,10 @@ def multi_tensor_adamw_(
     found_inf=None,
 ):
     """AdamW with one hyperparameter value per tensor (lists); see fused_adamw_. step may
-    also be one 1-element fp32 tensor on the params' device, every tensor's step."""
+    also be one 1-element fp32 tensor on the params' device, every tensor's step.
+
+    Over ~60 lines: a third is the signature; the rest are the argument checks every backend
+    relies on (made once here, none reading a device value back) and the dispatch."""
     step_tensor = step if isinstance(step, torch.Tensor) else None
     hyper = {
         "lr": lr,

@@ -162,7 +162,11 @@ def multi_tensor_adamw_(
     device); model_copies (optional) receive the updated params in their own (low-precision)
     dtype; an entry may be None (no copy for that param). found_inf (optional 1-element
     tensor): nonzero skips the whole update, decided on the device. step: a list, or one
-    1-element fp32 tensor on the params' device, every tensor's step, read there."""
+    1-element fp32 tensor on the params' device, every tensor's step, read there.
+
+    Over ~60 lines: a quarter is the signature; the reference spells out, in one loop, every
+    case the compiled kernels take (step and scale tensors, found_inf, model copies), so
+    their tests compare against one readable function."""
     if check_finite and (any_non_finite(grads) or (found_inf is not None and bool(found_inf))):
         return True
     if isinstance(grad_scale, torch.Tensor):  # 0-dim: it must not promote the grads' dtype

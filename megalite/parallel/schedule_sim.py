@@ -57,6 +57,10 @@ def simulate(
     to show that a broken schedule is caught). cost(rank, op): compute time of an op, instead
     of forward_cost / backward_cost. comm_cost: time a batch of transfers takes once both
     sides have posted it.
+
+    Over ~60 lines: three closures (compute, post, try_complete) over one shared state (each
+    rank's clock, posted transfers and what it holds) and the loop that plays them; apart,
+    they would pass that whole state around.
     """
     M, V = num_microbatches, vp
     progs = programs or [schedule_ops(pp, r, M, V, forward_only) for r in range(pp)]

@@ -627,30 +627,10 @@ def load_checkpoint(cfg, chunks, optimizer) -> Optional[Resumed]:
             )
         return None
     meta, where = read_metadata(ck.load, it), iter_dir(ck.load, it)
-    base = meta.get("lora_base")
-    if base is not None and not cfg.lora.lora_rank:
-        raise MegaliteError(
-            f"checkpoint {where} holds LoRA adapters only: train on with --lora-rank "
-            f"{meta['config']['lora']['lora_rank']}, or fold them into the base first "
-            f"(tools/convert.py merge-lora)"
-        )
-    if base is not None:
-        _check_same_adapters(meta["config"].get("lora", {}), cfg.lora, where)
-    params = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
-    frozen = {n: p for n, p in params.items() if not p.requires_grad}
-    if frozen and base is None:  # LoRA from a base model: its weights, adapters as they are
-        if not (ck.no_load_optim and ck.no_load_rng):
-            raise MegaliteError(
-                f"checkpoint {where} has no LoRA adapters: start LoRA from it with --finetune"
-            )
-        base = {"path": os.path.abspath(ck.load), "iteration": it}
-        _load_weights(cfg, base["path"], it, chunks, frozen)
-        _mark_base(chunks, base)
+    every = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
+    params = _load_lora_base(cfg, chunks, every, meta, where, it)
+    if params is None:
         return Resumed(0, 0, where, f"LoRA: base weights from {where}, adapters initialised")
-    if frozen:  # a LoRA checkpoint: its base first, then the adapters below
-        _load_weights(cfg, base["path"], base["iteration"], chunks, frozen)
-        _mark_base(chunks, base)
-        params = {n: p for n, p in params.items() if p.requires_grad}
     model, optimizer_state, rng, note = _rank_state(cfg, ck.load, it, meta, params)
     if optimizer_state is None and not (ck.no_load_optim and ck.no_load_rng):
         raise MegaliteError(
@@ -665,15 +645,53 @@ def load_checkpoint(cfg, chunks, optimizer) -> Optional[Resumed]:
         iteration, consumed = meta["iteration"], meta["consumed_samples"]
         optimizer.load_state_dict(optimizer_state, optimizer_shard_reader(ck.load, it))
     if not ck.no_load_rng:
-        if rng is not None:
-            prandom.set_rng_state(rng)
-        else:  # deterministic: every rank of a rerun draws alike
-            prandom.seed_everything(cfg.training.seed + iteration, st.device)
-            note = (note or f"checkpoint {where} holds no RNG state") + (
-                f"; RNG re-seeded from --seed {cfg.training.seed} + iteration {iteration} "
-                f"(the saved streams belong to the saved layout's ranks)"
-            )
+        note = _restore_rng(cfg, rng, iteration, where, note)
     return Resumed(iteration, consumed, where, note)
+
+
+def _load_lora_base(cfg, chunks, params, meta, where, it) -> Optional[dict]:
+    """LoRA's part of a resume (params: every parameter by name). Returns the parameters
+    still to load from the checkpoint itself, or None when the resume is complete: a
+    checkpoint without adapters is the base (with --finetune: its weights into the frozen
+    params, the adapters as initialised); a LoRA checkpoint names its base, whose weights
+    load first, then its adapters."""
+    ck, base = cfg.checkpoint, meta.get("lora_base")
+    if base is not None and not cfg.lora.lora_rank:
+        raise MegaliteError(
+            f"checkpoint {where} holds LoRA adapters only: train on with --lora-rank "
+            f"{meta['config']['lora']['lora_rank']}, or fold them into the base first "
+            f"(tools/convert.py merge-lora)"
+        )
+    if base is not None:
+        _check_same_adapters(meta["config"].get("lora", {}), cfg.lora, where)
+    frozen = {n: p for n, p in params.items() if not p.requires_grad}
+    if not frozen:
+        return params
+    if base is None:  # this checkpoint is the base model
+        if not (ck.no_load_optim and ck.no_load_rng):
+            raise MegaliteError(
+                f"checkpoint {where} has no LoRA adapters: start LoRA from it with --finetune"
+            )
+        base = {"path": os.path.abspath(ck.load), "iteration": it}
+        _load_weights(cfg, base["path"], it, chunks, frozen)
+        _mark_base(chunks, base)
+        return None
+    _load_weights(cfg, base["path"], base["iteration"], chunks, frozen)
+    _mark_base(chunks, base)
+    return {n: p for n, p in params.items() if p.requires_grad}
+
+
+def _restore_rng(cfg, rng, iteration, where, note):
+    """The saved RNG streams, or (another layout's, or none saved) a deterministic re-seed
+    from --seed + iteration, said in the returned note."""
+    if rng is not None:
+        prandom.set_rng_state(rng)
+        return note
+    prandom.seed_everything(cfg.training.seed + iteration, state.get().device)  # ranks alike
+    return (note or f"checkpoint {where} holds no RNG state") + (
+        f"; RNG re-seeded from --seed {cfg.training.seed} + iteration {iteration} "
+        f"(the saved streams belong to the saved layout's ranks)"
+    )
 
 
 def _check_same_adapters(saved: dict, lora, where: str) -> None:
