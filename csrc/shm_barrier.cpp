@@ -67,7 +67,8 @@ void shm_register(const at::Tensor& header, int64_t rank, int64_t world) {
 // (0, -1) once every rank has arrived at `target`; (1, r) if rank r's process is gone;
 // (2, r) if rank r did not arrive within timeout_s.
 std::tuple<int64_t, int64_t> shm_barrier(const at::Tensor& header, int64_t rank, int64_t world,
-                                         int64_t target, double timeout_s) {
+                                         int64_t target, double timeout_s,
+                                         int64_t spin_polls) {
   RankLine* l = lines(header, world);
   l[rank].arrived.store(uint64_t(target), std::memory_order_release);
   l[rank].wake.fetch_add(1, std::memory_order_release);
@@ -77,10 +78,10 @@ std::tuple<int64_t, int64_t> shm_barrier(const at::Tensor& header, int64_t rank,
   const auto start = clock::now();
   const timespec slice = {0, 50 * 1000 * 1000};
   for (int64_t r = 0; r < world; ++r) {
-    for (int polls = 0;; ++polls) {
+    for (int64_t polls = 0;; ++polls) {
       const uint32_t seen = l[r].wake.load(std::memory_order_acquire);
       if (l[r].arrived.load(std::memory_order_acquire) >= uint64_t(target)) break;
-      if (polls < 2000) {
+      if (polls < spin_polls) {
 #if defined(__x86_64__)
         _mm_pause();
 #endif
@@ -103,7 +104,7 @@ void register_shm_barrier(pybind11::module_& m) {
         "arrive at barrier `target`, wait for every rank: (0, -1), or (1, rank) gone, or "
         "(2, rank) timed out",
         pybind11::arg("header"), pybind11::arg("rank"), pybind11::arg("world"),
-        pybind11::arg("target"), pybind11::arg("timeout_s"));
+        pybind11::arg("target"), pybind11::arg("timeout_s"), pybind11::arg("spin_polls"));
 }
 
 MEGALITE_REGISTER(register_shm_barrier)

@@ -31,7 +31,9 @@ difference is a layer's).
                [s, b, h] activation (all-gather + reduce-scatter with SP: the same bytes), ring
                formula 2(t-1)/t x bytes / bandwidth; not overlapped (megalite does not)
   DP           ring reduce of the fp32 grads, one collective per bucket (all-reduce; ZeRO:
-               reduce-scatter, then the params' all-gather; ZeRO-2/3 reduce every micro-batch,
+               reduce-scatter, then the params' all-gather; on a `cpu` cluster always an
+               all-reduce, and within a node a shared-memory sum at memory bandwidth (three
+               copies of the bytes: parallel/shm.py); ZeRO-2/3 reduce every micro-batch,
                ZeRO-3 per unit, and gathers each unit twice per micro-batch); overlapped with
                backward when --overlap-grad-reduce (and ZeRO-3's prefetch), so only what
                exceeds backward's time is exposed
@@ -100,6 +102,8 @@ class Cluster:
     # (copy engines and NCCL's own SMs), 0 on a CPU (gloo works on the cores that compute)
     layer_overhead: float = 0.0  # host seconds per layer and micro-batch (fwd + bwd), beside
     # the FLOPs: launches and Python; what dominates a tiny model (and a CPU run)
+    cpu: bool = False  # CPU processes over gloo: grad reductions are all-reduces, through
+    # shared memory (at hbm_bandwidth, the memory's) when the DP group is within a node
 
     @property
     def world_size(self) -> int:
@@ -332,6 +336,17 @@ def _ring(nbytes, n, bandwidth, latency, passes=2, count=1) -> float:
     return passes * (n - 1) * (count * latency + nbytes / n / bandwidth)
 
 
+def _shm_sum(nbytes, n, memory_bandwidth, count) -> float:
+    """`count` shared-memory all-reduces over n ranks of one node moving `nbytes` in all
+    (parallel/shm.py): each rank copies its data in (read + write), sums its 1/n of all n
+    slots (n + 1 sweeps of 1/n) and copies the result out (read + write); 2 barriers per
+    4 MB chunk, a few microseconds each."""
+    if n <= 1:
+        return 0.0
+    chunks = max(count, math.ceil(nbytes / (4 << 20)))
+    return (4 + (n + 1) / n) * nbytes / memory_bandwidth + 2 * chunks * 5e-6
+
+
 def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
     """Seconds per step of each part (module docstring); numel: params of a rank."""
     p, t, m = cfg.parallel, cfg.training, cfg.model
@@ -360,18 +375,27 @@ def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
     params = numel * t.params_dtype.itemsize
     # collectives per reduction: one per bucket (ZeRO-3: per unit, the layers and the root)
     buckets = layers + 1 if strategy == "optim_grads_params" else -(-numel // p.ddp_bucket_size)
+    # As parallel/ddp.py reduces: a reduce-scatter when sharded, but on the CPU (gloo) always
+    # an all-reduce, through shared memory when the DP group is within a node (shm.py).
+    shm = cluster.cpu and tp * dp <= g and not p.no_shm_grad_reduce
+    passes = 1 if strategy != "no_shard" and not cluster.cpu else 2
+
+    def reduce():  # one sum of every grad over DP
+        if shm:
+            return _shm_sum(grads, dp, cluster.hbm_bandwidth, buckets)
+        return _ring(grads, dp, dp_bw, lat, passes, buckets)
+
+    def gather():  # the params' all-gather (ZeRO-1/2 after the step; ZeRO-3 per use)
+        return _ring(params, dp, dp_bw, lat, 1, buckets)
+
     if strategy == "no_shard":
-        dp_s = _ring(grads, dp, dp_bw, lat, 2, buckets)
-    elif strategy == "optim":  # reduce-scatter the grads, all-gather the params after the step
-        dp_s = _ring(grads, dp, dp_bw, lat, 1, buckets) + _ring(params, dp, dp_bw, lat, 1, buckets)
+        dp_s = reduce()
+    elif strategy == "optim":
+        dp_s = reduce() + gather()
     elif strategy == "optim_grads":  # every micro-batch reduced
-        dp_s = micro * _ring(grads, dp, dp_bw, lat, 1, buckets)
-        dp_s += _ring(params, dp, dp_bw, lat, 1, buckets)
+        dp_s = micro * reduce() + gather()
     else:  # ZeRO-3: and each unit gathered for forward and for backward (the last layer once)
-        dp_s = micro * _ring(grads, dp, dp_bw, lat, 1, buckets)
-        dp_s += micro * (
-            2 * _ring(params, dp, dp_bw, lat, 1, buckets) - _ring(0, dp, dp_bw, lat, 1)
-        )
+        dp_s = micro * reduce() + micro * (2 * gather() - _ring(0, dp, dp_bw, lat, 1))
     backward = compute * 2 / 3
     overlapped = p.overlap_grad_reduce or strategy == "optim_grads_params"
     hidden = cluster.overlap * min(backward, dp_s * (1 - 1 / max(micro * layers, 1)))

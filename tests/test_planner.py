@@ -58,7 +58,8 @@ def config(nproc, settings):
 def cpu_cluster(nproc):
     """This machine as the cost model sees it: 2 cores shared by nproc processes (about 25
     GFLOP/s each at the tiny model's sizes, and ~4 ms of Python and small ops per layer and
-    micro-batch), gloo over loopback (~1 ms a small collective with the cores busy, ~2 GB/s)."""
+    micro-batch), gloo over loopback (~1 ms a small collective with the cores busy, ~2 GB/s),
+    the DP grad sum through shared memory at the memory's ~10 GB/s."""
     from megalite.planner import Cluster
 
     share = max(nproc, 2) / 2  # processes per core
@@ -66,7 +67,7 @@ def cpu_cluster(nproc):
                    peak_tflops=0.025 / share, hbm_bandwidth=10e9 / share,
                    intra_node_bandwidth=2e9 / share, inter_node_bandwidth=2e9 / share,
                    efficiency=1.0, latency=1e-3 * share, overlap=0.0,
-                   layer_overhead=4e-3 * share)  # fmt: skip
+                   layer_overhead=4e-3 * share, cpu=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

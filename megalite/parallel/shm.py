@@ -43,6 +43,7 @@ from megalite.errors import MegaliteError
 CHUNK = 4 << 20  # bytes per slot: 3 sweeps of a 4 MB chunk stay in a large L2/L3 slice
 _LINE = 64  # header bytes per rank (csrc/shm_barrier.cpp's RankLine)
 _ALIGN = 64  # each rank's share of a chunk starts on a cache line
+SPIN_POLLS = 2000  # pause-polls before a barrier sleeps on its futex (csrc/shm_barrier.cpp)
 
 
 def _node_key() -> str:
@@ -72,6 +73,7 @@ class SharedMemoryAllReduce:
         self.slots = [data[i * CHUNK : (i + 1) * CHUNK] for i in range(world)]
         self.output = data[world * CHUNK :]
         self.arrivals = 0
+        self.spin_polls = SPIN_POLLS
         kernels.shm_register(self.header, rank, world)
 
     @staticmethod
@@ -81,7 +83,7 @@ class SharedMemoryAllReduce:
     def _barrier(self) -> None:
         self.arrivals += 1
         status, peer = self._C.shm_barrier(
-            self.header, self.rank, self.world, self.arrivals, self.timeout_s
+            self.header, self.rank, self.world, self.arrivals, self.timeout_s, self.spin_polls
         )
         if status == 1:
             raise MegaliteError(
