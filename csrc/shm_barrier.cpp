@@ -67,8 +67,7 @@ void shm_register(const at::Tensor& header, int64_t rank, int64_t world) {
 // (0, -1) once every rank has arrived at `target`; (1, r) if rank r's process is gone;
 // (2, r) if rank r did not arrive within timeout_s.
 std::tuple<int64_t, int64_t> shm_barrier(const at::Tensor& header, int64_t rank, int64_t world,
-                                         int64_t target, double timeout_s,
-                                         int64_t spin_polls) {
+                                         int64_t target, double timeout_s, int64_t spin_polls) {
   RankLine* l = lines(header, world);
   l[rank].arrived.store(uint64_t(target), std::memory_order_release);
   l[rank].wake.fetch_add(1, std::memory_order_release);
