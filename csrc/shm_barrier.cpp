@@ -13,7 +13,8 @@
 // its core away. That matters when ranks outnumber cores (the tests run 8 ranks on 2): a
 // spinning or sched_yield-ing rank would take the time its peer needs to arrive. Every wait
 // is bounded (50 ms), after which it checks the clock and whether the awaited rank's process
-// still exists: a dead or hung peer is reported, never waited on forever. The GIL is
+// has ended (gone, or a zombie not yet reaped): a dead or hung peer is reported, never waited
+// on forever. The GIL is
 // released for the wait.
 #include <linux/futex.h>
 #include <signal.h>
@@ -23,6 +24,8 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <chrono>
 #include <tuple>
 
@@ -57,6 +60,22 @@ RankLine* lines(const at::Tensor& header, int64_t world) {
   return reinterpret_cast<RankLine*>(header.data_ptr());
 }
 
+// Whether a process has ended: gone (reaped), or a zombie its parent has not reaped yet (a
+// torchrun agent polls its workers only now and then; kill(pid, 0) still succeeds on those).
+bool process_ended(int64_t pid) {
+  if (kill(pid_t(pid), 0) != 0) return errno == ESRCH;
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%lld/stat", static_cast<long long>(pid));
+  std::FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return false;  // no procfs: only the kill() test
+  char buf[512];
+  const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+  std::fclose(f);
+  buf[n] = 0;
+  const char* close = std::strrchr(buf, ')');  // "pid (comm) state ...": comm may hold spaces
+  return close != nullptr && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X');
+}
+
 void shm_register(const at::Tensor& header, int64_t rank, int64_t world) {
   RankLine* l = lines(header, world);
   l[rank].pid = int64_t(getpid());
@@ -88,7 +107,7 @@ std::tuple<int64_t, int64_t> shm_barrier(const at::Tensor& header, int64_t rank,
       }
       // Returns at a wake, at once if the word moved since `seen`, or after the slice.
       futex(&l[r].wake, FUTEX_WAIT, seen, &slice);
-      if (kill(pid_t(l[r].pid), 0) != 0 && errno == ESRCH) return {1, r};
+      if (process_ended(l[r].pid)) return {1, r};
       const std::chrono::duration<double> waited = clock::now() - start;
       if (waited.count() > timeout_s) return {2, r};
     }

@@ -88,9 +88,10 @@ class SharedMemoryAllReduce:
             self.header, self.rank, self.world, self.arrivals, self.timeout_s, self.spin_polls
         )
         if status == 1:
-            raise MegaliteError(
-                f"shared-memory all-reduce: the process of rank {peer} of this data-parallel "
-                "group is gone (it died: see its own log); restart from the last checkpoint"
+            raise MegaliteError(  # the words of heartbeat.lost_peer_message, for one grep
+                f"lost a peer during a collective in the shared-memory all-reduce: the "
+                f"process of rank {peer} of this data-parallel group has ended; check its log, "
+                f"then restart the job: it resumes from the last checkpoint (--load)"
             )
         if status == 2:
             raise MegaliteError(
