@@ -157,6 +157,8 @@ def for_group(group, timeout_s: float) -> Optional[SharedMemoryAllReduce]:
             finally:
                 os.close(fd)
         except OSError:
+            if path[0] is not None and os.path.exists(path[0]):
+                os.unlink(path[0])  # created, but /dev/shm had no room: leave nothing behind
             path[0] = None
     dist.broadcast_object_list(path, src=dist.get_global_rank(group, 0), group=group)
     segment = None

@@ -30,7 +30,7 @@ from test_planner import FLAGS, LAYOUTS, config, cpu_cluster, flags_of  # noqa: 
 def run_layout(name, iters):
     """ms per iteration of one run of a layout (the median after the first two)."""
     nproc, settings = LAYOUTS[name]
-    flags = [f for f in FLAGS]
+    flags = list(FLAGS)
     flags[flags.index("--train-iters") + 1] = str(iters)
     with tempfile.TemporaryDirectory() as d:
         m = os.path.join(d, "m.jsonl")
