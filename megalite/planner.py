@@ -27,9 +27,13 @@ difference is a layer's).
 **Time is a model,** documented by its inputs (`Cluster`):
   compute      FLOPs per token (model.gpt.flops_per_token, x 4/3 with full recompute) x the
                step's tokens / world / (peak x `efficiency`, the achievable fraction of peak)
-  TP           per layer and micro-batch, forward and backward: 2 all-reduces each of the
-               [s, b, h] activation (all-gather + reduce-scatter with SP: the same bytes), ring
-               formula 2(t-1)/t x bytes / bandwidth; not overlapped (megalite does not)
+  TP           the collectives the model issues per micro-batch on the busiest stage (as
+               parallel/tensor.py's regions run them): per layer 2 all-reduces of the [s, b, h]
+               activation forward and 2 backward (with SP each is an all-gather and a
+               reduce-scatter: the same bytes, twice the calls), the forward's again but the
+               last with full recompute; the embedding's and the output layer's; the loss's 3
+               all-reduces of [s, b] fp32. Ring formula 2(t-1)/t x bytes / bandwidth plus
+               `latency` per ring step; not overlapped (megalite does not)
   DP           ring reduce of the fp32 grads, one collective per bucket (all-reduce; ZeRO:
                reduce-scatter, then the params' all-gather; on a `cpu` cluster always an
                all-reduce, and within a node a shared-memory sum at memory bandwidth (three
@@ -38,13 +42,22 @@ difference is a layer's).
                backward when --overlap-grad-reduce (and ZeRO-3's prefetch), so only what
                exceeds backward's time is exposed
   PP           each micro-batch's activation across each stage boundary, both ways, exposed
+  small        the one-number all-reduces of every step (`step_collectives`: the batch's
+               target count, the loss, the grad norm, the stop flags), latency-bound
   latency      every message costs `latency` besides its bytes (ring steps, p2p); a ZeRO-3
                gather is one collective per layer
   overhead     `layer_overhead` host seconds per layer and micro-batch (0 by default: a GPU
-               run of a large model is GEMM-bound; a tiny model or a CPU run is not)
-  bubble       the schedule's idle fraction (schedule_sim, forward 1 : backward 2) of compute
+               run of a large model is GEMM-bound; a tiny model or a CPU run is not), x
+               `recompute_overhead` with full recompute
+  bubble       the schedule's idle fraction (schedule_sim, forward 1 : backward 2) of a
+               stage's busy time: its compute and its TP collectives, which lie on the path
   optimizer    AdamW is memory-bound: ~22 bytes read and written per owned param / HBM
                bandwidth
+  contention   on a `cpu` cluster whose processes outnumber its cores (`cores_per_node`), the
+               cores are shared: a step takes at least processes / cores x a rank's busy time
+               (compute, optimizer), while its waits (collectives, bubble) let the other
+               processes run. The step is the larger of that and busy + waits (the fluid
+               limit: a lower bound); the busy parts stretch to fill it.
 A group of ranks within one node uses `intra_node_bandwidth`, one that spans nodes
 `inter_node_bandwidth` (per GPU). Ranks are laid out TP fastest, then DP, then PP, so a DP
 group spans nodes once TP x DP > GPUs per node, and pipeline neighbours once TP x DP >= it.
@@ -102,8 +115,11 @@ class Cluster:
     # (copy engines and NCCL's own SMs), 0 on a CPU (gloo works on the cores that compute)
     layer_overhead: float = 0.0  # host seconds per layer and micro-batch (fwd + bwd), beside
     # the FLOPs: launches and Python; what dominates a tiny model (and a CPU run)
+    recompute_overhead: float = 1.5  # layer_overhead's factor under full recompute (the
+    # forward again, and the checkpoint's bookkeeping)
     cpu: bool = False  # CPU processes over gloo: grad reductions are all-reduces, through
     # shared memory (at hbm_bandwidth, the memory's) when the DP group is within a node
+    cores_per_node: int = 0  # a cpu cluster's cores, shared by its processes (0: one each)
 
     @property
     def world_size(self) -> int:
@@ -336,15 +352,56 @@ def _ring(nbytes, n, bandwidth, latency, passes=2, count=1) -> float:
     return passes * (n - 1) * (count * latency + nbytes / n / bandwidth)
 
 
-def _shm_sum(nbytes, n, memory_bandwidth, count) -> float:
+def _shm_sum(nbytes, n, memory_bandwidth, count, barrier) -> float:
     """`count` shared-memory all-reduces over n ranks of one node moving `nbytes` in all
     (parallel/shm.py): each rank copies its data in (read + write), sums its 1/n of all n
     slots (n + 1 sweeps of 1/n) and copies the result out (read + write); 2 barriers per
-    4 MB chunk, a few microseconds each."""
+    4 MB chunk, `barrier` seconds each (a few microseconds spinning; a scheduler's wake-up
+    when the processes outnumber the cores and wait on the futex)."""
     if n <= 1:
         return 0.0
     chunks = max(count, math.ceil(nbytes / (4 << 20)))
-    return (4 + (n + 1) / n) * nbytes / memory_bandwidth + 2 * chunks * 5e-6
+    return (4 + (n + 1) / n) * nbytes / memory_bandwidth + 2 * chunks * barrier
+
+
+def tp_collectives(cfg: Config) -> tuple:
+    """The TP collectives of one micro-batch, forward and backward, on the busiest stage (the
+    last: its layers, the output layer and the loss; with one stage the embedding too), as
+    parallel/tensor.py's regions issue them: (all-reduces, all-gathers + reduce-scatters) of
+    the [s, b, h] activation, and all-reduces of [s, b] fp32 (the loss's)."""
+    p, m = cfg.parallel, cfg.model
+    layers = m.num_layers // p.pipeline_model_parallel_size
+    sp = 2 if p.sequence_parallel else 1  # SP: an all-gather + a reduce-scatter per all-reduce
+    # attention and MLP, each a column- and a row-parallel linear: 2 forward, 2 backward;
+    # full recompute reruns the forward's but the last (torch's non-reentrant checkpoint
+    # stops once it has what backward saves, and nothing saves the layer's output)
+    per_layer = 4 * sp + (2 * sp - 1) * (p.recompute_granularity == "full")
+    # the output layer's column-parallel input (backward), the embedding's reduce (forward)
+    first = p.pipeline_model_parallel_size == 1
+    activations = layers * per_layer + (1 + first) * sp
+    if not p.sequence_parallel:
+        return activations, 0, 3
+    # and the learned positions' scatter to SP (its backward's all-gather)
+    learned = first and m.position_embedding_type == "learned_absolute"
+    return 0, activations + learned, 3
+
+
+def step_collectives(cfg: Config) -> dict:
+    """The one-number all-reduces of every step beside the model's and the grads', by the part
+    the timers count them in: [(group size, count)]. DP: the batch's target count
+    (training/batches.py), the loss's mean, ZeRO's grad norm over the shards; the whole
+    world: the stop flags (training/loop.py's RankFlags); TP: the sequence-parallel norms'
+    grads; PP: the loss's sum, the tied embedding's grad; TP x PP: the grad norm."""
+    p = cfg.parallel
+    tp, pp, dp = _sizes(cfg)
+    sharded = p.data_parallel_sharding_strategy != "no_shard" or p.use_distributed_optimizer
+    tied = not cfg.model.untie_embeddings_and_output_weights
+    return dict(
+        dp_comm=[(dp, 2 + sharded), (cfg.world_size, 1)],
+        tp_comm=[(tp, int(p.sequence_parallel))],
+        pp_comm=[(pp, 1), (2 if pp > 1 else 1, int(tied))],
+        optimizer=[(tp * pp, 1)],
+    )
 
 
 def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
@@ -352,23 +409,29 @@ def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
     p, t, m = cfg.parallel, cfg.training, cfg.model
     tp, pp, dp = _sizes(cfg)
     vp, micro = cfg.virtual_pipeline_size, cfg.num_microbatches
+    full = p.recompute_granularity == "full"
     tokens = t.global_batch_size * m.seq_length
     flops = flops_per_token(m, padded) * tokens / cluster.world_size
-    if p.recompute_granularity == "full":
+    if full:
         flops *= 4 / 3  # one more forward
     compute = flops / (cluster.peak_tflops * 1e12 * cluster.efficiency)
+    layers = m.num_layers // pp
     compute += (
-        cluster.layer_overhead
-        * (m.num_layers // pp)
-        * micro
-        * (1.5 if p.recompute_granularity == "full" else 1.0)
+        cluster.layer_overhead * layers * micro * (cluster.recompute_overhead if full else 1.0)
     )
     g = cluster.gpus_per_node
+    share = g / cluster.cores_per_node if cluster.cpu and cluster.cores_per_node else 1.0
     bw = {True: cluster.intra_node_bandwidth, False: cluster.inter_node_bandwidth}
     act = t.micro_batch_size * m.seq_length * m.hidden_size * t.params_dtype.itemsize
-    layers = m.num_layers // pp
     lat = cluster.latency
-    tp_s = 4 * layers * micro * _ring(act, tp, bw[tp <= g], lat)
+    all_reduces, halves, losses = tp_collectives(cfg)
+    tp_bw = bw[tp <= g]
+    loss_bytes = 4 * t.micro_batch_size * m.seq_length
+    tp_s = micro * (
+        _ring(act * all_reduces, tp, tp_bw, lat, 2, all_reduces)
+        + _ring(act * halves, tp, tp_bw, lat, 1, halves)
+        + _ring(loss_bytes * losses, tp, tp_bw, lat, 2, losses)
+    )
     grads = 4 * numel
     dp_bw = bw[tp * dp <= g]
     strategy = p.data_parallel_sharding_strategy
@@ -382,7 +445,8 @@ def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
 
     def reduce():  # one sum of every grad over DP
         if shm:
-            return _shm_sum(grads, dp, cluster.hbm_bandwidth, buckets)
+            barrier = lat if share > 1 else 5e-6
+            return _shm_sum(grads, dp, cluster.hbm_bandwidth, buckets, barrier)
         return _ring(grads, dp, dp_bw, lat, passes, buckets)
 
     def gather():  # the params' all-gather (ZeRO-1/2 after the step; ZeRO-3 per use)
@@ -407,11 +471,21 @@ def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
     if pp > 1:
         results = _cached(("schedule", pp, micro, vp), lambda: simulate(pp, micro, vp))
         fraction = bubble_fraction(results)
-        bubble = fraction / (1 - fraction) * compute
+        bubble = fraction / (1 - fraction) * (compute + tp_s)
     owned = numel / (dp if strategy != "no_shard" else 1)
     optimizer = 22 * owned / cluster.hbm_bandwidth
     parts = dict(forward=compute / 3, backward=backward, tp_comm=tp_s, dp_comm=dp_exposed,
                  pp_comm=pp_s, bubble=bubble, optimizer=optimizer)  # fmt: skip
+    for part, groups in step_collectives(cfg).items():
+        for n, count in groups:
+            parts[part] += _ring(4 * count, n, bw[n <= g], lat, 2, count)
+    busy = compute + optimizer
+    waits = sum(parts.values()) - busy
+    if share * busy > busy + waits:  # the cores are the bottleneck: the busy parts stretch
+        stretch = (share * busy - waits) / busy
+        parts["forward"] *= stretch
+        parts["backward"] *= stretch
+        parts["optimizer"] += optimizer * (stretch - 1)
     return parts
 
 

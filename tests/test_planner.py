@@ -6,8 +6,10 @@
   10% of what autograd saves in a real forward on this machine (real tensors, real TP
   collectives over gloo, real SDPA; MEGALITE_KERNELS=reference so that the norms and
   activations run the autograd Functions of the CUDA kernels, which the planner predicts);
+- the TP collectives the cost model counts per micro-batch are the ones a real forward and
+  backward call (with SP, full recompute, a pipeline's last stage);
 - predicted and measured step times are printed side by side with their rankings (no
-  accuracy goal on gloo).
+  accuracy goal on gloo; tools/bench/planner_ranking.py ranks them over alternating rounds).
 """
 
 import json
@@ -56,18 +58,21 @@ def config(nproc, settings):
 
 
 def cpu_cluster(nproc):
-    """This machine as the cost model sees it: 2 cores shared by nproc processes (about 25
-    GFLOP/s each at the tiny model's sizes, and ~4 ms of Python and small ops per layer and
-    micro-batch), gloo over loopback (~1 ms a small collective with the cores busy, ~2 GB/s),
-    the DP grad sum through shared memory at the memory's ~10 GB/s."""
+    """This machine as the cost model sees it, per process at a core's full speed: ~25 GFLOP/s
+    at the tiny model's sizes plus ~2 ms of Python and small ops per layer and micro-batch
+    (x 1.75 with full recompute; both from one-process runs' forward + backward timers:
+    1.5-2.3 ms, and 1.74x); 2 cores shared by the processes (the planner's contention);
+    gloo over loopback, ~1 ms per message with a core per process and ~2 ms once processes
+    outnumber cores (a peer must be scheduled first), ~2 GB/s; the DP grad sum through shared
+    memory at the memory's ~10 GB/s. The latencies are tools/bench/gloo_latency.py's (pairs
+    of processes all-reducing a TP activation between 1 ms of compute)."""
     from megalite.planner import Cluster
 
-    share = max(nproc, 2) / 2  # processes per core
-    return Cluster(nodes=1, gpus_per_node=nproc, memory_bytes=24 * 2**30,
-                   peak_tflops=0.025 / share, hbm_bandwidth=10e9 / share,
-                   intra_node_bandwidth=2e9 / share, inter_node_bandwidth=2e9 / share,
-                   efficiency=1.0, latency=1e-3 * share, overlap=0.0,
-                   layer_overhead=4e-3 * share, cpu=True)  # fmt: skip
+    return Cluster(nodes=1, gpus_per_node=nproc, memory_bytes=24 * 2**30, peak_tflops=0.025,
+                   hbm_bandwidth=10e9, intra_node_bandwidth=2e9, inter_node_bandwidth=2e9,
+                   efficiency=1.0, latency=1.25e-3 if nproc <= 2 else 2e-3, overlap=0.0,
+                   layer_overhead=2e-3, recompute_overhead=1.75, cpu=True,
+                   cores_per_node=2)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +208,73 @@ def test_plan_cli_one_layout_and_search():
         assert x["tokens_per_s"] > 0 and 0 < x["mfu"] < 1
     p = run_cli(["tools/plan.py", "--gpu", "Z80", "--num-layers", "2"])
     assert p.returncode != 0 and "no figures known for GPU 'Z80'" in p.stderr
+
+
+def _count_tp_collectives(rank, world, port, out_dir):
+    """Spawned (2 TP ranks): the collectives of one micro-batch's forward and backward through
+    a whole model (or, with PP, its last stage), counted at torch.distributed's entry points."""
+    import torch.distributed as dist
+
+    import megalite.parallel.tensor as tensor
+    from megalite.model.gpt import GPTModel
+    from megalite.parallel.layers import init_parameters
+
+    settings = json.load(open(os.path.join(out_dir, "settings.json")))
+    pp = settings.get("pipeline_model_parallel_size", 1)
+    cfg = config(2 * pp, settings)
+    with rank_guard(out_dir, rank):
+        join_gloo(rank, world, port, tp=2)
+        par = cfg.parallel
+        model = GPTModel(cfg.model, 256, unpadded_vocab_size=256, pre_process=pp == 1,
+                         layer_numbers=cfg.pipeline_layout()[-1][-1],
+                         sequence_parallel=par.sequence_parallel,
+                         recompute_granularity=par.recompute_granularity)  # fmt: skip
+        init_parameters(model, 1234)
+        calls = {"all_reduce": [], "halves": 0}
+
+        def counted(name, fn):
+            def call(t, *args, **kwargs):
+                if name == "all_reduce":
+                    calls["all_reduce"].append(t.dim())
+                else:
+                    calls["halves"] += 1
+                return fn(t, *args, **kwargs)
+
+            return call
+
+        dist.all_reduce = counted("all_reduce", dist.all_reduce)
+        tensor._all_gather_into = counted("gather", tensor._all_gather_into)
+        tensor._reduce_scatter = counted("scatter", tensor._reduce_scatter)
+        tokens = torch.randint(0, 256, (2, 32))
+        if pp == 1:
+            inputs = {"tokens": tokens}
+        else:  # the last stage: the previous stage's activation
+            seq = 16 if par.sequence_parallel else 32
+            inputs = {"hidden_states": torch.randn(seq, 2, 64, requires_grad=True)}
+        model(labels=tokens, **inputs).sum().backward()
+        if rank == 0:
+            ar = calls["all_reduce"]
+            got = [sum(d == 3 for d in ar), calls["halves"], sum(d == 2 for d in ar)]
+            with open(os.path.join(out_dir, "counts.json"), "w") as fh:
+                json.dump(got, fh)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"sequence_parallel": True}, {"recompute_granularity": "full"},
+     {"sequence_parallel": True, "recompute_granularity": "full", "model_style": "llama"},
+     {"pipeline_model_parallel_size": 2, "sequence_parallel": True}],
+    ids=["tp", "sp", "tp-full-recompute", "sp-full-recompute-llama", "pp2-last-stage-sp"],
+)  # fmt: skip
+def test_tp_collectives_are_what_the_model_issues(tmp_path, settings):
+    """The cost model's count of TP collectives per micro-batch (planner.tp_collectives) is
+    what a real forward + backward at TP 2 calls: all-reduces of activations, all-gathers +
+    reduce-scatters, and all-reduces of the loss's [s, b] numbers."""
+    from megalite.planner import tp_collectives
+
+    settings = dict(settings, tensor_model_parallel_size=2)
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    spawn(_count_tp_collectives, 2, tmp_path)
+    measured = json.load(open(tmp_path / "counts.json"))
+    nproc = 2 * settings.get("pipeline_model_parallel_size", 1)
+    assert list(tp_collectives(config(nproc, settings))) == measured, settings
