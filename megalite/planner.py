@@ -42,8 +42,8 @@ difference is a layer's).
                backward when --overlap-grad-reduce (and ZeRO-3's prefetch), so only what
                exceeds backward's time is exposed
   PP           each micro-batch's activation across each stage boundary, both ways, exposed
-  small        the one-number all-reduces of every step (`step_collectives`: the batch's
-               target count, the loss, the grad norm, the stop flags), latency-bound
+  small        the other all-reduces of every step (`step_collectives`: the loss, the grad
+               norm, the SP norms' and the tied embedding's grads, --sft's target count)
   latency      every message costs `latency` besides its bytes (ring steps, p2p); a ZeRO-3
                gather is one collective per layer
   overhead     `layer_overhead` host seconds per layer and micro-batch (0 by default: a GPU
@@ -364,44 +364,67 @@ def _shm_sum(nbytes, n, memory_bandwidth, count, barrier) -> float:
     return (4 + (n + 1) / n) * nbytes / memory_bandwidth + 2 * chunks * barrier
 
 
-def tp_collectives(cfg: Config) -> tuple:
+def _last_stage(cfg: Config) -> tuple:
+    """(layers, of them rerun by full recompute) of the last pipeline stage: each chunk
+    recomputes its first --recompute-num-layers (all by default; model/gpt.py)."""
+    chunks = cfg.pipeline_layout()[-1]
+    n = cfg.parallel.recompute_num_layers
+    rerun = sum(min(n or len(c), len(c)) for c in chunks)
+    return sum(map(len, chunks)), rerun if cfg.parallel.recompute_granularity == "full" else 0
+
+
+def tp_collectives(cfg: Config) -> dict:
     """The TP collectives of one micro-batch, forward and backward, on the busiest stage (the
     last: its layers, the output layer and the loss; with one stage the embedding too), as
-    parallel/tensor.py's regions issue them: (all-reduces, all-gathers + reduce-scatters) of
-    the [s, b, h] activation, and all-reduces of [s, b] fp32 (the loss's)."""
+    parallel/tensor.py's regions issue them: all-reduces of the [s, b, h] activation, its
+    all-gathers + reduce-scatters (SP), all-reduces of [s, b] fp32 (the loss's), and the
+    all-gathers of the key/value weight grads that TP ranks replicate (grouped-query
+    attention with TP > groups). LoRA's rank-r collectives are not counted."""
     p, m = cfg.parallel, cfg.model
-    layers = m.num_layers // p.pipeline_model_parallel_size
+    layers, rerun = _last_stage(cfg)
     sp = 2 if p.sequence_parallel else 1  # SP: an all-gather + a reduce-scatter per all-reduce
-    # attention and MLP, each a column- and a row-parallel linear: 2 forward, 2 backward;
-    # full recompute reruns the forward's but the last (torch's non-reentrant checkpoint
-    # stops once it has what backward saves, and nothing saves the layer's output)
-    per_layer = 4 * sp + (2 * sp - 1) * (p.recompute_granularity == "full")
+    # attention and MLP, each a column- and a row-parallel linear: 2 forward, 2 backward.
+    # Full recompute reruns the forward's, but not the last: torch's non-reentrant checkpoint
+    # stops once it has what backward saved, which is nothing of the layer's output unless
+    # a dropout mask follows it.
+    again = 2 * sp - (m.hidden_dropout == 0)
+    activations = layers * 4 * sp + rerun * again
     # the output layer's column-parallel input (backward), the embedding's reduce (forward)
     first = p.pipeline_model_parallel_size == 1
-    activations = layers * per_layer + (1 + first) * sp
-    if not p.sequence_parallel:
-        return activations, 0, 3
-    # and the learned positions' scatter to SP (its backward's all-gather)
-    learned = first and m.position_embedding_type == "learned_absolute"
-    return 0, activations + learned, 3
+    activations += (1 + first) * sp
+    replicated = p.tensor_model_parallel_size > (m.num_query_groups or m.num_attention_heads)
+    out = dict(all_reduce=activations, gather_scatter=0, loss_all_reduce=3,
+               replica_gather=layers * (1 + (not m.disable_bias_linear)) * replicated)  # fmt: skip
+    if p.sequence_parallel:  # and the learned positions' scatter to SP (backward: a gather)
+        learned = first and m.position_embedding_type == "learned_absolute"
+        out.update(all_reduce=0, gather_scatter=activations + learned)
+    return out
 
 
-def step_collectives(cfg: Config) -> dict:
-    """The one-number all-reduces of every step beside the model's and the grads', by the part
-    the timers count them in: [(group size, count)]. DP: the batch's target count
-    (training/batches.py), the loss's mean, ZeRO's grad norm over the shards; the whole
-    world: the stop flags (training/loop.py's RankFlags); TP: the sequence-parallel norms'
-    grads; PP: the loss's sum, the tied embedding's grad; TP x PP: the grad norm."""
-    p = cfg.parallel
+def step_collectives(cfg: Config, padded: int) -> list:
+    """The all-reduces of every step beside the model's and the DP grad reduction, each as
+    (the part the timers count it in, group size, count, bytes in all):
+      dp_comm     the loss's mean; with --sft the batch's target count (training/batches.py)
+      pp_comm     the loss's sum; the tied embedding's fp32 grad between the first and last
+                  stage (parallel/ddp.py's finalize_model_grads)
+      tp_comm     with SP, the SP-tagged fp32 grads (norms, row-parallel biases), coalesced
+      optimizer   the grad norm over TP x PP, and over DP when sharded (optim/grad_norm.py)
+    (The stop flags' all-reduce runs after the step's clock, as training/loop.py times it.)"""
+    p, m = cfg.parallel, cfg.model
     tp, pp, dp = _sizes(cfg)
     sharded = p.data_parallel_sharding_strategy != "no_shard" or p.use_distributed_optimizer
-    tied = not cfg.model.untie_embeddings_and_output_weights
-    return dict(
-        dp_comm=[(dp, 2 + sharded), (cfg.world_size, 1)],
-        tp_comm=[(tp, int(p.sequence_parallel))],
-        pp_comm=[(pp, 1), (2 if pp > 1 else 1, int(tied))],
-        optimizer=[(tp * pp, 1)],
-    )
+    tied = pp > 1 and not m.untie_embeddings_and_output_weights
+    layers, _ = _last_stage(cfg)
+    norm = m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
+    sp_params = layers * (2 * norm + 2 * m.hidden_size * (not m.disable_bias_linear)) + norm
+    return [
+        ("dp_comm", dp, 1 + cfg.data.sft, 4 * (1 + cfg.data.sft)),
+        ("pp_comm", pp, 1, 4),
+        ("pp_comm", 2, int(tied), 4 * padded // tp * m.hidden_size * tied),
+        ("tp_comm", tp, int(p.sequence_parallel), 4 * sp_params * p.sequence_parallel),
+        ("optimizer", tp * pp, 1, 4),
+        ("optimizer", dp, int(sharded), 4 * sharded),
+    ]
 
 
 def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
@@ -409,29 +432,32 @@ def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
     p, t, m = cfg.parallel, cfg.training, cfg.model
     tp, pp, dp = _sizes(cfg)
     vp, micro = cfg.virtual_pipeline_size, cfg.num_microbatches
-    full = p.recompute_granularity == "full"
+    layers, rerun = _last_stage(cfg)
+    rerun = rerun / layers  # the fraction of layers full recompute reruns
     tokens = t.global_batch_size * m.seq_length
     flops = flops_per_token(m, padded) * tokens / cluster.world_size
-    if full:
-        flops *= 4 / 3  # one more forward
+    flops *= 1 + rerun / 3  # their forward once more
     compute = flops / (cluster.peak_tflops * 1e12 * cluster.efficiency)
-    layers = m.num_layers // pp
     compute += (
-        cluster.layer_overhead * layers * micro * (cluster.recompute_overhead if full else 1.0)
+        cluster.layer_overhead * layers * micro * (1 + (cluster.recompute_overhead - 1) * rerun)
     )
     g = cluster.gpus_per_node
     share = g / cluster.cores_per_node if cluster.cpu and cluster.cores_per_node else 1.0
     bw = {True: cluster.intra_node_bandwidth, False: cluster.inter_node_bandwidth}
     act = t.micro_batch_size * m.seq_length * m.hidden_size * t.params_dtype.itemsize
     lat = cluster.latency
-    all_reduces, halves, losses = tp_collectives(cfg)
+    calls = tp_collectives(cfg)
     tp_bw = bw[tp <= g]
     loss_bytes = 4 * t.micro_batch_size * m.seq_length
+    kv_rows = 2 * m.hidden_size // m.num_attention_heads  # one group's key and value rows
     tp_s = micro * (
-        _ring(act * all_reduces, tp, tp_bw, lat, 2, all_reduces)
-        + _ring(act * halves, tp, tp_bw, lat, 1, halves)
-        + _ring(loss_bytes * losses, tp, tp_bw, lat, 2, losses)
-    )
+        _ring(act * calls["all_reduce"], tp, tp_bw, lat, 2, calls["all_reduce"])
+        + _ring(act * calls["gather_scatter"], tp, tp_bw, lat, 1, calls["gather_scatter"])
+        + _ring(loss_bytes * calls["loss_all_reduce"], tp, tp_bw, lat, 2, calls["loss_all_reduce"])
+        # each rank's grad of the replicated rows, gathered whole: tp x its bytes
+        + _ring(tp * tp * kv_rows * m.hidden_size * t.params_dtype.itemsize
+                * calls["replica_gather"], tp, tp_bw, lat, 1, calls["replica_gather"])
+    )  # fmt: skip
     grads = 4 * numel
     dp_bw = bw[tp * dp <= g]
     strategy = p.data_parallel_sharding_strategy
@@ -476,9 +502,11 @@ def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
     optimizer = 22 * owned / cluster.hbm_bandwidth
     parts = dict(forward=compute / 3, backward=backward, tp_comm=tp_s, dp_comm=dp_exposed,
                  pp_comm=pp_s, bubble=bubble, optimizer=optimizer)  # fmt: skip
-    for part, groups in step_collectives(cfg).items():
-        for n, count in groups:
-            parts[part] += _ring(4 * count, n, bw[n <= g], lat, 2, count)
+    # the tied embedding's group joins a rank of the first stage and one of the last
+    within = {"dp_comm": tp * dp <= g, "pp_comm": (pp - 1) * tp * dp < g, "tp_comm": tp <= g,
+              "optimizer": cfg.world_size <= g}  # fmt: skip
+    for part, n, count, nbytes in step_collectives(cfg, padded):
+        parts[part] += _ring(nbytes, n, bw[within[part]], lat, 2, count)
     busy = compute + optimizer
     waits = sum(parts.values()) - busy
     if share * busy > busy + waits:  # the cores are the bottleneck: the busy parts stretch

@@ -228,7 +228,8 @@ def _count_tp_collectives(rank, world, port, out_dir):
         model = GPTModel(cfg.model, 256, unpadded_vocab_size=256, pre_process=pp == 1,
                          layer_numbers=cfg.pipeline_layout()[-1][-1],
                          sequence_parallel=par.sequence_parallel,
-                         recompute_granularity=par.recompute_granularity)  # fmt: skip
+                         recompute_granularity=par.recompute_granularity,
+                         recompute_num_layers=par.recompute_num_layers)  # fmt: skip
         init_parameters(model, 1234)
         calls = {"all_reduce": [], "halves": 0}
 
@@ -263,13 +264,20 @@ def _count_tp_collectives(rank, world, port, out_dir):
     "settings",
     [{}, {"sequence_parallel": True}, {"recompute_granularity": "full"},
      {"sequence_parallel": True, "recompute_granularity": "full", "model_style": "llama"},
+     {"recompute_granularity": "full", "recompute_num_layers": 1, "hidden_dropout": 0.1},
+     {"sequence_parallel": True, "recompute_granularity": "full", "hidden_dropout": 0.1},
+     {"model_style": "llama", "num_query_groups": 1, "sequence_parallel": True},
+     {"num_query_groups": 1},
      {"pipeline_model_parallel_size": 2, "sequence_parallel": True}],
-    ids=["tp", "sp", "tp-full-recompute", "sp-full-recompute-llama", "pp2-last-stage-sp"],
+    ids=["tp", "sp", "tp-full-recompute", "sp-full-recompute-llama",
+         "tp-recompute-1-layer-dropout", "sp-full-recompute-dropout", "sp-llama-1-kv-group",
+         "tp-gpt2-1-kv-group", "pp2-last-stage-sp"],
 )  # fmt: skip
 def test_tp_collectives_are_what_the_model_issues(tmp_path, settings):
     """The cost model's count of TP collectives per micro-batch (planner.tp_collectives) is
     what a real forward + backward at TP 2 calls: all-reduces of activations, all-gathers +
-    reduce-scatters, and all-reduces of the loss's [s, b] numbers."""
+    reduce-scatters (with the replicated key/value rows' grad gathers), and all-reduces of
+    the loss's [s, b] numbers."""
     from megalite.planner import tp_collectives
 
     settings = dict(settings, tensor_model_parallel_size=2)
@@ -277,4 +285,6 @@ def test_tp_collectives_are_what_the_model_issues(tmp_path, settings):
     spawn(_count_tp_collectives, 2, tmp_path)
     measured = json.load(open(tmp_path / "counts.json"))
     nproc = 2 * settings.get("pipeline_model_parallel_size", 1)
-    assert list(tp_collectives(config(nproc, settings))) == measured, settings
+    c = tp_collectives(config(nproc, settings))
+    planned = [c["all_reduce"], c["gather_scatter"] + c["replica_gather"], c["loss_all_reduce"]]
+    assert planned == measured, settings
