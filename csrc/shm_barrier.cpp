@@ -14,8 +14,7 @@
 // spinning or sched_yield-ing rank would take the time its peer needs to arrive. Every wait
 // is bounded (50 ms), after which it checks the clock and whether the awaited rank's process
 // has ended (gone, or a zombie not yet reaped): a dead or hung peer is reported, never waited
-// on forever. The GIL is
-// released for the wait.
+// on forever. The GIL is released for the wait.
 #include <linux/futex.h>
 #include <signal.h>
 #include <sys/syscall.h>

@@ -450,13 +450,15 @@ def step_time(cfg: Config, cluster: Cluster, padded: int, numel: int) -> dict:
     tp_bw = bw[tp <= g]
     loss_bytes = 4 * t.micro_batch_size * m.seq_length
     kv_rows = 2 * m.hidden_size // m.num_attention_heads  # one group's key and value rows
+    replica_layers = calls["replica_gather"] // (1 + (not m.disable_bias_linear))
     tp_s = micro * (
         _ring(act * calls["all_reduce"], tp, tp_bw, lat, 2, calls["all_reduce"])
         + _ring(act * calls["gather_scatter"], tp, tp_bw, lat, 1, calls["gather_scatter"])
         + _ring(loss_bytes * calls["loss_all_reduce"], tp, tp_bw, lat, 2, calls["loss_all_reduce"])
-        # each rank's grad of the replicated rows, gathered whole: tp x its bytes
-        + _ring(tp * tp * kv_rows * m.hidden_size * t.params_dtype.itemsize
-                * calls["replica_gather"], tp, tp_bw, lat, 1, calls["replica_gather"])
+        # every rank's grad of the replicated weight rows, gathered: tp x their bytes, once
+        # per layer (a bias's gather beside it moves next to nothing)
+        + _ring(tp * kv_rows * m.hidden_size * t.params_dtype.itemsize * replica_layers,
+                tp, tp_bw, lat, 1, calls["replica_gather"])
     )  # fmt: skip
     grads = 4 * numel
     dp_bw = bw[tp * dp <= g]

@@ -62,7 +62,7 @@ def cpu_cluster(nproc):
     at the tiny model's sizes plus ~2 ms of Python and small ops per layer and micro-batch
     (x 1.75 with full recompute; both from one-process runs' forward + backward timers:
     1.5-2.3 ms, and 1.74x); 2 cores shared by the processes (the planner's contention);
-    gloo over loopback, ~1 ms per message with a core per process and ~2 ms once processes
+    gloo over loopback, ~1.25 ms per message with a core per process and ~2 ms once processes
     outnumber cores (a peer must be scheduled first), ~2 GB/s; the DP grad sum through shared
     memory at the memory's ~10 GB/s. The latencies are tools/bench/gloo_latency.py's (pairs
     of processes all-reducing a TP activation between 1 ms of compute)."""

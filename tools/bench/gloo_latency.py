@@ -58,6 +58,8 @@ def main():
     a = ap.parse_args()
     if a.rank_main:
         return rank_main(a.work, a.iters)
+    if any(n < 2 or n % 2 for n in a.procs):
+        ap.error(f"--procs {a.procs}: each count must be even (the ranks all-reduce in pairs)")
     for n in a.procs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(n), os.path.abspath(__file__), "--rank-main",
